@@ -155,6 +155,14 @@ class UnifiedTTE(nn.Module):
         self._set_active(self.think_adapters)
         self.set_trainable(None)
 
+    @classmethod
+    def separate_embedder(cls, backbone: Backbone, **overrides) -> "UnifiedTTE":
+        """The two-model baseline's embedder: its own backbone copy with one LoRA over every layer
+        and every position (VLM2Vec style), re-encoding query + trace. Expressed as top_k with
+        K = L and no think adapter, so it runs through the same forward path."""
+        L = DecoderStack(backbone.model).num_layers
+        return cls(backbone, **{**overrides, "think": "none", "mode": "top_k", "embed_layers": L})
+
     # ------------------------------------------------------------------ setup helpers
     def _add_invocation_tokens(self, tokens: Sequence[str]) -> list[int]:
         """Add the invocation tokens to the tokenizer; new embedding rows start at the mean row."""
@@ -395,6 +403,35 @@ class UnifiedTTE(nn.Module):
         out = self.think(inputs, max_new_tokens=max_new_tokens, **sampling)
         return self.embed_from_state(out.state), out.traces
 
+    # ------------------------------------------------------------------ think SFT
+    def sft_loss(self, inputs: Sequence[TTEInput], traces: Sequence[str | Trace],
+                 prompts: list[EncodedPrompt] | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy on the trace tokens and the closing end-of-turn token only,
+        with the think adapter (the prompt is context, not target)."""
+        tails = self._tails(len(inputs), traces)
+        if prompts is None:
+            prompts = [self.encoder.encode([x], reserve=len(t))[0] for x, t in zip(inputs, tails)]
+        ids, mask = left_pad([p.ids + t for p, t in zip(prompts, tails)], self.pad_id)
+        targets, _ = left_pad([[-100] * len(p.ids) + t for p, t in zip(prompts, tails)], -100)
+        ids, mask, targets = self._to_device(ids, mask, targets)
+        with self._adapters(self.think_adapters):
+            hidden = self._outer_forward(ids, mask, prompts)
+        # Logits only where a target follows: a 150k-entry vocabulary over every prompt token
+        # would dominate memory for nothing.
+        predict = targets[:, 1:] != -100
+        logits = self.stack.lm_head(hidden[:, :-1][predict]).float()
+        return F.cross_entropy(logits, targets[:, 1:][predict])
+
+    def _outer_forward(self, ids, mask, prompts) -> torch.Tensor:
+        """The backbone's own Hugging Face forward (vision merge, M-RoPE) -> final normed hidden."""
+        kwargs = {}
+        if self.stack.is_vl:
+            pixel_values, grid = self._to_device(*stack_images(prompts))
+            kwargs = dict(pixel_values=None if pixel_values is None else pixel_values.to(self.stack.dtype),
+                          image_grid_thw=grid,
+                          mm_token_type_ids=(ids == self.backbone.model.config.image_token_id).int())
+        return self.stack.outer(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).last_hidden_state
+
     # ------------------------------------------------------------------ plain twin
     @torch.no_grad()
     def embed_recompute(self, inputs: Sequence[TTEInput], traces: Sequence[str | Trace] | None = None) -> torch.Tensor:
@@ -403,19 +440,13 @@ class UnifiedTTE(nn.Module):
         n_inv = len(self.invocation_ids)
         prompts = [self.encoder.encode([x], reserve=len(t) + n_inv)[0] for x, t in zip(inputs, tails)]
         ids, mask = left_pad([p.ids + t + self.invocation_ids for p, t in zip(prompts, tails)], self.pad_id)
-        pixel_values, grid = stack_images(prompts)
-        ids, mask, pixel_values, grid = self._to_device(ids, mask, pixel_values, grid)
-        kwargs = {}
-        if self.stack.is_vl:
-            kwargs = dict(pixel_values=None if pixel_values is None else pixel_values.to(self.stack.dtype),
-                          image_grid_thw=grid,
-                          mm_token_type_ids=(ids == self.backbone.model.config.image_token_id).int())
+        ids, mask = self._to_device(ids, mask)
         gate = None
         if self.config.mode == "activated":
             gate = torch.zeros(*ids.shape, 1, device=self.device)
             gate[:, -n_inv:] = 1.0  # left padding puts every row's invocation in the last columns
         with self._adapters(self.embed_adapters, gate):
-            hidden = self.stack.outer(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).last_hidden_state
+            hidden = self._outer_forward(ids, mask, prompts)
         return self._pool(hidden, n_inv)
 
     # ------------------------------------------------------------------ pooling
