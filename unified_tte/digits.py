@@ -79,6 +79,8 @@ def _a(d: int) -> str:
 def teacher_trace(subtask: str, digit: int) -> str:
     """The rule-based ECR trace for a query about `digit`: `<think>...</think> answer`, short.
     For next_number `digit` is the number named in the query (the answer is digit + 1)."""
+    if subtask not in SUBTASKS:
+        raise ValueError(f"unknown digits sub-task {subtask!r}; known: {SUBTASKS}")
     d, w, a = digit, WORDS[digit], answer(subtask, digit)
     shows = f"The image shows {_a(d)}."
     if subtask == "classify":
@@ -89,10 +91,8 @@ def teacher_trace(subtask: str, digit: int) -> str:
         think = f"{shows} {w.capitalize()} doubled is {WORDS[2 * d]}, whose last digit is {WORDS[a]}."
     elif subtask == "next_number":
         think = f"The number after {w} is {WORDS[a]}, so the image should show {_a(a)}."
-    elif subtask == "same_digit":
+    else:  # same_digit
         think = f"{shows} Look for another handwritten {d}."
-    else:
-        raise ValueError(f"unknown digits sub-task {subtask!r}; known: {SUBTASKS}")
     return f"<think>{think}</think> {WORDS[a]}"
 
 
