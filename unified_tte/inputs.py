@@ -99,9 +99,11 @@ class PromptEncoder:
             rendered = text
         return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
-    def encode(self, inputs: Sequence[TTEInput], reserve: int = 0) -> list[EncodedPrompt]:
+    def encode(self, inputs: Sequence[TTEInput], reserve: int | Sequence[int] = 0) -> list[EncodedPrompt]:
+        """Encode a batch; `reserve` is the room kept after each prompt (one int, or one per item)."""
+        reserves = [reserve] * len(inputs) if isinstance(reserve, int) else list(reserve)
         out = []
-        for index, item in enumerate(inputs):
+        for index, (item, reserve) in enumerate(zip(inputs, reserves)):
             if not isinstance(item, TTEInput):
                 raise InputError(f"input {index}: expected a TTEInput, got {type(item).__name__}; "
                                  "wrap text as TTEInput(text=..., images=[...]).")

@@ -390,8 +390,7 @@ class UnifiedTTE(nn.Module):
         The prefix runs without grad (base and think are frozen); only the embed step keeps it."""
         tails = self._tails(len(inputs), traces)
         if prompts is None:
-            reserves = [len(t) + len(self.invocation_ids) for t in tails]
-            prompts = [self.encoder.encode([x], reserve=r)[0] for x, r in zip(inputs, reserves)]
+            prompts = self.encoder.encode(inputs, reserve=[len(t) + len(self.invocation_ids) for t in tails])
         with torch.no_grad(), self._adapters(self.think_adapters):
             _, state = self._prefill(prompts, tails, self.split_layer)
         return self.embed_from_state(state)
@@ -410,7 +409,7 @@ class UnifiedTTE(nn.Module):
         with the think adapter (the prompt is context, not target)."""
         tails = self._tails(len(inputs), traces)
         if prompts is None:
-            prompts = [self.encoder.encode([x], reserve=len(t))[0] for x, t in zip(inputs, tails)]
+            prompts = self.encoder.encode(inputs, reserve=[len(t) for t in tails])
         ids, mask = left_pad([p.ids + t for p, t in zip(prompts, tails)], self.pad_id)
         targets, _ = left_pad([[-100] * len(p.ids) + t for p, t in zip(prompts, tails)], -100)
         ids, mask, targets = self._to_device(ids, mask, targets)
@@ -438,7 +437,7 @@ class UnifiedTTE(nn.Module):
         """One full Hugging Face forward of prompt + trace + invocation, no cache reuse."""
         tails = self._tails(len(inputs), traces)
         n_inv = len(self.invocation_ids)
-        prompts = [self.encoder.encode([x], reserve=len(t) + n_inv)[0] for x, t in zip(inputs, tails)]
+        prompts = self.encoder.encode(inputs, reserve=[len(t) + n_inv for t in tails])
         ids, mask = left_pad([p.ids + t + self.invocation_ids for p, t in zip(prompts, tails)], self.pad_id)
         ids, mask = self._to_device(ids, mask)
         gate = None
