@@ -220,10 +220,21 @@ def generate_traces(reasoner, rows: Sequence[TrainRow | EvalRow], out_path: str 
 # ----------------------------------------------------------------------------- CLI
 
 def _load_reasoner(spec: str):
-    """Resolve --model lazily, so this module imports without the model code."""
+    """Resolve --model lazily (this module imports without the model code): an exported
+    checkpoint (has tte_config.json) loads with its think adapter; a built-in name or a local
+    Hugging Face folder is the backbone itself as the reasoner (think="none")."""
+    if (Path(spec) / "tte_config.json").is_file():
+        from . import UnifiedTTE
+
+        return UnifiedTTE.from_checkpoint(spec)
     from .backbones import load_reasoner
 
-    return load_reasoner(spec)
+    reasoner = load_reasoner(spec)
+    if hasattr(reasoner, "think"):
+        return reasoner
+    from .model import UnifiedTTE
+
+    return UnifiedTTE(reasoner, think="none")
 
 
 def _load_rows(args) -> list:
