@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .data import DataError, EvalTask, validate_eval_task
+from .data import DataError, EvalTask, resolve_tasks, validate_eval_task
 from .metrics import METRICS, aggregate, evaluate_scores
 from .traces import check_ecr_shape
 
@@ -191,7 +191,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     overrides = {k: v for k, v in (("seed", args.digits_seed), ("image_size", args.image_size))
                  if v is not None}
     try:
-        tasks = resolve_tasks_cli(args, overrides)
+        tasks = resolve_tasks(args.tasks, registry=args.registry, max_rows=args.max_queries,
+                              **overrides)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -211,13 +212,6 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out}")
     return 0
-
-
-def resolve_tasks_cli(args, overrides: dict) -> list[EvalTask]:
-    from .data import resolve_tasks
-
-    return resolve_tasks(args.tasks, registry=args.registry, max_rows=args.max_queries,
-                         **overrides)
 
 
 if __name__ == "__main__":
