@@ -40,7 +40,8 @@ def pool_ref(hidden: torch.Tensor, positions: torch.Tensor | None = None, mask: 
         # where, not multiply: a NaN in a padding position must not leak through 0 * NaN.
         v = torch.where(m[..., None], h, torch.zeros((), dtype=h.dtype, device=h.device)).sum(1)
         v = v / m.sum(1, keepdim=True).clamp_min(1).to(h.dtype)
-    return F.normalize(v, dim=-1, eps=EPS).float()
+    # 1e-12 underflows to 0 in float16 (0 / 0 on a padding row): clamp at the smallest normal.
+    return F.normalize(v, dim=-1, eps=max(EPS, torch.finfo(v.dtype).tiny)).float()
 
 
 class PoolChunked(torch.autograd.Function):
