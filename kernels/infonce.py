@@ -111,7 +111,7 @@ class InfoNCEChunked(torch.autograd.Function):
             s = torch.mm(qf[r0:r1], tf.T).mul_(inv_tau)  # [c, N] logits
             pos = s[rows, lc]
             mx = s.amax(1, keepdim=True)
-            p = torch.exp(s - mx)
+            p = s.sub(mx).exp_()  # one [c, N] buffer besides s: that pair is the working set
             se = p.sum(1, keepdim=True)
             lse = (mx + se.log()).squeeze(1)
             loss += w_qt * (kc * (lse - pos)).sum()

@@ -1,0 +1,241 @@
+"""Benchmark InfoNCE fwd + bwd: the plain reference against the chunked path (CPU) or Triton (CUDA).
+
+    python -m tte_kernels.bench                                 # B = N in 1024, 4096, 16384; D = 1536
+    python -m tte_kernels.bench --sizes 1024 --dim 256 --repeats 2 --out /tmp/bench   # quick look
+    python -m tte_kernels.bench --sizes 32768 --backends chunked   # skip the slow / 13 GiB reference
+    python -m tte_kernels.bench --device cuda                   # ref vs triton, 1024 ... 32768, bf16
+
+Every (size, backend) case runs in a fresh subprocess, so one case's allocator state and peak
+cannot leak into the next. Time: wall clock of loss = info_nce(q, t); loss.backward(), after
+`--warmup` untimed runs; median, p20, p80 over `--repeats`. Peak memory, above what the process
+held once q and t existed (so it counts the gradients of q and t plus the loss' own working set):
+  * CPU: peak resident set size (VmHWM, reset through /proc/self/clear_refs) minus the resident
+    set before the first run. glibc's mmap threshold is pinned at 64 KiB in the child
+    (MALLOC_MMAP_THRESHOLD_) so freed tensors really leave the resident set.
+  * CUDA: torch.cuda.max_memory_allocated() minus memory_allocated() before the first run.
+Output: one JSON line per case (stdout and OUT/infonce.jsonl) and a markdown table with the
+backend / reference ratios (OUT/infonce.md). OUT defaults to bench_out/kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MMAP_THRESHOLD = 65536
+CPU_MEMORY_METHOD = ("peak RSS (VmHWM reset via /proc/self/clear_refs) above the RSS after inputs were built, "
+                     "fresh process per case, glibc mmap threshold pinned at 64 KiB")
+CPU_MEMORY_METHOD_FALLBACK = ("peak RSS (ru_maxrss, not resettable here) above the RSS after inputs were built, "
+                              "fresh process per case, glibc mmap threshold pinned at 64 KiB")
+CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated above memory_allocated after inputs were built, fresh process per case"
+
+
+# --- the worker: one case, one process ---------------------------------------------------------
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _percentile(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0]
+    k = (len(xs) - 1) * p
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def run_case(spec: dict) -> dict:
+    import resource
+
+    import torch
+    import torch.nn.functional as F
+
+    from tte_kernels import info_nce
+
+    device = torch.device(spec["device"])
+    dtype = getattr(torch, spec["dtype"])
+    B, D, backend = spec["size"], spec["dim"], spec["backend"]
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def step(q, t):
+        q.grad = t.grad = None  # last run's gradients go before this run's peak
+        loss = info_nce(q, t, temperature=spec["temperature"], symmetric=spec["symmetric"], backend=backend,
+                        chunk_size=spec.get("chunk_size"))
+        loss.backward()
+        return loss
+
+    # Warm BLAS thread pools, the autograd engine and (on CUDA) the kernel cache at a small size,
+    # so one-off library allocations are not charged to the case.
+    small = [F.normalize(torch.randn(256, D, device=device), dim=-1).to(dtype).requires_grad_() for _ in range(2)]
+    step(*small)
+    del small
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = F.normalize(torch.randn(B, D, generator=g), dim=-1).to(device=device, dtype=dtype).requires_grad_()
+    t = F.normalize(torch.randn(B, D, generator=g), dim=-1).to(device=device, dtype=dtype).requires_grad_()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        method = CUDA_MEMORY_METHOD
+    else:
+        resettable = _reset_peak_rss()
+        base = _status_kib("VmRSS") * 1024
+        method = CPU_MEMORY_METHOD if resettable else CPU_MEMORY_METHOD_FALLBACK
+    times = []
+    loss = None
+    for i in range(spec["warmup"] + spec["repeats"]):
+        sync()
+        t0 = time.perf_counter()
+        loss = step(q, t)
+        sync()
+        if i >= spec["warmup"]:
+            times.append(time.perf_counter() - t0)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+    elif method == CPU_MEMORY_METHOD:
+        peak = _status_kib("VmHWM") * 1024 - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {
+        "op": "info_nce_fwd_bwd", "backend": backend, "B": B, "N": B, "D": D, "dtype": spec["dtype"],
+        "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})",
+        "threads": torch.get_num_threads(), "symmetric": spec["symmetric"], "chunk_size": spec.get("chunk_size"),
+        "repeats": len(times), "warmup": spec["warmup"],
+        "time_median_s": statistics.median(times), "time_p20_s": _percentile(times, 0.2),
+        "time_p80_s": _percentile(times, 0.8), "peak_mem_bytes": int(peak), "peak_mem_mib": round(peak / 2**20, 1),
+        "memory_method": method, "loss": float(loss), "torch": torch.__version__,
+    }
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+def _spawn(spec: dict, timeout: float | None) -> dict:
+    env = dict(os.environ)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
+    cmd = [sys.executable, "-m", "tte_kernels.bench", "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**_ids(spec), "error": f"timed out after {timeout} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit {proc.returncode}"
+        return {**_ids(spec), "error": f"{why}: {proc.stderr.strip()[-800:]}"}
+    return json.loads(lines[-1])
+
+
+def _ids(spec):
+    return {"op": "info_nce_fwd_bwd", "backend": spec["backend"], "B": spec["size"], "N": spec["size"],
+            "D": spec["dim"], "dtype": spec["dtype"]}
+
+
+def markdown(rows: list[dict]) -> str:
+    ref = {(r["B"], r["D"], r["dtype"]): r for r in rows if r["backend"] == "ref" and "error" not in r}
+    out = ["| B = N | D | dtype | backend | time median (s) | p20 (s) | p80 (s) | peak memory (MiB) "
+           "| memory vs ref | time vs ref |",
+           "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['B']} | {r['D']} | {r['dtype']} | {r['backend']} | error: {r['error'][:60]} "
+                       "| | | | | |")
+            continue
+        base = ref.get((r["B"], r["D"], r["dtype"]))
+        mem_ratio = time_ratio = ""
+        if base is not None and r["backend"] != "ref":
+            mem_ratio = f"{r['peak_mem_bytes'] / max(base['peak_mem_bytes'], 1):.3f}"
+            time_ratio = f"{r['time_median_s'] / base['time_median_s']:.2f}"
+        out.append(f"| {r['B']} | {r['D']} | {r['dtype']} | {r['backend']} | {r['time_median_s']:.3f} "
+                   f"| {r['time_p20_s']:.3f} | {r['time_p80_s']:.3f} | {r['peak_mem_mib']:.1f} "
+                   f"| {mem_ratio} | {time_ratio} |")
+    methods = sorted({r["memory_method"] for r in rows if "memory_method" in r})
+    out.append("")
+    out.extend(f"Peak memory: {m}." for m in methods)
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tte_kernels.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default=None,
+                   help="comma-separated B = N values (default 1024,4096,16384 on CPU; add 32768 on CUDA)")
+    p.add_argument("--dim", type=int, default=1536, help="embedding dim D (default 1536, Qwen2-VL-2B)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per case (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per case before timing (default 1)")
+    p.add_argument("--backends", default=None, help="comma-separated (default ref,chunked on CPU; ref,triton on CUDA)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--temperature", type=float, default=0.02)
+    p.add_argument("--symmetric", action="store_true", help="time the symmetric (CLIP) loss")
+    p.add_argument("--chunk-size", type=int, default=None, help="rows per step of the chunked path (default: auto)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds before a case is abandoned (default: none)")
+    p.add_argument("--out", default="bench_out/kernels", help="folder for infonce.jsonl and infonce.md")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker is not None:
+        print(json.dumps(run_case(json.loads(args.worker))), flush=True)
+        return 0
+
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no GPU")
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (
+        [1024, 4096, 16384] if device == "cpu" else [1024, 4096, 16384, 32768])
+    backends = args.backends.split(",") if args.backends else (["ref", "chunked"] if device == "cpu" else ["ref", "triton"])
+    dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jsonl = out / "infonce.jsonl"
+    rows = []
+    with jsonl.open("w") as f:
+        for size in sizes:
+            for backend in backends:
+                spec = dict(size=size, dim=args.dim, backend=backend, device=device, dtype=dtype,
+                            temperature=args.temperature, symmetric=args.symmetric, chunk_size=args.chunk_size,
+                            repeats=args.repeats, warmup=args.warmup)
+                print(f"[bench] B=N={size} D={args.dim} {backend} {dtype} on {device} ...", file=sys.stderr, flush=True)
+                row = _spawn(spec, args.timeout)
+                rows.append(row)
+                line = json.dumps(row)
+                print(line, flush=True)
+                f.write(line + "\n")
+                f.flush()
+    table = markdown(rows)
+    (out / "infonce.md").write_text(
+        f"# InfoNCE fwd + bwd, {device}, D={args.dim}, {dtype}\n\n`python -m tte_kernels.bench "
+        f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n{table}\n")
+    print("\n" + table)
+    print(f"\nwrote {jsonl} and {out / 'infonce.md'}", file=sys.stderr)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
