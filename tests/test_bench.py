@@ -1,0 +1,73 @@
+"""The benchmark harness: forced lengths, the memory probe, and a --quick run that writes sane outputs.
+Never asserts speed: timings on a shared 2-core machine are not a unit-test property."""
+import json
+
+import pytest
+import torch
+
+from unified_tte import UnifiedTTE
+from unified_tte.bench import MODES, PeakMemory, _Runner, _trim, bench_main, current_memory_mb, prompt_of_length
+from unified_tte.testing import tiny_llama, tiny_qwen2vl
+
+
+@pytest.mark.parametrize("builder", [tiny_qwen2vl, tiny_llama], ids=["qwen2vl", "llama"])
+@pytest.mark.parametrize("n", [40, 64, 257])
+def test_prompt_of_length_encodes_to_exactly_n_tokens(builder, n):
+    tte = UnifiedTTE(builder())
+    prompt = prompt_of_length(tte, n)
+    assert len(tte.encoder.encode([prompt])[0].ids) == n
+
+
+def test_prompt_shorter_than_the_chat_markup_is_refused():
+    with pytest.raises(ValueError, match="chat markup"):
+        prompt_of_length(UnifiedTTE(tiny_qwen2vl()), 3)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_runner_decodes_exactly_the_trace_length_and_times_every_phase(mode):
+    runner = _Runner(mode, "tiny", "fp32", "cpu", None)
+    inputs = [prompt_of_length(runner.tte, 48)] * 2
+    times = runner.step(inputs, 7)  # raises if any row decoded another length
+    assert set(times) == {"prefill", "decode", "embed", "e2e"}
+    assert all(v > 0 for v in times.values())
+    assert times["prefill"] + times["decode"] + times["embed"] == pytest.approx(times["e2e"], rel=1e-6)
+    if mode == "two_model":
+        assert runner.embedder is not None and not runner.tte.adapter_params("embed")
+        # the embedder is a second copy of the weights, not a view of the reasoner's
+        a = runner.tte.stack.lm.embed_tokens.weight
+        assert a.data_ptr() != runner.embedder.stack.lm.embed_tokens.weight.data_ptr()
+
+
+def test_peak_memory_sees_a_torch_allocation():
+    _trim()
+    baseline = current_memory_mb("cpu")
+    with PeakMemory("cpu", baseline) as mem:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del x
+    assert 60 <= mem.peak_mb <= 200
+
+
+def test_quick_bench_writes_jsonl_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert bench_main(["--quick", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["mode"] for r in rows) == sorted(MODES)
+    for r in rows:
+        assert (r["backbone"], r["batch"], r["query_len"], r["trace_len"]) == ("tiny", 1, 64, 16)
+        assert r["device"] == "cpu" and r["repeats"] == 2
+        for phase in ("prefill", "decode", "embed", "e2e"):
+            assert 0 < r[f"{phase}_p50_ms"] <= r[f"{phase}_p90_ms"] < 600_000
+        assert r["e2e_p50_ms"] >= r["embed_p50_ms"]
+        assert 0 < r["peak_mem_mb"] < 4096 and r["weights_mb"] < r["peak_mem_mb"] + 1
+        assert r["embed_vs_two_model"] > 0 and r["mem_vs_two_model"] > 0
+    two = next(r for r in rows if r["mode"] == "two_model")
+    assert two["e2e_vs_two_model"] == 1.0
+    table = (out / "table.md").read_text()
+    assert all(f"| {m} | 1 | 64 | 16 |" in table for m in MODES)
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "two_model" in capsys.readouterr().out
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(SystemExit):
+        bench_main(["--quick", "--modes", "activated,three_model"])

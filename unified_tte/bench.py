@@ -1,0 +1,439 @@
+"""Latency and memory: the unified model (activated, top_k) against the two-model setup, one run.
+
+    tte bench --quick                                   # one tiny case, seconds (smoke test)
+    tte bench --backbone smollm2 --query-lens 512 --trace-lens 64 --batch-sizes 1
+    tte bench --backbone smollm2                        # grid: query 64/256/1024 x trace 16/64/128 x batch 1/8
+
+Writes `--out` (default bench_out/): results.jsonl (one line per mode x case), table.md, bench.png.
+
+What is compared, per case (query length Q, trace length T, batch B; the same prompt B times):
+- `activated`, `top_k`: one UnifiedTTE. think (prefill + decode with T), then `embed_from_state`
+  reusing the cache: activated runs only the invocation (+ the last pending trace token and the
+  end-of-turn) through every layer; top_k also re-runs the top K layers over the cached residuals.
+- `two_model`: a reasoner (the same backbone + think LoRA) decodes the trace, then a second full copy
+  of the backbone with one LoRA (`UnifiedTTE.separate_embedder(copy.deepcopy(backbone))`)
+  re-encodes query + trace (`embed(inputs, traces)`). Its memory counts both copies.
+
+How it is measured:
+- Lengths are forced: the prompt text is built to encode to exactly Q tokens (chat markup included)
+  and `stop_ids` is emptied so every row decodes exactly T tokens.
+- Phases: `think` is timed whole; its `_prefill` call is wrapped with a timer, so prefill is the
+  prompt's forward pass and decode is the rest of `think` (T token choices, T-1 one-token steps).
+  embed is `embed_from_state` (unified) or the embedder's `embed` (two-model); end to end is
+  think + embed under one timer. One warm-up run per case, then `--repeats` timed runs: p50/p90.
+  On CUDA every timer edge calls `torch.cuda.synchronize()`.
+- Each mode runs in a fresh subprocess, so no mode sees another's memory. Peak memory is reported
+  above that process's own baseline after imports (torch, transformers, peft, unified_tte), so the
+  model weights are counted. CPU: the kernel's resident high-water mark (VmHWM) is reset
+  through /proc/self/clear_refs after the models are built and freed heap is returned (malloc_trim),
+  then read after the case: peak RSS during the case minus the baseline RSS (loading transients,
+  e.g. GGUF dequantisation, are not counted; the weights themselves are). Where clear_refs is not
+  writable a 1 ms RSS sampling thread is used instead (recorded as mem_method). CUDA:
+  `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus the baseline
+  allocation after imports.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+MODES = ("activated", "top_k", "two_model")
+GRID = dict(query_lens=[64, 256, 1024], trace_lens=[16, 64, 128], batch_sizes=[1, 8])
+QUICK = dict(backbone="tiny", query_lens=[64], trace_lens=[16], batch_sizes=[1], repeats=2)
+PHASES = ("prefill", "decode", "embed", "e2e")
+
+
+# ---------------------------------------------------------------------------------------- memory
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise OSError("VmHWM not in /proc/self/status")
+
+
+def _trim() -> None:
+    gc.collect()
+    try:  # glibc keeps freed heap mapped; hand it back so RSS reflects what is live
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory of a code block in MB above a fixed baseline (see the module docstring)."""
+
+    def __init__(self, device: str, baseline_mb: float):
+        self.device, self.baseline = device, baseline_mb
+        self.method = "cuda.max_memory_allocated" if device == "cuda" else self._cpu_method()
+        self._stop = self._thread = None
+        self._peak = 0.0
+
+    @staticmethod
+    def _cpu_method() -> str:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return "VmHWM after clear_refs"
+        except OSError:
+            return "RSS sampled every 1 ms"
+
+    def __enter__(self):
+        _trim()
+        if self.device == "cuda":
+            import torch
+            torch.cuda.reset_peak_memory_stats()
+        elif self.method.startswith("VmHWM"):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the high-water mark to the current RSS
+        else:
+            self._peak = _rss_mb()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _rss_mb())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            import torch
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20 - self.baseline
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self._peak, _rss_mb()) - self.baseline
+        else:
+            self.peak_mb = _hwm_mb() - self.baseline
+        return False
+
+
+def current_memory_mb(device: str) -> float:
+    if device == "cuda":
+        import torch
+        return torch.cuda.memory_allocated() / 2**20
+    return _rss_mb()
+
+
+# ---------------------------------------------------------------------------------------- inputs
+def prompt_of_length(tte, n_tokens: int):
+    """A text-only TTEInput whose encoded prompt (chat markup included) is exactly n_tokens long."""
+    from .inputs import TTEInput
+
+    encode = lambda text: len(tte.encoder.encode([TTEInput(text)])[0].ids)  # noqa: E731
+    markup = encode("")
+    if n_tokens <= markup:
+        raise ValueError(f"query length {n_tokens} is not above the chat markup's {markup} tokens")
+    for word in (" the", " a", " one", " digit", " x", " and"):
+        # A word that stays one token per repetition, so the length is linear in the count.
+        if [encode(word * k) - markup for k in (1, 2, 3)] != [1, 2, 3]:
+            continue
+        count = n_tokens - markup
+        for _ in range(4):
+            got = encode(word * count)
+            if got == n_tokens:
+                return TTEInput(word * count)
+            count += n_tokens - got
+    raise ValueError(f"could not build a prompt of exactly {n_tokens} tokens with this tokenizer")
+
+
+# ---------------------------------------------------------------------------------------- worker
+def _percentiles(values: list[float]) -> tuple[float, float]:
+    import numpy as np
+    return float(np.percentile(values, 50)), float(np.percentile(values, 90))
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        import torch
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()}-core {cpu}"
+
+
+class _Runner:
+    """One mode's models and its timed think -> embed step."""
+
+    def __init__(self, mode: str, spec: str, dtype: str, device: str, embed_layers: int | None):
+        import torch
+
+        from .backbones import load_reasoner
+        from .model import UnifiedTTE
+
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        backbone = load_reasoner(spec)
+        backbone.model.to(device=device, dtype=torch_dtype)
+        self.mode, self.device, self.name = mode, device, backbone.name
+        self.embedder = None
+        if mode == "two_model":
+            # Copy before wrapping: the reasoner's wrapping adds tokens and LoRA layers in place.
+            self.embedder = UnifiedTTE.separate_embedder(copy.deepcopy(backbone)).eval()
+            self.tte = UnifiedTTE(backbone, mode="activated").eval()
+            # The reasoner is base + think only; its unused embed LoRA would be charged to two-model.
+            self.tte.peft_model.base_model.delete_adapter("embed")
+            self.tte._lora_layers = [m for m in self.tte._lora_layers if "think" in m.lora_A]
+        else:
+            kwargs = {"embed_layers": embed_layers} if mode == "top_k" and embed_layers else {}
+            self.tte = UnifiedTTE(backbone, mode=mode, **kwargs).eval()
+        for model in (self.tte, self.embedder):
+            if model is not None:
+                model.stop_ids = set()  # never stop early: every row decodes exactly T tokens
+        self.prefill_s = 0.0
+        prefill = self.tte._prefill
+
+        def timed_prefill(*args, **kwargs):
+            self._sync()
+            start = time.perf_counter()
+            result = prefill(*args, **kwargs)
+            self._sync()
+            self.prefill_s = time.perf_counter() - start
+            return result
+
+        self.tte._prefill = timed_prefill
+
+    def _sync(self):
+        if self.device == "cuda":
+            import torch
+            torch.cuda.synchronize()
+
+    def step(self, inputs, trace_len: int) -> dict[str, float]:
+        """One think -> embed; returns seconds per phase."""
+        self._sync()
+        start = time.perf_counter()
+        out = self.tte.think(inputs, max_new_tokens=trace_len)
+        self._sync()
+        thought = time.perf_counter()
+        traces = out.traces
+        if self.embedder is None:
+            emb = self.tte.embed_from_state(out.state)
+        else:
+            del out  # the embedder does not use the reasoner's cache: free it first
+            emb = self.embedder.embed(inputs, traces)
+        self._sync()
+        end = time.perf_counter()
+        lengths = {len(t.token_ids) for t in traces}
+        if lengths != {trace_len} or emb.shape[0] != len(inputs):
+            raise RuntimeError(f"{self.mode}: decoded trace lengths {lengths}, wanted {trace_len}")
+        return {"prefill": self.prefill_s, "decode": thought - start - self.prefill_s,
+                "embed": end - thought, "e2e": end - start}
+
+
+def run_worker(job: dict) -> list[dict]:
+    """Run every case of one mode in this process (bench_main starts one process per mode)."""
+    import torch
+    import transformers  # noqa: F401 - part of the baseline, imported before it is taken
+    import peft  # noqa: F401
+
+    from . import backbones, model, testing  # noqa: F401
+
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    device = job["device"]
+    _trim()
+    baseline = current_memory_mb(device)
+    runner = _Runner(job["mode"], job["backbone"], job["dtype"], device, job.get("embed_layers"))
+    _trim()
+    weights_mb = current_memory_mb(device) - baseline
+    rows = []
+    meta = {"backbone": job["backbone"], "backbone_name": runner.name, "mode": job["mode"],
+            "device": device, "device_name": _device_name(device), "dtype": job["dtype"],
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+    for batch in job["batch_sizes"]:
+        for query_len in job["query_lens"]:
+            for trace_len in job["trace_lens"]:
+                prompt = prompt_of_length(runner.tte, query_len)
+                inputs = [prompt] * batch
+                times = {p: [] for p in PHASES}
+                with torch.no_grad(), PeakMemory(device, baseline) as mem:
+                    runner.step(inputs, trace_len)  # warm-up (allocator, kernels, caches)
+                    for _ in range(job["repeats"]):
+                        for phase, seconds in runner.step(inputs, trace_len).items():
+                            times[phase].append(seconds * 1000)
+                row = {**meta, "batch": batch, "query_len": query_len, "trace_len": trace_len,
+                       "repeats": job["repeats"]}
+                for phase in PHASES:
+                    row[f"{phase}_p50_ms"], row[f"{phase}_p90_ms"] = _percentiles(times[phase])
+                row.update(peak_mem_mb=mem.peak_mb, weights_mb=weights_mb, mem_method=mem.method,
+                           baseline_mb=baseline)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- report
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Each row's embed / end-to-end / peak memory as a fraction of two_model on the same case."""
+    key = lambda r: (r["backbone"], r["device"], r["batch"], r["query_len"], r["trace_len"])  # noqa: E731
+    base = {key(r): r for r in rows if r["mode"] == "two_model"}
+    for r in rows:
+        ref = base.get(key(r))
+        for name, field in (("embed", "embed_p50_ms"), ("e2e", "e2e_p50_ms"), ("mem", "peak_mem_mb")):
+            r[f"{name}_vs_two_model"] = (r[field] / ref[field]) if ref and ref[field] > 0 else None
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no results)\n"
+    r0 = rows[0]
+    head = (f"Backbone {r0['backbone_name']} ({r0['backbone']}), {r0['device_name']}, {r0['dtype']}, "
+            f"{r0['threads']} threads, torch {r0['torch']}; p50/p90 over {r0['repeats']} runs after one "
+            f"warm-up; peak memory above the process baseline after imports ({r0['mem_method']}); "
+            "ratios are p50 (and peak) against two_model on the same case.\n\n")
+    cols = ["mode", "B", "Q", "T", "prefill ms", "decode ms", "embed ms", "end-to-end ms", "peak MB",
+            "embed / 2m", "e2e / 2m", "mem / 2m"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    fmt = lambda r, p: f"{r[p + '_p50_ms']:.1f} / {r[p + '_p90_ms']:.1f}"  # noqa: E731
+    ratio = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    order = {m: i for i, m in enumerate(MODES)}
+    for r in sorted(rows, key=lambda r: (r["batch"], r["query_len"], r["trace_len"], order.get(r["mode"], 9))):
+        lines.append("| " + " | ".join([
+            r["mode"], str(r["batch"]), str(r["query_len"]), str(r["trace_len"]),
+            fmt(r, "prefill"), fmt(r, "decode"), fmt(r, "embed"), fmt(r, "e2e"), f"{r['peak_mem_mb']:.0f}",
+            ratio(r["embed_vs_two_model"]), ratio(r["e2e_vs_two_model"]), ratio(r["mem_vs_two_model"]),
+        ]) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = sorted({(r["batch"], r["query_len"], r["trace_len"]) for r in rows})
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    by = {(r["mode"], r["batch"], r["query_len"], r["trace_len"]): r for r in rows}
+    width = 0.8 / max(1, len(modes))
+    fig, (ax_t, ax_m) = plt.subplots(2, 1, figsize=(max(6, 1.3 * len(cases) + 3), 7), sharex=True)
+    colors = {"prefill": "#4c72b0", "decode": "#dd8452", "embed": "#55a868"}
+    hatches = {"activated": "", "top_k": "//", "two_model": ".."}
+    for j, mode in enumerate(modes):
+        xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(cases))]
+        got = [by.get((mode, *c)) for c in cases]
+        bottom = [0.0] * len(cases)
+        for phase in ("prefill", "decode", "embed"):
+            vals = [r[f"{phase}_p50_ms"] if r else 0.0 for r in got]
+            ax_t.bar(xs, vals, width, bottom=bottom, color=colors[phase], hatch=hatches.get(mode, ""),
+                     edgecolor="black", linewidth=0.4, label=phase if j == 0 else None)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax_m.bar(xs, [r["peak_mem_mb"] if r else 0.0 for r in got], width, hatch=hatches.get(mode, ""),
+                 color="#8172b3", edgecolor="black", linewidth=0.4)
+        for x, b in zip(xs, bottom):
+            ax_t.text(x, b, f" {mode}", ha="center", va="bottom", rotation=90, fontsize=7)
+    from matplotlib.patches import Patch
+    handles = [Patch(facecolor=c, edgecolor="black", label=p) for p, c in colors.items()]
+    handles += [Patch(facecolor="white", edgecolor="black", hatch=hatches.get(m, ""), label=m) for m in modes]
+    r0 = rows[0]
+    ax_t.set_ylabel("p50 latency, ms (stacked phases)")
+    ax_t.set_title(f"{r0['backbone_name']}, {r0['device_name']}, {r0['dtype']}", fontsize=9)
+    ax_t.legend(handles=handles, fontsize=7, ncol=2)
+    ax_t.margins(y=0.25)
+    ax_m.set_ylabel("peak memory above baseline, MB")
+    ax_m.set_xticks(range(len(cases)))
+    ax_m.set_xticklabels([f"B{b} Q{q} T{t}" for b, q, t in cases], rotation=45, ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.replace(",", " ").split()]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="tte bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="smollm2", help="tiny | tiny-llama | smollm2 | a local folder")
+    p.add_argument("--query-lens", type=_ints, default=GRID["query_lens"], help="prompt tokens, e.g. 64,256,1024")
+    p.add_argument("--trace-lens", type=_ints, default=GRID["trace_lens"], help="decoded trace tokens")
+    p.add_argument("--batch-sizes", type=_ints, default=GRID["batch_sizes"], help="e.g. 1,8")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per case after one warm-up")
+    p.add_argument("--modes", default=",".join(MODES), help="comma list of activated, top_k, two_model")
+    p.add_argument("--embed-layers", type=int, default=None, help="K for top_k (default L // 4)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="model dtype (default fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", default="bench_out", help="folder for results.jsonl, table.md, bench.png")
+    p.add_argument("--quick", action="store_true",
+                   help="one small case on the tiny model (query 64, trace 16, batch 1, 2 repeats)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        given = {a.split("=")[0] for a in (argv or []) if a.startswith("--")}
+        for name, value in QUICK.items():
+            if f"--{name.replace('_', '-')}" not in given:
+                setattr(args, name, value)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = sorted(set(args.modes) - set(MODES))
+    if bad:
+        p.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+    return args
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        run_worker(json.loads(args.worker))
+        return 0
+    if args.device is None:
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for mode in args.modes:
+        job = {"mode": mode, "backbone": args.backbone, "device": args.device, "dtype": args.dtype,
+               "query_lens": args.query_lens, "trace_lens": args.trace_lens,
+               "batch_sizes": args.batch_sizes, "repeats": args.repeats, "threads": args.threads,
+               "embed_layers": args.embed_layers}
+        print(f"[bench] {mode}: {args.backbone} on {args.device}, fresh process", file=sys.stderr, flush=True)
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.run([sys.executable, "-m", "unified_tte.bench", "--worker", json.dumps(job)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        if proc.returncode != 0:
+            print(proc.stderr[-4000:], file=sys.stderr)
+            print(f"tte bench: the {mode} worker failed (exit {proc.returncode}); its stderr is above",
+                  file=sys.stderr)
+            return 1
+        rows += [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    add_ratios(rows)
+    with open(out / "results.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    table = markdown_table(rows)
+    (out / "table.md").write_text(table)
+    plot(rows, out / "bench.png")
+    print(table)
+    print(f"wrote {out / 'results.jsonl'}, {out / 'table.md'}, {out / 'bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(bench_main())
