@@ -22,6 +22,7 @@ sequence under the recompute semantics. Tests hold the two equal.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Sequence
 
@@ -102,8 +103,6 @@ class UnifiedTTE(nn.Module):
 
     def __init__(self, backbone: Backbone, config: TTEConfig | None = None, **overrides):
         super().__init__()
-        from peft import LoraConfig, get_peft_model
-
         self.config = config or TTEConfig(**overrides)
         if config is not None and overrides:
             self.config = TTEConfig(**{**config.to_dict(), **overrides})
@@ -122,8 +121,9 @@ class UnifiedTTE(nn.Module):
         self.invocation_ids = self._add_invocation_tokens(cfg.invocation)
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
-        gen_eos = hf_model.generation_config.eos_token_id if hf_model.generation_config else None
-        self.stop_ids = {self.eos_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        gen_eos = getattr(hf_model.generation_config, "eos_token_id", None)
+        gen_eos = gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos]
+        self.stop_ids = {self.eos_id, *gen_eos}  # decoding stops at any of these
         max_pos = getattr(self.stack.config, "max_position_embeddings", 4096)
         self.encoder = PromptEncoder(self.tokenizer, backbone.image_processor,
                                      max_length=cfg.max_length or max_pos)
@@ -134,15 +134,10 @@ class UnifiedTTE(nn.Module):
         all_layers = r"\d+"
         top_layers = "|".join(str(i) for i in range(L - (cfg.embed_layers or 0), L))
         embed_layers = all_layers if cfg.mode == "activated" else f"(?:{top_layers})"
-        embed_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                               target_modules=rf".*\.layers\.{embed_layers}\.{LORA_TARGETS}")
-        if cfg.think == "lora":
-            think_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                   target_modules=rf".*\.layers\.{all_layers}\.{LORA_TARGETS}")
-            self.peft_model = get_peft_model(hf_model, think_cfg, adapter_name="think")
-            self.peft_model.add_adapter("embed", embed_cfg)
-        else:
-            self.peft_model = get_peft_model(hf_model, embed_cfg, adapter_name="embed")
+        with warnings.catch_warnings():
+            # PEFT calls a transformers helper that transformers 5 deprecates; not actionable here.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            self.peft_model = self._wrap(hf_model, cfg, all_layers, embed_layers)
         self.think_adapters = ["think"] if cfg.think == "lora" else []
         self.embed_adapters = self.think_adapters + ["embed"]
 
@@ -162,6 +157,20 @@ class UnifiedTTE(nn.Module):
         K = L and no think adapter, so it runs through the same forward path."""
         L = DecoderStack(backbone.model).num_layers
         return cls(backbone, **{**overrides, "think": "none", "mode": "top_k", "embed_layers": L})
+
+    @staticmethod
+    def _wrap(hf_model, cfg: TTEConfig, all_layers: str, embed_layers: str):
+        from peft import LoraConfig, get_peft_model
+
+        embed_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                               target_modules=rf".*\.layers\.{embed_layers}\.{LORA_TARGETS}")
+        if cfg.think == "none":
+            return get_peft_model(hf_model, embed_cfg, adapter_name="embed")
+        think_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                               target_modules=rf".*\.layers\.{all_layers}\.{LORA_TARGETS}")
+        peft_model = get_peft_model(hf_model, think_cfg, adapter_name="think")
+        peft_model.add_adapter("embed", embed_cfg)
+        return peft_model
 
     # ------------------------------------------------------------------ setup helpers
     def _add_invocation_tokens(self, tokens: Sequence[str]) -> list[int]:
@@ -451,7 +460,7 @@ class UnifiedTTE(nn.Module):
     # ------------------------------------------------------------------ pooling
     def _pool(self, hidden: torch.Tensor, n_inv: int) -> torch.Tensor:
         """Pool the invocation tokens (always the last n_inv columns) and L2-normalise, fp32."""
-        pool = _pool_plain  # swapped for tte_kernels.pool once the kernels land
+        from tte_kernels import pool  # fused gather/mean + L2 norm (Triton on CUDA)
         batch, width = hidden.shape[:2]
         if self.config.pooling == "last":
             positions = torch.full((batch,), width - 1, dtype=torch.long, device=hidden.device)
@@ -460,11 +469,3 @@ class UnifiedTTE(nn.Module):
         mask[:, width - n_inv:] = True
         return pool(hidden, mask=mask)
 
-
-def _pool_plain(hidden, positions=None, mask=None):
-    if positions is not None:
-        picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
-    else:
-        m = mask.to(hidden.dtype).unsqueeze(-1)
-        picked = (hidden * m).sum(1) / m.sum(1)
-    return F.normalize(picked.float(), dim=-1)
