@@ -1,0 +1,471 @@
+"""Training recipes: typed dataclasses loaded from YAML, with `key=value` overrides.
+
+    from unified_tte.recipe import load_recipe
+    recipe = load_recipe("recipes/tiny_cpu.yaml", ["embed.steps=5", "deepspeed=recipes/deepspeed/zero3.json"])
+
+A recipe says what to train (backbone, data, the `think` and `embed` stages) and how (the
+DeepSpeed JSON for the engine shape: ZeRO stage, offload, communication). The recipe owns the
+numbers that depend on the run — batch sizes, learning rate, clipping, precision — and writes
+them into the DeepSpeed config (`deepspeed_config`), so a JSON config may not set them itself.
+
+Rules:
+* Unknown keys are errors that name the key and the file (or the command-line override).
+* Relative paths (run_dir, deepspeed, data files, a backbone folder) are taken from the current
+  folder: launch from the repository root, as the recipes' first lines show.
+* `data: digits` is short for `data: {train: digits}`.
+* `check_inputs(recipe)` verifies every file the run will read, before any work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .model import TTEConfig
+
+BUILTIN_BACKBONES = ("tiny", "tiny-qwen2vl", "tiny-llama", "smollm2")
+STAGES = ("think", "embed")
+# DeepSpeed keys the recipe fills in; a JSON config that sets them would be silently overridden.
+RECIPE_OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
+                        "gradient_accumulation_steps", "gradient_clipping", "bf16", "fp16",
+                        "scheduler")
+
+
+class RecipeError(ValueError):
+    """A bad recipe: the message names the file (or override), the key and what to do."""
+
+
+@dataclass
+class DigitsData:
+    """Options of the built-in digits task (unified_tte.digits.build_digits)."""
+    seed: int = 0
+    test_fraction: float = 0.3
+    """Evaluation must use the same seed and test_fraction, or test images leak into train."""
+    image_size: int = 56
+    max_train_per_task: int | None = 256
+
+
+@dataclass
+class DataConfig:
+    train: str | list[str] = "digits"
+    """"digits" (built in) or MMEB-train files (.jsonl/.json/.parquet: qry, qry_image_path,
+    pos_text, pos_image_path, optional neg_text, neg_image_path)."""
+    image_root: str | None = None
+    """Folder the image paths of the train files are relative to (default: each file's folder)."""
+    traces: list[str] = field(default_factory=list)
+    """ECR trace files (JSONL {"id", "trace"}) joined to the rows by id; digits carries its own."""
+    skip_bad: bool = False
+    """Skip rows with bad fields or missing images instead of stopping at the first."""
+    max_rows: int | None = None
+    """Use at most this many train rows (after loading; for smoke runs)."""
+    digits: DigitsData = field(default_factory=DigitsData)
+
+
+@dataclass
+class StageConfig:
+    """What both stages share: steps, global batch, the optimiser and its schedule."""
+    steps: int = 100
+    """Optimizer steps in this stage."""
+    batch_size: int = 32
+    """Global batch: rows per optimizer step over all ranks."""
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    """Linear warmup from 0, then cosine decay to min_lr_ratio * lr at the last step."""
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+
+
+@dataclass
+class ThinkConfig(StageConfig):
+    """Stage `think`: SFT on (query, trace), loss on the trace tokens and the closing EOS only."""
+    micro_batch_size: int = 4
+    """Rows per rank per forward/backward; batch_size / (micro_batch_size * ranks) micro-steps
+    are accumulated into each optimizer step."""
+    method: Literal["lora", "full"] = "lora"
+    """lora: train the `think` adapter. full: fine-tune the language model itself (needs
+    model.think: none, so the backbone is the reasoner)."""
+    freeze_vision: bool = True
+    """Keep the vision tower frozen in full fine-tuning (LoRA never touches it)."""
+
+
+@dataclass
+class EmbedConfig(StageConfig):
+    """Stage `embed`: InfoNCE through the serving fast path with `think` frozen."""
+    temperature: float = 0.02
+    hard_negatives: bool = True
+    """Add each row's hard negative (neg_text / neg_image_path) to the targets."""
+    use_traces: bool = True
+    """Embed each query with its ECR trace (Think-Then-Embed); false embeds the query alone."""
+    gradcache_chunk: int | None = 8
+    """GradCache: rows per rank per forward. Embeddings are computed without grad chunk by chunk,
+    the loss on the whole batch, then each chunk is re-run with grad. null: one forward with grad
+    over the rank's whole batch (the plain twin; memory grows with the batch)."""
+    gather_negatives: bool = True
+    """Use every rank's targets as negatives (all-gather with gradient)."""
+
+
+@dataclass
+class WandbConfig:
+    project: str = "unified-tte"
+    entity: str | None = None
+    name: str | None = None
+    """Run name; default: the run folder's name."""
+    mode: Literal["offline", "online", "disabled"] | None = None
+    """null: $WANDB_MODE, else offline. online without credentials falls back to offline."""
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Recipe:
+    run_dir: str = "runs/tte"
+    """Where checkpoints, adapters, the resolved recipe and logs go."""
+    backbone: str = "tiny"
+    """tiny | tiny-llama | smollm2 | a local Hugging Face checkpoint folder."""
+    data: DataConfig = field(default_factory=DataConfig)
+    deepspeed: str = "recipes/deepspeed/zero2.json"
+    """DeepSpeed JSON: ZeRO stage, offload, communication (see recipes/deepspeed/)."""
+    stages: list[Literal["think", "embed"]] = field(default_factory=lambda: ["think", "embed"])
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+    model: TTEConfig = field(default_factory=TTEConfig)
+    think: ThinkConfig = field(default_factory=ThinkConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    checkpoint_every: int = 100
+    """Save engine state, data position and RNG every N global steps (and at each stage's end);
+    0: only at stage ends."""
+    keep_checkpoints: int | None = 3
+    """Keep the newest N checkpoints (null: all)."""
+    log_every: int = 1
+    progress_bar: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    think_adapter: str | None = None
+    """A think adapter folder (PEFT layout, e.g. an earlier run's RUN_DIR/think) to start from
+    when stages leaves out think; without it an embed-only run uses a zero think delta."""
+    stop_after: int | None = None
+    """Stop after this global step, checkpointed (a preemption drill; resume with --resume)."""
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def stage(self, name: str) -> ThinkConfig | EmbedConfig:
+        return getattr(self, name)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.stage(s).steps for s in self.stages)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply `key=value` overrides (dotted keys, YAML values), validate."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of keys to values, got {type(raw).__name__}.")
+    _normalise(raw)
+    _build(Recipe, raw, str(path), "")  # file errors name the file, before overrides apply
+    for text in overrides or []:
+        _apply_override(raw, text)
+    _normalise(raw)
+    recipe = _build(Recipe, raw, f"{path} (with overrides {overrides})" if overrides else str(path), "")
+    validate(recipe, str(path))
+    return recipe
+
+
+def recipe_from_dict(raw: dict, source: str = "<dict>") -> Recipe:
+    raw = json.loads(json.dumps(raw))
+    _normalise(raw)
+    recipe = _build(Recipe, raw, source, "")
+    validate(recipe, source)
+    return recipe
+
+
+def _normalise(raw: dict) -> None:
+    if isinstance(raw.get("data"), str):
+        raw["data"] = {"train": raw["data"]}
+
+
+def _apply_override(raw: dict, text: str) -> None:
+    import yaml
+
+    if "=" not in text:
+        raise RecipeError(f"command-line override {text!r}: expected key=value, e.g. embed.steps=10.")
+    key, value = text.split("=", 1)
+    parts = key.strip().split(".")
+    cls, node = Recipe, raw
+    for depth, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in names:
+            where = ".".join(parts[:depth]) or "the recipe"
+            raise RecipeError(f"command-line override {text!r}: unknown key {key!r} "
+                              f"({part!r} is not a key of {where}; known: {sorted(names)}).")
+        if depth == len(parts) - 1:
+            node[part] = yaml.safe_load(value) if value.strip() else None
+            return
+        sub = _dataclass_of(typing.get_type_hints(cls)[part])
+        if sub is None:
+            raise RecipeError(f"command-line override {text!r}: {'.'.join(parts[:depth + 1])!r} "
+                              f"is a value, not a section.")
+        if part == "data" and isinstance(node.get(part), str):
+            node[part] = {"train": node[part]}
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        cls, node = sub, node[part]
+
+
+def _dataclass_of(tp) -> type | None:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _build(cls, data: Any, source: str, prefix: str):
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: {prefix.rstrip('.') or 'the recipe'} must be a mapping, "
+                          f"got {type(data).__name__} ({data!r}).")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in known:
+            raise RecipeError(f"{source}: unknown key {prefix + str(key)!r}. Known keys"
+                              f"{' in ' + prefix.rstrip('.') if prefix else ''}: {sorted(known)}.")
+    values = {k: _coerce(v, hints[k], source, prefix + k) for k, v in data.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"{source}: {prefix.rstrip('.') or 'recipe'}: {e}") from None
+
+
+def _coerce(value, tp, source: str, key: str):
+    """Check `value` against the annotation `tp`, converting where YAML is loose (1e-3 is a str
+    in YAML 1.1, ints where floats go, lists where tuples go)."""
+    def bad(expected: str):
+        return RecipeError(f"{source}: key {key!r} must be {expected}, got {value!r}.")
+
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, source, key)
+            except RecipeError as e:
+                errors.append(e)
+        raise bad(" or ".join(_describe(a) for a in args))
+    if origin is Literal:
+        if value not in args:
+            raise bad(f"one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, source, key + ".")
+    if origin in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise bad(_describe(tp))
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise bad(_describe(tp))
+            return tuple(_coerce(v, a, source, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_coerce(v, item, source, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad("a number") from None
+        raise bad("a number")
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    raise RecipeError(f"{source}: key {key!r}: unsupported annotation {tp!r}")  # a bug in this file
+
+
+def _describe(tp) -> str:
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return f"one of {list(typing.get_args(tp))}"
+    if origin in (list, tuple):
+        return "a list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------- validation
+
+def validate(recipe: Recipe, source: str) -> None:
+    """Checks that need no files: values in range and consistent with each other."""
+    def fail(key: str, msg: str):
+        raise RecipeError(f"{source}: {key}: {msg}")
+
+    if not recipe.stages:
+        fail("stages", "name at least one stage: [think], [embed] or [think, embed].")
+    if len(set(recipe.stages)) != len(recipe.stages) or list(recipe.stages) != [s for s in STAGES if s in recipe.stages]:
+        fail("stages", f"each stage once, in the order think, embed; got {recipe.stages}.")
+    for name in recipe.stages:
+        st = recipe.stage(name)
+        for key in ("steps", "batch_size"):
+            if getattr(st, key) < 1:
+                fail(f"{name}.{key}", f"must be >= 1, got {getattr(st, key)}.")
+        if st.lr <= 0:
+            fail(f"{name}.lr", f"must be > 0, got {st.lr}.")
+        if st.warmup_steps < 0:
+            fail(f"{name}.warmup_steps", f"must be >= 0, got {st.warmup_steps}.")
+        if not 0 <= st.min_lr_ratio <= 1:
+            fail(f"{name}.min_lr_ratio", f"must be in [0, 1], got {st.min_lr_ratio}.")
+        if st.grad_clip < 0:
+            fail(f"{name}.grad_clip", f"must be >= 0, got {st.grad_clip}.")
+    if "think" in recipe.stages:
+        t = recipe.think
+        if t.micro_batch_size < 1:
+            fail("think.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}.")
+        if t.method == "full" and recipe.model.think != "none":
+            fail("think.method", "full fine-tuning trains the backbone itself as the reasoner; "
+                 "set model.think: none (no think adapter), or use think.method: lora.")
+        if t.method == "lora" and recipe.model.think == "none":
+            fail("think.method", "model.think is none, so there is no think adapter to train; "
+                 "use think.method: full, or drop think from stages.")
+    if "embed" in recipe.stages:
+        e = recipe.embed
+        if e.temperature <= 0:
+            fail("embed.temperature", f"must be > 0, got {e.temperature}.")
+        if e.gradcache_chunk is not None and e.gradcache_chunk < 1:
+            fail("embed.gradcache_chunk", f"must be >= 1 or null, got {e.gradcache_chunk}.")
+    if recipe.checkpoint_every < 0:
+        fail("checkpoint_every", "must be >= 0.")
+    if recipe.keep_checkpoints is not None and recipe.keep_checkpoints < 1:
+        fail("keep_checkpoints", "must be >= 1 or null (keep all).")
+    if recipe.log_every < 1:
+        fail("log_every", "must be >= 1.")
+    if recipe.stop_after is not None and recipe.stop_after < 1:
+        fail("stop_after", "must be >= 1 or null.")
+    if isinstance(recipe.data.train, list) and not recipe.data.train:
+        fail("data.train", "name at least one train file, or use digits.")
+    if isinstance(recipe.data.train, str) and recipe.data.train != "digits":
+        recipe.data.train = [recipe.data.train]
+
+
+def check_inputs(recipe: Recipe, source: str = "recipe") -> dict:
+    """Verify every file the run reads exists and the DeepSpeed JSON is valid, before any work.
+    Returns the DeepSpeed config as read."""
+    def missing(key: str, path, what: str):
+        raise RecipeError(f"{source}: {key}: {what} not found: {path} (relative paths are taken "
+                          f"from the current folder, {Path.cwd()}).")
+
+    ds_path = Path(recipe.deepspeed)
+    if not ds_path.is_file():
+        missing("deepspeed", ds_path, "DeepSpeed config")
+    ds = load_deepspeed_json(ds_path)
+    if recipe.backbone not in BUILTIN_BACKBONES:
+        folder = Path(recipe.backbone)
+        if not (folder / "config.json").is_file():
+            missing("backbone", folder / "config.json",
+                    f"a local checkpoint folder (or one of {list(BUILTIN_BACKBONES)})")
+    if recipe.data.train != "digits":
+        for i, f in enumerate(recipe.data.train):
+            if not Path(f).is_file():
+                missing(f"data.train[{i}]", f, "train file")
+    for i, f in enumerate(recipe.data.traces):
+        if not Path(f).is_file():
+            missing(f"data.traces[{i}]", f, "trace file")
+    if recipe.think_adapter is not None and not (Path(recipe.think_adapter) / "adapter_model.safetensors").is_file():
+        missing("think_adapter", Path(recipe.think_adapter) / "adapter_model.safetensors", "think adapter")
+    if recipe.data.image_root is not None and not Path(recipe.data.image_root).is_dir():
+        missing("data.image_root", recipe.data.image_root, "image folder")
+    return ds
+
+
+def load_deepspeed_json(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        ds = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise RecipeError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}).") from None
+    if not isinstance(ds, dict):
+        raise RecipeError(f"{path}: a DeepSpeed config is a JSON object.")
+    owned = [k for k in RECIPE_OWNED_DS_KEYS if k in ds]
+    if owned:
+        raise RecipeError(f"{path}: sets {owned}, which the recipe owns (batch_size, "
+                          f"micro_batch_size / gradcache_chunk, grad_clip, precision, warmup_steps "
+                          f"and lr); remove them from the JSON and set them in the recipe.")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise RecipeError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}.")
+    return ds
+
+
+def deepspeed_config(ds: dict, stage: StageConfig, micro_batch: int, accumulation: int,
+                     world: int, bf16: bool, cpu_optimizer_ok: bool = True) -> dict:
+    """The DeepSpeed config of one stage: the JSON's engine shape plus the recipe's numbers."""
+    cfg = json.loads(json.dumps(ds))
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch
+    cfg["gradient_accumulation_steps"] = accumulation
+    cfg["train_batch_size"] = micro_batch * accumulation * world
+    cfg["gradient_clipping"] = stage.grad_clip
+    cfg["bf16"] = {"enabled": bool(bf16)}
+    cfg.setdefault("steps_per_print", 10 ** 9)  # the trainer logs; DeepSpeed's own prints are noise
+    cfg.setdefault("wall_clock_breakdown", False)
+    opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    opt.setdefault("type", "AdamW")
+    params = opt.setdefault("params", {})
+    # Plain torch AdamW unless the JSON asks for DeepSpeed's own (needed for CPU offload):
+    # DeepSpeed's FusedAdam is compiled on first use, which fails on machines without nvcc.
+    offload = cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    params.setdefault("torch_adam", offload in (None, "none"))
+    params.update(lr=stage.lr, betas=list(stage.betas), weight_decay=stage.weight_decay)
+    return cfg
+
+
+def dump_yaml(recipe: Recipe) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
