@@ -22,7 +22,10 @@ How it is measured:
   embed is `embed_from_state` (unified) or the embedder's `embed` (two-model); end to end is
   think + embed under one timer. One warm-up run per case, then `--repeats` timed runs: p50/p90.
   On CUDA every timer edge calls `torch.cuda.synchronize()`.
-- Each mode runs in a fresh subprocess, so no mode sees another's memory. Peak memory is reported
+- Each mode runs in its own fresh subprocess (all alive at once, idle while another runs); per case
+  every mode warms up, then the timed repeats alternate between modes, so drifts in machine load
+  (a shared machine) hit every mode alike. Worker stderr goes to OUT/worker_<mode>.log.
+- No mode sees another's memory. Peak memory is reported
   above that process's own baseline after imports (torch, transformers, peft, unified_tte), so the
   model weights are counted. CPU: the kernel's resident high-water mark (VmHWM) is reset
   through /proc/self/clear_refs after the models are built and freed heap is returned (malloc_trim),
@@ -49,7 +52,7 @@ from pathlib import Path
 
 MODES = ("activated", "top_k", "two_model")
 GRID = dict(query_lens=[64, 256, 1024], trace_lens=[16, 64, 128], batch_sizes=[1, 8])
-QUICK = dict(backbone="tiny", query_lens=[64], trace_lens=[16], batch_sizes=[1], repeats=2)
+QUICK = dict(backbone="tiny", query_lens=[64], trace_lens=[16], batch_sizes=[1], repeats=2, threads=1)
 PHASES = ("prefill", "decode", "embed", "e2e")
 
 
@@ -241,11 +244,26 @@ class _Runner:
                 "embed": end - thought, "e2e": end - start}
 
 
-def run_worker(job: dict) -> list[dict]:
-    """Run every case of one mode in this process (bench_main starts one process per mode)."""
+PROTOCOL = "@@bench "  # prefix of the worker's reply lines; anything else on its stdout is ignored
+
+
+def _reply(obj: dict) -> None:
+    print(PROTOCOL + json.dumps(obj), flush=True)
+
+
+def run_worker(job: dict, commands=None) -> None:
+    """One mode's models in this process, driven by JSON commands on stdin (one per line):
+
+        {"cmd": "begin", "batch": B, "query_len": Q, "trace_len": T}  build inputs, reset the peak, warm up
+        {"cmd": "step"}                                               one timed think -> embed
+        {"cmd": "end"}                                                peak memory of the case
+        {"cmd": "quit"}
+
+    bench_main drives every mode's worker in turn, so the modes share the same moments of machine load.
+    """
     import torch
-    import transformers  # noqa: F401 - part of the baseline, imported before it is taken
-    import peft  # noqa: F401
+    import transformers
+    import peft  # noqa: F401 - part of the baseline, imported before it is taken
 
     from . import backbones, model, testing  # noqa: F401
 
@@ -256,32 +274,100 @@ def run_worker(job: dict) -> list[dict]:
     baseline = current_memory_mb(device)
     runner = _Runner(job["mode"], job["backbone"], job["dtype"], device, job.get("embed_layers"))
     _trim()
-    weights_mb = current_memory_mb(device) - baseline
-    rows = []
-    meta = {"backbone": job["backbone"], "backbone_name": runner.name, "mode": job["mode"],
+    _reply({"backbone": job["backbone"], "backbone_name": runner.name, "mode": job["mode"],
             "device": device, "device_name": _device_name(device), "dtype": job["dtype"],
             "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__}
-    for batch in job["batch_sizes"]:
-        for query_len in job["query_lens"]:
-            for trace_len in job["trace_lens"]:
-                prompt = prompt_of_length(runner.tte, query_len)
-                inputs = [prompt] * batch
-                times = {p: [] for p in PHASES}
-                with torch.no_grad(), PeakMemory(device, baseline) as mem:
-                    runner.step(inputs, trace_len)  # warm-up (allocator, kernels, caches)
-                    for _ in range(job["repeats"]):
-                        for phase, seconds in runner.step(inputs, trace_len).items():
-                            times[phase].append(seconds * 1000)
-                row = {**meta, "batch": batch, "query_len": query_len, "trace_len": trace_len,
-                       "repeats": job["repeats"]}
-                for phase in PHASES:
-                    row[f"{phase}_p50_ms"], row[f"{phase}_p90_ms"] = _percentiles(times[phase])
-                row.update(peak_mem_mb=mem.peak_mb, weights_mb=weights_mb, mem_method=mem.method,
-                           baseline_mb=baseline)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-    return rows
+            "transformers": transformers.__version__, "baseline_mb": baseline,
+            "weights_mb": current_memory_mb(device) - baseline})
+    mem = inputs = None
+    for line in commands if commands is not None else sys.stdin:
+        command = json.loads(line)
+        with torch.no_grad():
+            if command["cmd"] == "begin":
+                trace_len = command["trace_len"]
+                inputs = [prompt_of_length(runner.tte, command["query_len"])] * command["batch"]
+                mem = PeakMemory(device, baseline).__enter__()
+                runner.step(inputs, trace_len)  # warm-up (allocator, kernels, caches)
+                _reply({"ok": True})
+            elif command["cmd"] == "step":
+                _reply({k: v * 1000 for k, v in runner.step(inputs, trace_len).items()})
+            elif command["cmd"] == "end":
+                mem.__exit__(None, None, None)
+                _reply({"peak_mem_mb": mem.peak_mb, "mem_method": mem.method})
+            elif command["cmd"] == "quit":
+                return
+
+
+class _Worker:
+    """The parent's handle on one mode's worker process."""
+
+    def __init__(self, job: dict, log_dir: Path):
+        self.mode = job["mode"]
+        self.log = log_dir / f"worker_{self.mode}.log"
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "unified_tte.bench", "--worker", json.dumps(job)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True, env=env)
+        self.meta = self.read()
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(PROTOCOL):
+                return json.loads(line[len(PROTOCOL):])
+        self.proc.wait()
+        tail = self.log.read_text()[-3000:]
+        raise RuntimeError(f"the {self.mode} worker exited ({self.proc.returncode}); "
+                           f"the end of {self.log}:\n{tail}")
+
+    def send(self, **command) -> None:
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+
+    def ask(self, **command) -> dict:
+        self.send(**command)
+        return self.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.send(cmd="quit")
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+
+
+def run_modes(args, out: Path) -> list[dict]:
+    """One fresh process per mode, all alive at once; each case's warm-ups and timed repeats run
+    round-robin over the modes so slow drifts in machine load hit every mode alike."""
+    workers = []
+    try:
+        for mode in args.modes:
+            print(f"[bench] starting {mode} ({args.backbone} on {args.device})", file=sys.stderr, flush=True)
+            workers.append(_Worker({"mode": mode, "backbone": args.backbone, "device": args.device,
+                                    "dtype": args.dtype, "threads": args.threads,
+                                    "embed_layers": args.embed_layers}, out))
+        rows = []
+        for batch in args.batch_sizes:
+            for query_len in args.query_lens:
+                for trace_len in args.trace_lens:
+                    case = {"batch": batch, "query_len": query_len, "trace_len": trace_len}
+                    print(f"[bench] B={batch} Q={query_len} T={trace_len}", file=sys.stderr, flush=True)
+                    for w in workers:
+                        w.ask(cmd="begin", **case)
+                    times = {w.mode: {p: [] for p in PHASES} for w in workers}
+                    for _ in range(args.repeats):
+                        for w in workers:
+                            for phase, ms in w.ask(cmd="step").items():
+                                times[w.mode][phase].append(ms)
+                    for w in workers:
+                        row = {**w.meta, **case, "repeats": args.repeats, **w.ask(cmd="end")}
+                        for phase in PHASES:
+                            row[f"{phase}_p50_ms"], row[f"{phase}_p90_ms"] = _percentiles(times[w.mode][phase])
+                        rows.append(row)
+        return rows
+    finally:
+        for w in workers:
+            w.close()
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -330,7 +416,7 @@ def plot(rows: list[dict], path: Path) -> None:
     width = 0.8 / max(1, len(modes))
     fig, (ax_t, ax_m) = plt.subplots(2, 1, figsize=(max(6, 1.3 * len(cases) + 3), 7), sharex=True)
     colors = {"prefill": "#4c72b0", "decode": "#dd8452", "embed": "#55a868"}
-    hatches = {"activated": "", "top_k": "//", "two_model": ".."}
+    hatches = {"activated": "", "top_k": "//", "two_model": "..."}
     for j, mode in enumerate(modes):
         xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(cases))]
         got = [by.get((mode, *c)) for c in cases]
@@ -351,7 +437,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax_t.set_ylabel("p50 latency, ms (stacked phases)")
     ax_t.set_title(f"{r0['backbone_name']}, {r0['device_name']}, {r0['dtype']}", fontsize=9)
     ax_t.legend(handles=handles, fontsize=7, ncol=2)
-    ax_t.margins(y=0.25)
+    ax_t.set_ylim(0, 1.3 * max(r["prefill_p50_ms"] + r["decode_p50_ms"] + r["embed_p50_ms"] for r in rows))
     ax_m.set_ylabel("peak memory above baseline, MB")
     ax_m.set_xticks(range(len(cases)))
     ax_m.set_xticklabels([f"B{b} Q{q} T{t}" for b, q, t in cases], rotation=45, ha="right", fontsize=8)
@@ -378,10 +464,12 @@ def parse_args(argv):
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="model dtype (default fp32 on CPU, bf16 on CUDA)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's). On a shared machine use 1: with more threads "
+                        "than free cores every parallel region waits on a descheduled thread")
     p.add_argument("--out", default="bench_out", help="folder for results.jsonl, table.md, bench.png")
     p.add_argument("--quick", action="store_true",
-                   help="one small case on the tiny model (query 64, trace 16, batch 1, 2 repeats)")
+                   help="one small case on the tiny model (query 64, trace 16, batch 1, 2 repeats, 1 thread)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -407,22 +495,11 @@ def bench_main(argv: list[str] | None = None) -> int:
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for mode in args.modes:
-        job = {"mode": mode, "backbone": args.backbone, "device": args.device, "dtype": args.dtype,
-               "query_lens": args.query_lens, "trace_lens": args.trace_lens,
-               "batch_sizes": args.batch_sizes, "repeats": args.repeats, "threads": args.threads,
-               "embed_layers": args.embed_layers}
-        print(f"[bench] {mode}: {args.backbone} on {args.device}, fresh process", file=sys.stderr, flush=True)
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-        proc = subprocess.run([sys.executable, "-m", "unified_tte.bench", "--worker", json.dumps(job)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        if proc.returncode != 0:
-            print(proc.stderr[-4000:], file=sys.stderr)
-            print(f"tte bench: the {mode} worker failed (exit {proc.returncode}); its stderr is above",
-                  file=sys.stderr)
-            return 1
-        rows += [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    try:
+        rows = run_modes(args, out)
+    except RuntimeError as exc:
+        print(f"tte bench: {exc}", file=sys.stderr)
+        return 1
     add_ratios(rows)
     with open(out / "results.jsonl", "w") as f:
         for r in rows:

@@ -246,6 +246,8 @@ def verify_checkpoint(folder: str | Path) -> dict:
     files = manifest["files"]
     for rel, entry in files.items():
         path = folder / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise CheckpointError(f"{folder / MANIFEST_FILE} lists {rel!r}, outside the checkpoint folder")
         if rel.lower().endswith(PICKLE_SUFFIXES):
             raise CheckpointError(f"{path}: pickle files are refused; checkpoints hold safetensors only")
         if not path.is_file():
