@@ -103,6 +103,9 @@ class EmbedConfig(StageConfig):
     """Add each row's hard negative (neg_text / neg_image_path) to the targets."""
     use_traces: bool = True
     """Embed each query with its ECR trace (Think-Then-Embed); false embeds the query alone."""
+    missing_traces: Literal["error", "drop"] = "error"
+    """With use_traces, rows without a (valid) trace stop the run (error) or are left out (drop,
+    counted in a warning)."""
     gradcache_chunk: int | None = 8
     """GradCache: rows per rank per forward. Embeddings are computed without grad chunk by chunk,
     the loss on the whole batch, then each chunk is re-run with grad. null: one forward with grad

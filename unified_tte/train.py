@@ -244,10 +244,14 @@ def stage_rows(recipe: Recipe, stage: str, rows: list) -> list:
     e = recipe.embed
     if e.use_traces:
         missing = [r.id for r in rows if not r.trace]
-        if missing:
+        if missing and e.missing_traces == "drop" and len(missing) < len(rows):
+            warnings.warn(f"embed: {len(missing)} of {len(rows)} rows have no trace and are left out "
+                          f"(first: {missing[:3]}).")
+            rows = [r for r in rows if r.trace]
+        elif missing:
             raise TrainError(f"embed.use_traces is true but {len(missing)} of {len(rows)} rows have no "
-                             f"trace (first: {missing[:3]}); add trace files to data.traces, or set "
-                             "embed.use_traces=false.")
+                             f"trace (first: {missing[:3]}); add trace files to data.traces, set "
+                             "embed.missing_traces=drop, or embed.use_traces=false.")
     if e.hard_negatives:
         missing = [r.id for r in rows if r.neg is None]
         if missing:
@@ -399,10 +403,30 @@ def make_engine(recipe: Recipe, stage: str, tte, ds_json: dict, world: int, bf16
     _, micro, accumulation = stage_shape(recipe, stage, world)
     cfg = deepspeed_config(ds_json, spec, micro, accumulation, world, bf16)
     fn = lr_lambda(spec.warmup_steps, total_steps or spec.steps, spec.min_lr_ratio)
+    if cfg.get("zero_optimization", {}).get("stage", 0) == 3:
+        _keep_vision_out_of_zero3(tte)
     engine, *_ = deepspeed.initialize(
         model=StageModule(tte), model_parameters=params, config=cfg,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, fn))
     return engine
+
+
+def _keep_vision_out_of_zero3(tte) -> None:
+    """ZeRO-3 gathers a module's weights with collectives when the module runs, so every rank must
+    run the same modules. The vision tower runs only where a batch has images, which differs
+    across ranks and would hang them; a frozen tower is therefore kept whole on every rank,
+    outside the engine (it is not trained and never saved by a stage)."""
+    outer = tte.stack.outer
+    visual = outer._modules.get("visual") if tte.stack.is_vl else None
+    if visual is None:
+        return
+    if any(p.requires_grad for p in visual.parameters()):
+        raise TrainError("ZeRO-3 with a trainable vision tower needs images on every rank in every "
+                         "micro-batch; keep think.freeze_vision: true, or use ZeRO-2.")
+    del outer._modules["visual"]
+    object.__setattr__(outer, "visual", visual)  # still reachable as outer.visual, not a submodule
+    if torch.cuda.is_available():
+        visual.to(torch.device("cuda", torch.cuda.current_device()))
 
 
 @contextmanager
@@ -656,7 +680,9 @@ def _init_wandb(recipe: Recipe, run_dir: Path):
     try:
         import wandb
 
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        import secrets
+
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
         return wandb.init(project=w.project, entity=w.entity, name=w.name or run_dir.name,
                           tags=w.tags, dir=str(run_dir), config=recipe.to_dict(), mode=mode,
