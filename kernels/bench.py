@@ -5,10 +5,13 @@
     python -m tte_kernels.bench --sizes 32768 --backends chunked   # skip the slow / 13 GiB reference
     python -m tte_kernels.bench --device cuda                   # ref vs triton, 1024 ... 32768, bf16
 
-Every (size, backend) case runs in a fresh subprocess, so one case's allocator state and peak
-cannot leak into the next. Time: wall clock of loss = info_nce(q, t); loss.backward(), after
-`--warmup` untimed runs; median, p20, p80 over `--repeats`. Peak memory, above what the process
-held once q and t existed (so it counts the gradients of q and t plus the loss' own working set):
+Every measurement runs in a fresh subprocess, so one case's allocator state and peak cannot
+leak into the next. `--repeats` rounds per size; each round runs every backend once, in turn
+(ref, chunked, ref, chunked, ...), so a change in machine load (a shared 2-core box) hits all
+backends alike. Time: wall clock of loss = info_nce(q, t); loss.backward(), after `--warmup`
+untimed runs in the same process; median, p20, p80 over the rounds. Peak memory: the largest
+over the rounds, above what the process held once q and t existed (so it counts the gradients
+of q and t plus the loss' own working set):
   * CPU: peak resident set size (VmHWM, reset through /proc/self/clear_refs) minus the resident
     set before the first run. glibc's mmap threshold is pinned at 64 KiB in the child
     (MALLOC_MMAP_THRESHOLD_) so freed tensors really leave the resident set.
@@ -153,24 +156,41 @@ def _ids(spec):
             "D": spec["dim"], "dtype": spec["dtype"]}
 
 
+def _combine(runs: list[dict]) -> dict:
+    """One row per case from its rounds: time percentiles over rounds, the largest peak."""
+    bad = [r for r in runs if "error" in r]
+    if bad:
+        return bad[0]
+    times = [r["time_median_s"] for r in runs]
+    peak = max(r["peak_mem_bytes"] for r in runs)
+    return {**runs[0], "repeats": len(runs), "time_median_s": statistics.median(times),
+            "time_p20_s": _percentile(times, 0.2), "time_p80_s": _percentile(times, 0.8), "times_s": times,
+            "peak_mem_bytes": peak, "peak_mem_mib": round(peak / 2**20, 1),
+            "peak_mem_mib_per_round": [r["peak_mem_mib"] for r in runs]}
+
+
 def markdown(rows: list[dict]) -> str:
     ref = {(r["B"], r["D"], r["dtype"]): r for r in rows if r["backend"] == "ref" and "error" not in r}
     out = ["| B = N | D | dtype | backend | time median (s) | p20 (s) | p80 (s) | peak memory (MiB) "
-           "| memory vs ref | time vs ref |",
-           "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+           "| memory vs ref | time vs ref | time vs ref, paired |",
+           "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['B']} | {r['D']} | {r['dtype']} | {r['backend']} | error: {r['error'][:60]} "
-                       "| | | | | |")
+                       "| | | | | | |")
             continue
         base = ref.get((r["B"], r["D"], r["dtype"]))
-        mem_ratio = time_ratio = ""
+        mem_ratio = time_ratio = paired = ""
         if base is not None and r["backend"] != "ref":
             mem_ratio = f"{r['peak_mem_bytes'] / max(base['peak_mem_bytes'], 1):.3f}"
             time_ratio = f"{r['time_median_s'] / base['time_median_s']:.2f}"
+            if r.get("times_s") and len(r["times_s"]) == len(base.get("times_s", [])):
+                # Same round = same stretch of machine load: the median of per-round ratios is
+                # the steadier figure on a shared machine.
+                paired = f"{statistics.median(a / b for a, b in zip(r['times_s'], base['times_s'])):.2f}"
         out.append(f"| {r['B']} | {r['D']} | {r['dtype']} | {r['backend']} | {r['time_median_s']:.3f} "
                    f"| {r['time_p20_s']:.3f} | {r['time_p80_s']:.3f} | {r['peak_mem_mib']:.1f} "
-                   f"| {mem_ratio} | {time_ratio} |")
+                   f"| {mem_ratio} | {time_ratio} | {paired} |")
     methods = sorted({r["memory_method"] for r in rows if "memory_method" in r})
     out.append("")
     out.extend(f"Peak memory: {m}." for m in methods)
@@ -183,8 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default=None,
                    help="comma-separated B = N values (default 1024,4096,16384 on CPU; add 32768 on CUDA)")
     p.add_argument("--dim", type=int, default=1536, help="embedding dim D (default 1536, Qwen2-VL-2B)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per case (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs per case before timing (default 1)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds per size; each round times every backend once in a fresh process (default 3)")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="untimed full-size runs in each process before the timed one (default 0; every "
+                        "process already warms up at B = 256)")
     p.add_argument("--backends", default=None, help="comma-separated (default ref,chunked on CPU; ref,triton on CUDA)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default float32 on CPU, bfloat16 on CUDA)")
@@ -217,12 +240,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with jsonl.open("w") as f:
         for size in sizes:
+            samples = {b: [] for b in backends}
+            for round_ in range(args.repeats):
+                for backend in backends:
+                    spec = dict(size=size, dim=args.dim, backend=backend, device=device, dtype=dtype,
+                                temperature=args.temperature, symmetric=args.symmetric, chunk_size=args.chunk_size,
+                                repeats=1, warmup=args.warmup)
+                    print(f"[bench] B=N={size} D={args.dim} {backend} {dtype} on {device}, "
+                          f"round {round_ + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
+                    samples[backend].append(_spawn(spec, args.timeout))
             for backend in backends:
-                spec = dict(size=size, dim=args.dim, backend=backend, device=device, dtype=dtype,
-                            temperature=args.temperature, symmetric=args.symmetric, chunk_size=args.chunk_size,
-                            repeats=args.repeats, warmup=args.warmup)
-                print(f"[bench] B=N={size} D={args.dim} {backend} {dtype} on {device} ...", file=sys.stderr, flush=True)
-                row = _spawn(spec, args.timeout)
+                row = _combine(samples[backend])
                 rows.append(row)
                 line = json.dumps(row)
                 print(line, flush=True)

@@ -4,6 +4,9 @@ A bad batch must fail with a message that names the argument and says what to do
 illegal memory access inside a Triton kernel or a NaN loss three steps later. Shape, dtype and
 device checks are free; the value checks (finite inputs, label and position ranges) cost one
 device sync per call, which the training loop pays anyway when it logs the loss.
+
+    from tte_kernels.checks import check_info_nce, check_pool   # called by info_nce / pool
+    pytest tests/test_kernels_infonce.py tests/test_kernels_pool.py -q -k bad   # the error cases
 """
 from __future__ import annotations
 

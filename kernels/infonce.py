@@ -120,10 +120,9 @@ class InfoNCEChunked(torch.autograd.Function):
             if not need_any:
                 continue
             # G = keep_i * (w_qt (P_row - 1[j = l_i]) + w_tq (count_j P_col - 1[j = l_i]))
-            g = p.div_(se).mul_(w_qt)
+            g = p.mul_(kc[:, None] * w_qt / se)  # softmax, weight and padding mask in one pass
             if symmetric:
-                g += torch.sub(s, lse_col).exp_().mul_(count * w_tq)
-            g.mul_(kc[:, None])
+                g += torch.sub(s, lse_col).exp_().mul_(count * w_tq).mul_(kc[:, None])
             g.index_put_((rows, lc), -kc * (w_qt + w_tq), accumulate=True)
             if need_dtau:
                 gs += torch.dot(g.view(-1), s.view(-1))

@@ -99,7 +99,7 @@ def _col_lse_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         row_mask = rows < B
         label = tl.load(LABEL_ptr + rows, mask=row_mask, other=-100)
-        kept = row_mask & (label != -100)  # ignored (padding) queries are not in the t->q softmax
+        kept = row_mask & (label != -100)  # IGNORE_INDEX: padding queries are not in the t->q softmax
         s = _score_tile(Q_ptr, Q_stride, T_ptr, T_stride, rows, cols, row_mask, col_mask, D,
                         BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION) * inv_tau
         s = tl.where(kept[:, None], s, float("-inf"))

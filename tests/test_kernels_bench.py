@@ -34,8 +34,9 @@ def test_bench_writes_json_lines_and_a_table_and_chunked_needs_less_memory(tmp_p
 def test_bench_table_reports_failed_cases_and_ratios():
     ok = dict(B=8, D=4, dtype="float32", time_median_s=2.0, time_p20_s=1.0, time_p80_s=3.0, peak_mem_bytes=800,
               peak_mem_mib=0.0, memory_method="m")
-    rows = [dict(ok, backend="ref"), dict(ok, backend="chunked", time_median_s=3.0, peak_mem_bytes=100),
+    rows = [dict(ok, backend="ref", times_s=[1.0, 2.0, 4.0]),
+            dict(ok, backend="chunked", time_median_s=3.0, peak_mem_bytes=100, times_s=[1.5, 1.0, 8.0]),
             dict(B=16, D=4, dtype="float32", backend="ref", error="killed (out of memory?)")]
     table = markdown(rows)
-    assert "| 0.125 | 1.50 |" in table
+    assert "| 0.125 | 1.50 | 1.50 |" in table  # paired: median of 1.5, 0.5, 2.0
     assert "error: killed" in table
