@@ -101,9 +101,9 @@ class InfoNCEChunked(torch.autograd.Function):
             count = torch.bincount(lab[valid], minlength=N).float()  # queries whose positive is column j
 
         loss = torch.zeros((), dtype=torch.float32, device=q.device)
-        dq = torch.zeros_like(qf) if need_dq else None
-        dt = torch.zeros_like(tf) if need_dt else None
-        gs = torch.zeros((), dtype=torch.float32, device=q.device)  # sum_ij G_ij s_ij, for dtau
+        dq = torch.empty_like(qf) if need_dq else None  # every row block is written once
+        dt = None  # the first chunk writes it, the others add to it
+        gs = torch.zeros((), dtype=torch.float32, device=q.device)  # sum_ij G_ij s_ij / tau, for dtau
         for r0 in range(0, B, chunk):
             r1 = min(B, r0 + chunk)
             rows = torch.arange(r1 - r0, device=q.device)
@@ -119,24 +119,25 @@ class InfoNCEChunked(torch.autograd.Function):
                 loss += w_tq * (kc * (lse_col[lc] - pos)).sum()
             if not need_any:
                 continue
-            # G = keep_i * (w_qt (P_row - 1[j = l_i]) + w_tq (count_j P_col - 1[j = l_i]))
-            g = p.mul_(kc[:, None] * w_qt / se)  # softmax, weight and padding mask in one pass
+            # g = G / tau with G = dL/ds = keep_i * (w_qt (P_row - 1[j = l_i]) + w_tq (count_j P_col - 1[j = l_i]));
+            # 1/tau is the ds/dq and ds/dt factor, folded in here so dq and dt need no extra pass.
+            a, b = w_qt * inv_tau, w_tq * inv_tau
+            g = p.mul_(kc[:, None] * a / se)  # softmax, weight and padding mask in one pass
             if symmetric:
-                g += torch.sub(s, lse_col).exp_().mul_(count * w_tq).mul_(kc[:, None])
-            g.index_put_((rows, lc), -kc * (w_qt + w_tq), accumulate=True)
+                g += torch.sub(s, lse_col).exp_().mul_(count * b).mul_(kc[:, None])
+            g.index_put_((rows, lc), -kc * (a + b), accumulate=True)
             if need_dtau:
                 gs += torch.dot(g.view(-1), s.view(-1))
             del s
             if need_dq:
                 torch.mm(g, tf, out=dq[r0:r1])
             if need_dt:
-                dt.addmm_(g.T, qf[r0:r1])
-        # s was already divided by tau, so d/dtau of s_ij = -s_ij / tau.
-        ctx.grads = [
-            dq.mul_(inv_tau) if need_dq else None,
-            dt.mul_(inv_tau) if need_dt else None,
-            (-inv_tau * gs) if need_dtau else None,
-        ]
+                if dt is None:
+                    dt = torch.mm(g.T, qf[r0:r1])
+                else:
+                    dt.addmm_(g.T, qf[r0:r1])
+        # s = x / tau, so dL/dtau = sum G_ij * (-s_ij / tau) = -gs.
+        ctx.grads = [dq, dt, -gs if need_dtau else None]
         ctx.dtypes = (q.dtype, t.dtype, tau.dtype)
         return loss
 
@@ -147,10 +148,15 @@ class InfoNCEChunked(torch.autograd.Function):
             raise RuntimeError("the chunked InfoNCE hands its precomputed gradients out once; "
                                "recompute the loss instead of calling backward twice (retain_graph)")
         grads, ctx.grads = ctx.grads, None
+        # loss.backward() sends 1.0; skipping the multiply saves a pass over dq and dt (on CPU
+        # the check is free; elsewhere it would cost a sync, so always multiply there).
+        unit = grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and float(grad_loss) == 1.0
         out = []
         for g, dtype in zip(grads, ctx.dtypes):
             # In place: these buffers are the gradients; a scaled copy would double their memory.
-            out.append(None if g is None else g.mul_(grad_loss).to(dtype))
+            if g is not None and not unit:
+                g.mul_(grad_loss)
+            out.append(None if g is None else g.to(dtype))
         return out[0], out[1], out[2], None, None, None, None, None
 
 
