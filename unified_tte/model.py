@@ -158,6 +158,13 @@ class UnifiedTTE(nn.Module):
         L = DecoderStack(backbone.model).num_layers
         return cls(backbone, **{**overrides, "think": "none", "mode": "top_k", "embed_layers": L})
 
+    @classmethod
+    def from_checkpoint(cls, path, backbone: Backbone | None = None, **kwargs) -> "UnifiedTTE":
+        """Load an exported checkpoint (see unified_tte.export): verifies every file's sha256 and
+        the base model's weight hash; `backbone` defaults to the one the checkpoint names."""
+        from .export import load_checkpoint
+        return load_checkpoint(path, backbone=backbone, **kwargs)
+
     @staticmethod
     def _wrap(hf_model, cfg: TTEConfig, all_layers: str, embed_layers: str):
         from peft import LoraConfig, get_peft_model
