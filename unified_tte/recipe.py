@@ -110,6 +110,11 @@ class EmbedConfig(StageConfig):
     """GradCache: rows per rank per forward. Embeddings are computed without grad chunk by chunk,
     the loss on the whole batch, then each chunk is re-run with grad. null: one forward with grad
     over the rank's whole batch (the plain twin; memory grows with the batch)."""
+    gradcache_keep_prefix: bool = True
+    """GradCache keeps each chunk's prefix state (KV cache of query + trace; top_k: also the
+    residuals entering the top K layers) from the pass without grad, so the pass with grad runs
+    only the embed step: activated re-runs just the invocation tokens. Costs the KV cache of the
+    rank's whole batch in memory; false recomputes the prefix chunk by chunk instead."""
     gather_negatives: bool = True
     """Use every rank's targets as negatives (all-gather with gradient)."""
 

@@ -350,16 +350,32 @@ def select_trainable(tte, recipe: Recipe, stage: str) -> list[nn.Parameter]:
 
 class StageModule(nn.Module):
     """What the engine wraps: one forward entry point, so DeepSpeed (ZeRO-3 in particular) sees
-    every pass through the model."""
+    every pass through the model.
+
+    kinds: "sft" -> think loss; "embed" -> `embed_with_grad`; and its two halves, which GradCache
+    uses to run the prefix once: "prefix" -> the state after query + trace (KV cache; top_k's
+    residuals), computed without grad under the frozen think adapter, and "from_state" ->
+    `embed_from_state`, the embed step that serving runs on the decode's cache."""
 
     def __init__(self, tte):
         super().__init__()
         self.tte = tte
 
-    def forward(self, kind: str, inputs, traces, prompts):
+    def forward(self, kind: str, inputs=None, traces=None, prompts=None, state=None):
+        tte = self.tte
         if kind == "sft":
-            return self.tte.sft_loss(inputs, traces, prompts=prompts)
-        return self.tte.embed_with_grad(inputs, traces, prompts=prompts)
+            return tte.sft_loss(inputs, traces, prompts=prompts)
+        if kind == "embed":
+            return tte.embed_with_grad(inputs, traces, prompts=prompts)
+        if kind == "prefix":
+            # The first half of embed_with_grad, step for step (model.py has no public name for it).
+            tails = [[] for _ in inputs] if traces is None else [tte.trace_ids(t) + [tte.eos_id] for t in traces]
+            with torch.no_grad(), tte._adapters(tte.think_adapters):
+                _, state = tte._prefill(prompts, tails, tte.split_layer)
+            return state
+        if kind == "from_state":
+            return tte.embed_from_state(state)
+        raise ValueError(f"unknown StageModule kind {kind!r}")
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -461,9 +477,17 @@ def think_backward(engine, rows: list, micro: int) -> tuple[float, int, bool]:
 
 
 def embed_backward(engine, rows: list, chunk: int | None, temperature: float, use_traces: bool = True,
-                   hard_negatives: bool = True, gather: bool = True) -> tuple[float, int, bool]:
+                   hard_negatives: bool = True, gather: bool = True,
+                   keep_prefix: bool = True) -> tuple[float, int, bool]:
     """Backward of one embed step over this rank's rows (GradCache when `chunk` is set).
-    Like think_backward, the last engine.step() is the caller's. Returns (loss, tokens, finite)."""
+    Like think_backward, the last engine.step() is the caller's. Returns (loss, tokens, finite).
+
+    GradCache with `keep_prefix`: the pass without grad keeps each chunk's prefix state, so the
+    pass with grad runs only the embed step (activated: the invocation tokens; top_k: the top K
+    layers). Without it the pass with grad recomputes the prefix (less memory: one chunk's KV
+    cache at a time instead of the whole batch's)."""
+    import copy
+
     from .losses import contrastive_loss
 
     tte = engine.module.tte
@@ -475,15 +499,18 @@ def embed_backward(engine, rows: list, chunk: int | None, temperature: float, us
     t_prompts, t_tokens = encode_prompts(tte, t_in)
     tokens = q_tokens + t_tokens
 
-    def run(a: int, b: int):
-        """Embeddings of rows [a, b): queries, positives, hard negatives (or None)."""
-        q = engine("embed", q_in[a:b], traces[a:b] if traces else None, q_prompts[a:b])
+    def groups(a: int, b: int):
+        """Rows [a, b) as two forwards: queries (with traces), then positives + hard negatives."""
         idx = list(range(a, b)) + ([B + i for i in range(a, b)] if hard_negatives else [])
-        t = engine("embed", [t_in[i] for i in idx], None, [t_prompts[i] for i in idx])
-        return q, t[:b - a], (t[b - a:] if hard_negatives else None)
+        return [(q_in[a:b], traces[a:b] if traces else None, q_prompts[a:b]),
+                ([t_in[i] for i in idx], None, [t_prompts[i] for i in idx])]
+
+    def split(q, t, n_rows):
+        return q, t[:n_rows], (t[n_rows:] if hard_negatives else None)
 
     if chunk is None:  # the plain twin: one forward with grad over the whole batch
-        q, p, n = run(0, B)
+        q, t = (engine("embed", *g) for g in groups(0, B))
+        q, p, n = split(q, t, B)
         loss = contrastive_loss(q, p, n, temperature, gather)
         finite = bool(torch.isfinite(loss.detach()))
         engine.backward(loss, scale_wrt_gas=False)
@@ -494,26 +521,37 @@ def embed_backward(engine, rows: list, chunk: int | None, temperature: float, us
         raise TrainError(f"{B} rows in chunks of {chunk} are {len(bounds)} backward passes, but the "
                          f"engine accumulates {engine.gradient_accumulation_steps()}; build it for this "
                          "batch (make_engine with the same batch_size and gradcache_chunk).")
-    # 1. embeddings without grad; each chunk's RNG state is kept so its re-run draws the same
-    #    dropout masks and reproduces these embeddings exactly.
-    states, parts = [], []
+    # 1. embeddings without grad, chunk by chunk. The RNG state before each embed step is kept,
+    #    so its re-run draws the same dropout masks and reproduces these embeddings exactly.
+    kept, parts = [], []
     with torch.no_grad():
         for a, b in bounds:
-            states.append(_torch_rng())
-            parts.append(run(a, b))
+            out, keep = [], []
+            for g in groups(a, b):
+                state = engine("prefix", *g)
+                rng = _torch_rng()
+                out.append(engine("from_state", state=copy.deepcopy(state) if keep_prefix else state))
+                keep.append((rng, state if keep_prefix else g))
+            parts.append(split(*out, b - a))
+            kept.append(keep)
     after = _torch_rng()
     q = torch.cat([x[0] for x in parts]).requires_grad_()
     p = torch.cat([x[1] for x in parts]).requires_grad_()
     n = torch.cat([x[2] for x in parts]).requires_grad_() if hard_negatives else None
+    del parts
     # 2. the loss over the whole batch (all ranks' targets) and its gradient w.r.t. embeddings
     loss = contrastive_loss(q, p, n, temperature, gather)
     finite = bool(torch.isfinite(loss.detach()))
     loss.backward()
-    del parts
-    # 3. each chunk again with grad; backprop the cached embedding gradients into the adapter
+    # 3. each chunk's embed step again, with grad; backprop the cached embedding gradients
     for k, (a, b) in enumerate(bounds):
-        _set_torch_rng(states[k])
-        qk, pk, nk = run(a, b)
+        out = []
+        for rng, saved in kept[k]:
+            state = saved if keep_prefix else engine("prefix", *saved)
+            _set_torch_rng(rng)
+            out.append(engine("from_state", state=state))
+        kept[k] = None  # this chunk's KV cache can go
+        qk, pk, nk = split(*out, b - a)
         surrogate = (qk * q.grad[a:b]).sum() + (pk * p.grad[a:b]).sum()
         if nk is not None:
             surrogate = surrogate + (nk * n.grad[a:b]).sum()
@@ -614,6 +652,7 @@ def absolute_paths(recipe: Recipe) -> Recipe:
 # ----------------------------------------------------------------------------- logging
 
 def memory_gb(device: torch.device) -> float:
+    """Peak memory so far: CUDA's max allocated on GPU, the process's peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     import resource
@@ -693,6 +732,13 @@ def _init_wandb(recipe: Recipe, run_dir: Path):
         return None
 
 
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
 def _netrc_has(host: str) -> bool:
     import netrc
 
@@ -730,9 +776,13 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
 
     seed_everything(recipe.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if state and d.rank == 0:
+        _truncate_metrics(run_dir, state["step"])  # steps after the checkpoint run again
     log = RunLog(recipe, run_dir, d, initial=state["step"] if state else 0)
     if state:
         log.message(f"resuming {run_dir} from step {state['step']} ({state['stage']} step {state['stage_step']})")
+    elif resume:
+        log.message(f"no checkpoint in {run_dir}: starting from the beginning")
     losses: dict[str, list] = {s: [] for s in recipe.stages}
     step_offset = 0
     stopped = False
@@ -787,7 +837,8 @@ def _run_stage(recipe, stage, index, rows, ds_json, d, dtype, bf16, run_dir, ste
             else:
                 e = recipe.embed
                 loss, tokens, finite = embed_backward(engine, mine, e.gradcache_chunk, e.temperature,
-                                                      e.use_traces, e.hard_negatives, e.gather_negatives)
+                                                      e.use_traces, e.hard_negatives, e.gather_negatives,
+                                                      e.gradcache_keep_prefix)
             loss_sum, tokens, bad = _all_reduce([loss if finite else 0.0, tokens, 0.0 if finite else 1.0])
             if bad:
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
@@ -801,7 +852,7 @@ def _run_stage(recipe, stage, index, rows, ds_json, d, dtype, bf16, run_dir, ste
             record = {"step": step, "stage": stage, "stage_step": s + 1, "loss": loss_sum / d.world,
                       "lr": lr, "grad_norm": None if norm is None else float(norm),
                       "samples_per_s": spec.batch_size / dt, "tokens_per_s": tokens / dt,
-                      "memory_gb": memory_gb(d.device), "step_time_s": dt}
+                      "peak_memory_gb": memory_gb(d.device), "step_time_s": dt}
             losses[stage].append((step, record["loss"]))
             if (s + 1) % recipe.log_every == 0 or s == 0 or s + 1 == spec.steps:
                 log.log(record)
@@ -836,6 +887,8 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest complete checkpoint in run_dir")
+    parser.add_argument("--print-recipe", action="store_true",
+                        help="print the resolved recipe (overrides applied) and exit")
     # The deepspeed launcher appends --local_rank=N; the rank comes from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_intermixed_args(argv)
@@ -843,6 +896,9 @@ def train_main(argv: list[str] | None = None) -> int:
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        if args.print_recipe:
+            print(dump_yaml(absolute_paths(recipe)), end="")
+            return 0
         result = train(recipe, resume=args.resume)
     except (RecipeError, TrainError, DataError) as e:
         rank = os.environ.get("RANK", "0")
