@@ -9,9 +9,10 @@ Every measurement runs in a fresh subprocess, so one case's allocator state and 
 leak into the next. `--repeats` rounds per size; each round runs every backend once, in turn
 (ref, chunked, ref, chunked, ...), so a change in machine load (a shared 2-core box) hits all
 backends alike. Time: wall clock of loss = info_nce(q, t); loss.backward(), after `--warmup`
-untimed runs in the same process; median, p20, p80 over the rounds. Peak memory: the largest
-over the rounds, above what the process held once q and t existed (so it counts the gradients
-of q and t plus the loss' own working set):
+untimed runs in the same process; median, p20, p80 over the rounds. The process CPU time of
+the same run is reported beside it: on a machine shared with other jobs it moves far less than
+the wall clock. Peak memory: the largest over the rounds, above what the process held once q
+and t existed (so it counts the gradients of q and t plus the loss' own working set):
   * CPU: peak resident set size (VmHWM, reset through /proc/self/clear_refs) minus the resident
     set before the first run. glibc's mmap threshold is pinned at 64 KiB in the child
     (MALLOC_MMAP_THRESHOLD_) so freed tensors really leave the resident set.
@@ -108,15 +109,16 @@ def run_case(spec: dict) -> dict:
         resettable = _reset_peak_rss()
         base = _status_kib("VmRSS") * 1024
         method = CPU_MEMORY_METHOD if resettable else CPU_MEMORY_METHOD_FALLBACK
-    times = []
+    times, cpu_times = [], []
     loss = None
     for i in range(spec["warmup"] + spec["repeats"]):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = step(q, t)
         sync()
         if i >= spec["warmup"]:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     elif method == CPU_MEMORY_METHOD:
@@ -129,7 +131,8 @@ def run_case(spec: dict) -> dict:
         "threads": torch.get_num_threads(), "symmetric": spec["symmetric"], "chunk_size": spec.get("chunk_size"),
         "repeats": len(times), "warmup": spec["warmup"],
         "time_median_s": statistics.median(times), "time_p20_s": _percentile(times, 0.2),
-        "time_p80_s": _percentile(times, 0.8), "peak_mem_bytes": int(peak), "peak_mem_mib": round(peak / 2**20, 1),
+        "time_p80_s": _percentile(times, 0.8), "cpu_time_median_s": statistics.median(cpu_times),
+        "peak_mem_bytes": int(peak), "peak_mem_mib": round(peak / 2**20, 1),
         "memory_method": method, "loss": float(loss), "torch": torch.__version__,
     }
 
@@ -165,6 +168,8 @@ def _combine(runs: list[dict]) -> dict:
     peak = max(r["peak_mem_bytes"] for r in runs)
     return {**runs[0], "repeats": len(runs), "time_median_s": statistics.median(times),
             "time_p20_s": _percentile(times, 0.2), "time_p80_s": _percentile(times, 0.8), "times_s": times,
+            "cpu_time_median_s": statistics.median(r["cpu_time_median_s"] for r in runs),
+            "cpu_times_s": [r["cpu_time_median_s"] for r in runs],
             "peak_mem_bytes": peak, "peak_mem_mib": round(peak / 2**20, 1),
             "peak_mem_mib_per_round": [r["peak_mem_mib"] for r in runs]}
 
@@ -172,25 +177,28 @@ def _combine(runs: list[dict]) -> dict:
 def markdown(rows: list[dict]) -> str:
     ref = {(r["B"], r["D"], r["dtype"]): r for r in rows if r["backend"] == "ref" and "error" not in r}
     out = ["| B = N | D | dtype | backend | time median (s) | p20 (s) | p80 (s) | peak memory (MiB) "
-           "| memory vs ref | time vs ref | time vs ref, paired |",
-           "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "| memory vs ref | time vs ref | time vs ref, paired | CPU time (s) | CPU time vs ref |",
+           "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['B']} | {r['D']} | {r['dtype']} | {r['backend']} | error: {r['error'][:60]} "
-                       "| | | | | | |")
+                       "| | | | | | | | |")
             continue
         base = ref.get((r["B"], r["D"], r["dtype"]))
-        mem_ratio = time_ratio = paired = ""
+        mem_ratio = time_ratio = paired = cpu_ratio = ""
         if base is not None and r["backend"] != "ref":
             mem_ratio = f"{r['peak_mem_bytes'] / max(base['peak_mem_bytes'], 1):.3f}"
             time_ratio = f"{r['time_median_s'] / base['time_median_s']:.2f}"
+            if "cpu_time_median_s" in r and "cpu_time_median_s" in base:
+                cpu_ratio = f"{r['cpu_time_median_s'] / base['cpu_time_median_s']:.2f}"
             if r.get("times_s") and len(r["times_s"]) == len(base.get("times_s", [])):
                 # Same round = same stretch of machine load: the median of per-round ratios is
                 # the steadier figure on a shared machine.
                 paired = f"{statistics.median(a / b for a, b in zip(r['times_s'], base['times_s'])):.2f}"
         out.append(f"| {r['B']} | {r['D']} | {r['dtype']} | {r['backend']} | {r['time_median_s']:.3f} "
                    f"| {r['time_p20_s']:.3f} | {r['time_p80_s']:.3f} | {r['peak_mem_mib']:.1f} "
-                   f"| {mem_ratio} | {time_ratio} | {paired} |")
+                   f"| {mem_ratio} | {time_ratio} | {paired} | {r.get('cpu_time_median_s', float('nan')):.3f} "
+                   f"| {cpu_ratio} |")
     methods = sorted({r["memory_method"] for r in rows if "memory_method" in r})
     out.append("")
     out.extend(f"Peak memory: {m}." for m in methods)
