@@ -458,7 +458,8 @@ def parse_args(argv):
     p.add_argument("--query-lens", type=_ints, default=GRID["query_lens"], help="prompt tokens, e.g. 64,256,1024")
     p.add_argument("--trace-lens", type=_ints, default=GRID["trace_lens"], help="decoded trace tokens")
     p.add_argument("--batch-sizes", type=_ints, default=GRID["batch_sizes"], help="e.g. 1,8")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per case after one warm-up")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed runs per case after one warm-up (p50/p90 over them; 3 is noisy on a shared machine)")
     p.add_argument("--modes", default=",".join(MODES), help="comma list of activated, top_k, two_model")
     p.add_argument("--embed-layers", type=int, default=None, help="K for top_k (default L // 4)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
