@@ -13,6 +13,16 @@ from unified_tte.export import (CheckpointError, export_main, export_model, expo
 from unified_tte.inputs import left_pad, stack_images
 from unified_tte.testing import randomize_adapters, solid_image, tiny_llama, tiny_qwen2vl
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine a second thread makes
+    every op wait for a descheduled peer (10x slower); restored after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 BUILDERS = {"tiny": tiny_qwen2vl, "tiny-llama": tiny_llama}
 
 
