@@ -45,12 +45,11 @@ import sys
 import warnings
 from dataclasses import fields
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from .backbones import Backbone, load_reasoner, weight_hash
-from .model import TTEConfig, UnifiedTTE
+from .model import TTEConfig, UnifiedTTE, add_invocation_tokens
 
 FORMAT = "unified_tte.checkpoint/1"
 CONFIG_FILE = "tte_config.json"
@@ -457,10 +456,9 @@ def prepare_base(backbone: Backbone, checkpoint: str | Path) -> Backbone:
     folder = Path(checkpoint)
     verify_checkpoint(folder)
     info = _read_checkpoint_config(folder)
-    # The same code path UnifiedTTE runs (it only reads .tokenizer and .backbone), so the rows are
-    # bit-identical; the hash check below would catch any drift.
-    UnifiedTTE._add_invocation_tokens(SimpleNamespace(tokenizer=backbone.tokenizer, backbone=backbone),
-                                      info["invocation"])
+    # The function UnifiedTTE itself calls, so the rows are bit-identical; the hash check below
+    # would catch any drift.
+    add_invocation_tokens(backbone, info["invocation"])
     _check_base(info, weight_hash(backbone.model), backbone, folder / CONFIG_FILE)
     if info.get("think_merged"):
         _apply_merged(backbone.model, _load_safetensors(folder / MERGED_WEIGHTS), folder / MERGED_WEIGHTS)

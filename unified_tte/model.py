@@ -98,6 +98,31 @@ class _Gate:
         return output if self.value is None else output * self.value.to(output.dtype)
 
 
+def add_invocation_tokens(backbone: Backbone, tokens: Sequence[str]) -> list[int]:
+    """Add the invocation tokens to the backbone's tokenizer; new embedding rows start at the mean
+    row. Idempotent: tokens already present keep their rows. Returns their ids.
+
+    The mean row is deterministic (so the base weight hash is reproducible: export pins it) and
+    sits inside the distribution the model has seen, unlike a random row."""
+    tok = backbone.tokenizer
+    before = len(tok)
+    tok.add_tokens(list(tokens), special_tokens=True)
+    ids = tok.convert_tokens_to_ids(list(tokens))
+    new_ids = [i for i in ids if i >= before]
+    model = backbone.model
+    emb = model.get_input_embeddings()
+    if max(ids) >= emb.weight.shape[0]:
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+        emb = model.get_input_embeddings()
+    if new_ids:
+        with torch.no_grad():
+            emb.weight[new_ids] = emb.weight[:before].mean(0, keepdim=True)
+            out = model.get_output_embeddings()
+            if out is not None and out.weight.data_ptr() != emb.weight.data_ptr():
+                out.weight[new_ids] = out.weight[:before].mean(0, keepdim=True)
+    return ids
+
+
 class UnifiedTTE(nn.Module):
     """One backbone with a `think` and an `embed` adapter (see the module docstring)."""
 
@@ -118,7 +143,7 @@ class UnifiedTTE(nn.Module):
             if not 1 <= cfg.embed_layers <= L:
                 raise ValueError(f"embed_layers must be in [1, {L}] for this {L}-layer backbone, "
                                  f"got {cfg.embed_layers}")
-        self.invocation_ids = self._add_invocation_tokens(cfg.invocation)
+        self.invocation_ids = add_invocation_tokens(backbone, cfg.invocation)
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         gen_eos = getattr(hf_model.generation_config, "eos_token_id", None)
@@ -180,28 +205,6 @@ class UnifiedTTE(nn.Module):
         return peft_model
 
     # ------------------------------------------------------------------ setup helpers
-    def _add_invocation_tokens(self, tokens: Sequence[str]) -> list[int]:
-        """Add the invocation tokens to the tokenizer; new embedding rows start at the mean row."""
-        tok = self.tokenizer
-        before = len(tok)
-        tok.add_tokens(list(tokens), special_tokens=True)
-        ids = tok.convert_tokens_to_ids(list(tokens))
-        new_ids = [i for i in ids if i >= before]
-        model = self.backbone.model
-        emb = model.get_input_embeddings()
-        if max(ids) >= emb.weight.shape[0]:
-            model.resize_token_embeddings(len(tok), mean_resizing=False)
-            emb = model.get_input_embeddings()
-        if new_ids:
-            # The mean row is deterministic (so the base weight hash is reproducible) and sits
-            # inside the distribution the model has seen, unlike a random row.
-            with torch.no_grad():
-                old_rows = emb.weight[:before] if before <= emb.weight.shape[0] else emb.weight
-                emb.weight[new_ids] = old_rows.mean(0, keepdim=True).to(emb.weight.dtype)
-                out = model.get_output_embeddings()
-                if out is not None and out.weight.data_ptr() != emb.weight.data_ptr():
-                    out.weight[new_ids] = out.weight[:before].mean(0, keepdim=True)
-        return ids
 
     def _set_active(self, names: list[str]) -> None:
         # Set the flag directly: PEFT's set_adapter also flips requires_grad, which training owns.
