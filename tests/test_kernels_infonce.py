@@ -7,7 +7,7 @@ The Triton kernels are held to the same cases in tests/test_kernels_triton.py.
 import pytest
 import torch
 
-from tte_kernels import info_nce, info_nce_chunked, info_nce_ref, resolve_backend
+from tte_kernels import info_nce, info_nce_ref, resolve_backend
 from tte_kernels.testing import (
     INFONCE_CASES, assert_close32, assert_within_budget, infonce_grads, infonce_inputs,
 )
