@@ -4,7 +4,7 @@ process or many (torchrun or the deepspeed launcher; gloo on CPU, NCCL on GPU).
 
     tte train recipes/tiny_cpu.yaml                                      # one process
     DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m unified_tte.cli train recipes/tiny_cpu.yaml
-    deepspeed --num_gpus 8 $(which tte) train recipes/qwen2vl_2b.yaml
+    deepspeed --num_gpus 8 --module unified_tte.train recipes/qwen2vl_2b.yaml  # DeepSpeed's launcher
     tte train recipes/tiny_cpu.yaml embed.steps=50 --resume               # continue from the newest checkpoint
 
 Stages run in the recipe's order, each on a fresh model and engine (earlier stages' weights
@@ -717,9 +717,9 @@ def _init_wandb(recipe: Recipe, run_dir: Path):
     os.environ.setdefault("WANDB_SILENT", "true")
     id_file = run_dir / "wandb_run_id"
     try:
-        import wandb
-
         import secrets
+
+        import wandb
 
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id)
@@ -759,7 +759,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     per_stage = {s: stage_rows(recipe, s, rows) for s in recipe.stages}
     d = init_distributed()
     for s in recipe.stages:
-        local, _, _ = stage_shape(recipe, s, d.world)
+        stage_shape(recipe, s, d.world)  # batch shapes that do not split fail here
         if len(per_stage[s]) < recipe.stage(s).batch_size:
             raise TrainError(f"{s}.batch_size={recipe.stage(s).batch_size} is more than the "
                              f"{len(per_stage[s])} rows the stage can use.")
