@@ -672,7 +672,9 @@ class RunLog:
         if recipe.progress_bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=recipe.total_steps, initial=initial, desc="train", dynamic_ncols=True)
+            # Redrawn at most every 30 s when stderr is a log file, not a terminal.
+            self.bar = tqdm(total=recipe.total_steps, initial=initial, desc="train", dynamic_ncols=True,
+                            mininterval=0.5 if sys.stderr.isatty() else 30.0)
         self.wandb = _init_wandb(recipe, run_dir)
 
     def log(self, record: dict) -> None:
