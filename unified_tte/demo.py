@@ -5,20 +5,22 @@
 
 On the built-in digits task (scikit-learn's real handwritten digits, see unified_tte/digits.py):
 
-1. base: a tiny random Qwen2-VL learns to read digits (full fine-tuning on "the image shows a
-   3" captions). It stands in for a pretrained MLLM, so every system below starts from a base
-   that can see, as published TTE starts from Qwen2-VL.
-2. think: the `think` LoRA learns the teacher's ECR traces (`tte train`, stage think).
-3. embed, four ways (`tte train`, stage embed, same data, steps and batch):
-   - unified TTE, activated: an `embed` LoRA on the same backbone, think frozen, KV reuse;
+1. think: a tiny random Qwen2-VL (hidden 128, 4 layers) is fully fine-tuned on the rule-based
+   teacher's ECR traces (`tte train`, stage think, `think.method: full`). A tiny random model
+   has no pretrained knowledge for a LoRA to steer, so the backbone itself becomes the reasoner
+   (`think="none"`); every embedder below starts from this same backbone, as published TTE's
+   reasoner and embedder start from the same MLLM.
+2. embed, four ways (`tte train`, stage embed; same data, steps, batch and LoRA):
+   - unified TTE, activated: an `embed` LoRA on the reasoner's backbone, KV reuse;
    - unified TTE, top_k: the embed LoRA on the top K layers only;
-   - two-model TTE: a separate embedder copy with its own LoRA over query + trace
-     (the reasoner is the same base + think);
-   - no-think embedder: the separate embedder trained and queried without traces.
-4. evaluate all four on the held-out test images (Hit@1 per sub-task, `tte eval`'s code),
-5. export unified-activated to checkpoints/digits-tte and check the round trip,
-6. a short latency/memory bench (`tte bench --quick`),
-7. print one summary table; everything is written under --out (default runs/demo).
+   - two-model TTE: a second copy of the backbone with one LoRA over query + trace (VLM2Vec
+     style), queried with the reasoner's traces;
+   - no-think embedder: the same second copy trained and queried without traces.
+3. evaluate all four on held-out test images (Hit@1 per sub-task, `tte eval`'s code), and how
+   often the reasoner's trace ends in the right answer,
+4. export unified-activated to checkpoints/digits-tte and check the round trip,
+5. a short latency/memory bench (`tte bench --quick`),
+6. print one summary table; everything is written under --out (default runs/demo).
 """
 from __future__ import annotations
 
@@ -40,8 +42,7 @@ class DemoSettings:
     hidden_size: int = 128
     train_per_task: int = 400      # train rows per digits sub-task
     eval_queries: int = 100        # eval queries per sub-task (10 candidates each)
-    base_steps: int = 160          # full fine-tuning of the tiny base on captions
-    think_steps: int = 120
+    think_steps: int = 250         # full fine-tuning on the teacher's traces
     embed_steps: int = 100         # per embedder
     batch_size: int = 32
     max_new_tokens: int = 40
@@ -50,7 +51,7 @@ class DemoSettings:
 
 
 FULL = DemoSettings()
-QUICK = DemoSettings(train_per_task=64, eval_queries=12, base_steps=12, think_steps=8,
+QUICK = DemoSettings(train_per_task=64, eval_queries=12, think_steps=10,
                      embed_steps=6, batch_size=16, max_new_tokens=24)
 
 
@@ -58,99 +59,80 @@ def log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-# ----------------------------------------------------------------------------- 1. the base
-def build_base(settings: DemoSettings, rows, out: Path, seed: int) -> Path:
-    """Teach a tiny random Qwen2-VL to read digits and save it as a local checkpoint folder."""
-    from tqdm.auto import tqdm
-
-    from . import UnifiedTTE
-    from .testing import tiny_qwen2vl
-
-    folder = out / "base"
-    if (folder / "config.json").is_file():
-        log(f"base: reusing {folder}")
-        return folder
-    captions = [r for r in rows if r.task == "digits/classify"]
-    tte = UnifiedTTE(tiny_qwen2vl(seed=seed, hidden_size=settings.hidden_size), think="none")
-    params = [p for n, p in tte.peft_model.named_parameters() if "lora_" not in n]
-    for p in params:
-        p.requires_grad_(True)
-    lr = 3e-3
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=settings.base_steps,
-                                                pct_start=0.1)
-    gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(settings.base_steps), desc="base: read digits", unit="step")
-    for _ in bar:
-        pick = torch.randperm(len(captions), generator=gen)[:settings.batch_size].tolist()
-        batch = [captions[i] for i in pick]
-        loss = tte.sft_loss([r.qry for r in batch], [r.trace for r in batch])
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    base = tte.peft_model.unload()  # drop the (untrained) LoRA layers, keep the trained weights
+# ----------------------------------------------------------------------------- 1-3. training
+def save_backbone(backbone, folder: Path) -> Path:
+    """Write a Hugging Face checkpoint folder (weights, tokenizer, image processor) atomically."""
     tmp = folder.with_suffix(".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    base.save_pretrained(tmp)
-    tte.tokenizer.save_pretrained(tmp)
-    tte.backbone.image_processor.save_pretrained(tmp)
+    backbone.model.save_pretrained(tmp)
+    backbone.tokenizer.save_pretrained(tmp)
+    backbone.image_processor.save_pretrained(tmp)
     tmp.rename(folder)
     return folder
 
 
-# ----------------------------------------------------------------------------- 2-3. training
-def train_runs(settings: DemoSettings, base: Path, out: Path, seed: int) -> dict[str, Path]:
-    """think once, then the four embedders, each a `tte train` recipe run."""
+def train_runs(settings: DemoSettings, out: Path, seed: int) -> tuple[Path, dict[str, Path]]:
+    """think (full fine-tuning of the tiny backbone), then the four embedders; each a `tte train`
+    recipe run. Finished runs in --out are reused. Returns the reasoner folder and the run dirs."""
+    from .backbones import load
     from .recipe import recipe_from_dict
-    from .train import train
+    from .testing import tiny_qwen2vl
+    from .train import load_stage_weights, train
 
+    init = out / "init"
+    if not (init / "config.json").is_file():
+        save_backbone(tiny_qwen2vl(seed=seed, hidden_size=settings.hidden_size), init)
     common = dict(
-        backbone=str(base), deepspeed=str(Path(__file__).resolve().parent.parent / "recipes/deepspeed/zero0.json"),
+        deepspeed=str(Path(__file__).resolve().parent.parent / "recipes/deepspeed/zero0.json"),
         data={"train": "digits", "digits": {"seed": seed, "max_train_per_task": settings.train_per_task}},
         seed=seed, precision="fp32", checkpoint_every=0, keep_checkpoints=1, log_every=10,
         wandb={"mode": "disabled"},
     )
-    lora = dict(pooling="last", lora_r=16, lora_alpha=32)
+    lora = dict(pooling="last", lora_r=16, lora_alpha=32, think="none")
     embed = dict(steps=settings.embed_steps, batch_size=settings.batch_size, lr=2e-3,
                  warmup_steps=max(1, settings.embed_steps // 10), temperature=settings.temperature,
                  hard_negatives=True, gradcache_chunk=None)
+    think = dict(method="full", freeze_vision=False, steps=settings.think_steps,
+                 batch_size=settings.batch_size, micro_batch_size=settings.batch_size, lr=3e-3,
+                 warmup_steps=max(1, settings.think_steps // 10))
     n_layers = 4
-    think_dir = out / "think"
+    reasoner = out / "reasoner"
     runs = {
-        "think": (think_dir, dict(stages=["think"], model={"mode": "activated", **lora},
-                                  think=dict(steps=settings.think_steps, batch_size=settings.batch_size,
-                                             micro_batch_size=settings.batch_size, lr=2e-3,
-                                             warmup_steps=max(1, settings.think_steps // 10)))),
-        "unified TTE (activated)": (out / "unified_activated", dict(
-            stages=["embed"], think_adapter=str(think_dir / "think"),
-            model={"mode": "activated", **lora}, embed=embed)),
-        "unified TTE (top_k)": (out / "unified_top_k", dict(
-            stages=["embed"], think_adapter=str(think_dir / "think"),
-            model={"mode": "top_k", "embed_layers": settings.top_k_layers, **lora}, embed=embed)),
-        "two-model TTE": (out / "two_model_embedder", dict(
-            stages=["embed"], model={"mode": "top_k", "embed_layers": n_layers, "think": "none", **lora},
+        "think": (out / "think", init, dict(stages=["think"], model={"mode": "activated", **lora}, think=think)),
+        "unified TTE (activated)": (out / "unified_activated", reasoner, dict(
+            stages=["embed"], model={"mode": "activated", **lora}, embed=embed)),
+        "unified TTE (top_k)": (out / "unified_top_k", reasoner, dict(
+            stages=["embed"], model={"mode": "top_k", "embed_layers": settings.top_k_layers, **lora},
             embed=embed)),
-        "no-think embedder": (out / "no_think_embedder", dict(
-            stages=["embed"], model={"mode": "top_k", "embed_layers": n_layers, "think": "none", **lora},
+        "two-model TTE": (out / "two_model_embedder", reasoner, dict(
+            stages=["embed"], model={"mode": "top_k", "embed_layers": n_layers, **lora}, embed=embed)),
+        "no-think embedder": (out / "no_think_embedder", reasoner, dict(
+            stages=["embed"], model={"mode": "top_k", "embed_layers": n_layers, **lora},
             embed={**embed, "use_traces": False})),
     }
     dirs = {}
-    for name, (run_dir, spec) in runs.items():
+    for name, (run_dir, backbone, spec) in runs.items():
         dirs[name] = run_dir
-        if (run_dir / spec["stages"][-1] / "adapter_model.safetensors").is_file():
-            log(f"{name}: reusing {run_dir}")
-            continue
-        shutil.rmtree(run_dir, ignore_errors=True)
-        log(f"training {name} -> {run_dir}")
-        recipe = recipe_from_dict({**common, "run_dir": str(run_dir), **spec}, source=f"demo:{name}")
-        result = train(recipe)
         stage = spec["stages"][-1]
-        losses = [loss for _, loss in result["losses"][stage]]
-        log(f"{name}: {stage} loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    return dirs
+        weights = "model.safetensors" if stage == "think" else "adapter_model.safetensors"
+        if (run_dir / stage / weights).is_file():
+            log(f"{name}: reusing {run_dir}")
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            log(f"training {name} -> {run_dir}")
+            recipe = recipe_from_dict({**common, "backbone": str(backbone), "run_dir": str(run_dir), **spec},
+                                      source=f"demo:{name}")
+            losses = [loss for _, loss in train(recipe)["losses"][stage]]
+            log(f"{name}: {stage} loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+        if name == "think" and not (reasoner / "config.json").is_file():
+            # The fully fine-tuned backbone is the reasoner (think="none") every embedder starts from.
+            from . import UnifiedTTE
+            tte = UnifiedTTE(load(init), think="none")
+            load_stage_weights(tte, run_dir / "think", "think", full=True)
+            bb = tte.backbone
+            bb.model = tte.peft_model.unload()
+            save_backbone(bb, reasoner)
+    return reasoner, dirs
 
 
 # ----------------------------------------------------------------------------- 4. evaluation
@@ -183,25 +165,23 @@ class RecordingModel:
         return self.model.embed(inputs, traces)
 
 
-def load_system(name: str, dirs: dict[str, Path], base: Path):
+def load_system(name: str, dirs: dict[str, Path], reasoner: Path):
+    """One of SYSTEMS, built from its run dir on a fresh copy of the reasoner backbone."""
     from . import TTEConfig, UnifiedTTE
     from .backbones import load
     from .export import load_adapter
 
-    def with_adapters(run_dir: Path, think: bool):
+    def with_embed_adapter(run_dir: Path):
         saved = json.loads((run_dir / "tte_config.json").read_text())
         config = TTEConfig(**{k: v for k, v in saved.items() if k in TTEConfig.__dataclass_fields__})
-        tte = UnifiedTTE(load(base), config)
-        if think:
-            load_adapter(tte, "think", dirs["think"] / "think")
+        tte = UnifiedTTE(load(reasoner), config)
         load_adapter(tte, "embed", run_dir / "embed")
         return tte.eval()
 
     if name == "two-model TTE":
-        reasoner = UnifiedTTE(load(base), mode="activated", lora_r=16, lora_alpha=32)
-        load_adapter(reasoner, "think", dirs["think"] / "think")
-        return TwoModelTTE(reasoner.eval(), with_adapters(dirs[name], think=False))
-    return with_adapters(dirs[name], think=name.startswith("unified"))
+        # The reasoner is the fine-tuned backbone itself; the embedder is a second full copy.
+        return TwoModelTTE(UnifiedTTE(load(reasoner), think="none").eval(), with_embed_adapter(dirs[name]))
+    return with_embed_adapter(dirs[name])
 
 
 def answer_accuracy(traces: list[str], tasks) -> float:
@@ -214,13 +194,13 @@ def answer_accuracy(traces: list[str], tasks) -> float:
     return right / max(1, len(rows))
 
 
-def evaluate_systems(settings, dirs, base, tasks) -> dict:
+def evaluate_systems(settings, dirs, reasoner, tasks) -> dict:
     from .evaluate import evaluate_model
 
     results = {}
     for name in SYSTEMS:
         log(f"evaluating {name}")
-        model = load_system(name, dirs, base)
+        model = load_system(name, dirs, reasoner)
         think = name != "no-think embedder"
         recorder = RecordingModel(model)
         results[name] = evaluate_model(recorder, tasks, batch_size=50, use_think=think,
@@ -247,17 +227,17 @@ def summary_table(results: dict, tasks) -> str:
 
 
 # ----------------------------------------------------------------------------- 5. export
-def export_and_check(dirs, base: Path, tasks, checkpoint: Path) -> float:
+def export_and_check(dirs, reasoner: Path, tasks, checkpoint: Path) -> float:
     from . import UnifiedTTE
     from .backbones import load
     from .export import export_model
 
-    tte = load_system("unified TTE (activated)", dirs, base)
-    export_model(tte, checkpoint, dtype="fp32", backbone_spec=str(base))
+    tte = load_system("unified TTE (activated)", dirs, reasoner)
+    export_model(tte, checkpoint, dtype="fp32", backbone_spec=str(reasoner))
     queries = [r.query for t in tasks for r in t.rows[:2]]
     traces = ["<think>The image shows a 3. Three plus two is five.</think> five"] * len(queries)
     before = tte.embed(queries, traces)
-    after = UnifiedTTE.from_checkpoint(checkpoint, backbone=load(base)).embed(queries, traces)
+    after = UnifiedTTE.from_checkpoint(checkpoint, backbone=load(reasoner)).embed(queries, traces)
     return float((before - after).abs().max())
 
 
@@ -286,12 +266,11 @@ def demo_main(argv=None) -> int:
     log(f"digits: {len(digits.train_rows)} train rows ({len(digits.train_indices)} train images), "
         f"{len(digits.eval_tasks)} eval tasks x {settings.eval_queries} queries on "
         f"{len(digits.test_indices)} held-out images")
-    base = build_base(settings, digits.train_rows, out, args.seed)
-    dirs = train_runs(settings, base, out, args.seed)
-    results = evaluate_systems(settings, dirs, base, digits.eval_tasks)
+    reasoner, dirs = train_runs(settings, out, args.seed)
+    results = evaluate_systems(settings, dirs, reasoner, digits.eval_tasks)
     table = summary_table(results, digits.eval_tasks)
 
-    round_trip = export_and_check(dirs, base, digits.eval_tasks, Path(args.checkpoint))
+    round_trip = export_and_check(dirs, reasoner, digits.eval_tasks, Path(args.checkpoint))
     log(f"exported unified TTE (activated) to {args.checkpoint}; reloaded embeddings differ by {round_trip:.1e}")
 
     bench_table = ""
