@@ -185,6 +185,14 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert "step 3" in message and "checkpoints/step_2" in message
     assert [p.name for _, p in T.checkpoints(tmp_path)] == ["step_1", "step_2"]
     assert not (tmp_path / "think").exists()
+    # As the message says: lower the lr and resume; the new lr takes effect from step 3.
+    result = T.train(tiny_recipe(tmp_path, stages=["think"], think={"steps": 4, "lr": 5e-4},
+                                 checkpoint_every=1), resume=True)
+    assert [s for s, _ in result["losses"]["think"]] == [3, 4]
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path)}
+    assert sorted(lrs) == [1, 2, 3, 4]
+    assert lrs[3] == pytest.approx(5e-4 * T.lr_lambda(1, 4, 0.0)(2))
+    assert (tmp_path / "think" / "adapter_model.safetensors").is_file()
 
 
 def test_full_fine_tuning_trains_the_language_model_and_keeps_the_vision_tower(tmp_path):

@@ -824,6 +824,13 @@ def _run_stage(recipe, stage, index, rows, ds_json, d, dtype, bf16, run_dir, ste
         tag = f"step_{state['step']}"
         engine.load_checkpoint(str(run_dir / "checkpoints"), tag=tag, load_module_strict=False)
         set_rng_state(state["rng"][str(d.rank)])
+        # The schedule follows the recipe as given now (a lower lr after a non-finite loss takes
+        # effect); unchanged, this recomputes exactly the values the checkpoint holds.
+        sched, factor = engine.lr_scheduler, lr_lambda(spec.warmup_steps, spec.steps, spec.min_lr_ratio)
+        sched.base_lrs = [spec.lr for _ in sched.base_lrs]
+        for group in engine.optimizer.param_groups:
+            group["lr"] = spec.lr * factor(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in engine.optimizer.param_groups]
     local, micro, _ = stage_shape(recipe, stage, d.world)
     ckpt_every = recipe.checkpoint_every
     last_good = checkpoints(run_dir)[-1][1] if checkpoints(run_dir) else None
