@@ -3,6 +3,7 @@ import copy
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -17,3 +18,13 @@ def _smollm2_pristine():
 def smollm2(_smollm2_pristine):
     """A private copy of the real SmolLM2-135M-Instruct backbone (wrapping it mutates it)."""
     return copy.deepcopy(_smollm2_pristine)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine a second thread makes
+    every op wait for a descheduled peer (10x slower); restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,14 +10,7 @@ from unified_tte.bench import MODES, PeakMemory, _Runner, _trim, bench_main, cur
 from unified_tte.testing import tiny_llama, tiny_qwen2vl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine a second thread makes
-    every op wait for a descheduled peer (10x slower); restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("builder", [tiny_qwen2vl, tiny_llama], ids=["qwen2vl", "llama"])

@@ -11,16 +11,9 @@ from unified_tte.backbones import weight_hash
 from unified_tte.export import (CheckpointError, export_main, export_model, export_run, load_checkpoint,
                                 prepare_base)
 from unified_tte.inputs import left_pad, stack_images
-from unified_tte.testing import randomize_adapters, solid_image, tiny_llama, tiny_qwen2vl
+from unified_tte.testing import randomize_adapters, solid_image, tiny_llama, tiny_qwen2vl, until_stop
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine a second thread makes
-    every op wait for a descheduled peer (10x slower); restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 BUILDERS = {"tiny": tiny_qwen2vl, "tiny-llama": tiny_llama}
@@ -144,12 +137,7 @@ def test_think_adapter_loads_in_plain_peft_and_generates_the_same_tokens(exporte
                                max_new_tokens=10, do_sample=False, eos_token_id=sorted(tte.stop_ids),
                                pad_token_id=tte.pad_id)[:, ids.shape[1]:]
     for row, trace in enumerate(traces):
-        expected = []
-        for tok in generated[row].tolist():
-            if tok in tte.stop_ids:
-                break
-            expected.append(tok)
-        assert trace.token_ids == expected
+        assert trace.token_ids == until_stop(generated[row].tolist(), tte.stop_ids)
 
 
 def test_prepare_base_applies_merged_weights(tmp_path):

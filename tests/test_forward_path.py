@@ -5,7 +5,7 @@ import torch
 
 from unified_tte import TTEInput, UnifiedTTE
 from unified_tte.inputs import left_pad, stack_images
-from unified_tte.testing import randomize_adapters, solid_image, tiny_llama, tiny_qwen2vl
+from unified_tte.testing import randomize_adapters, solid_image, tiny_llama, tiny_qwen2vl, until_stop
 
 TOL = 1e-5
 
@@ -105,12 +105,7 @@ def test_think_decodes_the_same_tokens_as_generate(builder, batch):
                                         do_sample=False, eos_token_id=sorted(tte.stop_ids),
                                         pad_token_id=tte.pad_id, **extra)[:, ids.shape[1]:]
     for row, trace in enumerate(traces):
-        expected = []
-        for tok in generated[row].tolist():
-            if tok in tte.stop_ids:
-                break
-            expected.append(tok)
-        assert trace.token_ids == expected, f"row {row}"
+        assert trace.token_ids == until_stop(generated[row].tolist(), tte.stop_ids), f"row {row}"
     assert traces[0].finished and len(traces[0].token_ids) == 3
 
 

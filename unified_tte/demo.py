@@ -25,7 +25,6 @@ On the built-in digits task (scikit-learn's real handwritten digits, see unified
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shutil
 import time

@@ -170,3 +170,13 @@ def solid_image(width: int, height: int, color=(200, 30, 30)):
     im = Image.new("RGB", (width, height), color)
     ImageDraw.Draw(im).rectangle([width // 4, height // 4, width // 2, height // 2], fill=(240, 240, 240))
     return im
+
+
+def until_stop(token_ids, stop_ids) -> list[int]:
+    """A generated row cut before its first stop token (how `Trace.token_ids` are defined)."""
+    out = []
+    for tok in token_ids:
+        if tok in stop_ids:
+            break
+        out.append(int(tok))
+    return out
