@@ -87,15 +87,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_two_ranks_with_gathered_negatives_match_one_process_with_the_whole_batch(tmp_path, one_thread):
+def test_two_ranks_with_gathered_negatives_match_one_process_with_the_whole_batch(tmp_path, one_torch_thread):
     out = tmp_path / "rank0.pt"
     proc = _torchrun([str(Path(__file__).resolve()), str(out)])
     assert proc.returncode == 0, proc.stderr[-4000:]
