@@ -34,6 +34,8 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher puts --local_rank=N before the subcommand; ranks come from the env.
+    argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0

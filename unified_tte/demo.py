@@ -42,7 +42,7 @@ class DemoSettings:
     train_per_task: int = 400      # train rows per digits sub-task
     eval_queries: int = 100        # eval queries per sub-task (10 candidates each)
     think_steps: int = 250         # full fine-tuning on the teacher's traces
-    embed_steps: int = 100         # per embedder
+    embed_steps: int = 200         # per embedder
     batch_size: int = 32
     max_new_tokens: int = 40
     top_k_layers: int = 2

@@ -407,12 +407,18 @@ class UnifiedTTE(nn.Module):
     def embed_with_grad(self, inputs, traces=None, prompts: list[EncodedPrompt] | None = None):
         """`embed` without the no_grad guard: training calls this, so it trains what is served.
         The prefix runs without grad (base and think are frozen); only the embed step keeps it."""
+        return self.embed_from_state(self.prefix_state(inputs, traces, prompts))
+
+    @torch.no_grad()
+    def prefix_state(self, inputs, traces=None, prompts: list[EncodedPrompt] | None = None) -> ThinkState:
+        """The first half of `embed`: prompt + trace + end-of-turn through the layers below the
+        embed adapter's reach, under the frozen think adapter, without grad. GradCache keeps
+        these states so its pass with grad runs only `embed_from_state`."""
         tails = self._tails(len(inputs), traces)
         if prompts is None:
             prompts = self.encoder.encode(inputs, reserve=[len(t) + len(self.invocation_ids) for t in tails])
-        with torch.no_grad(), self._adapters(self.think_adapters):
-            _, state = self._prefill(prompts, tails, self.split_layer)
-        return self.embed_from_state(state)
+        with self._adapters(self.think_adapters):
+            return self._prefill(prompts, tails, self.split_layer)[1]
 
     @torch.no_grad()
     def think_then_embed(self, inputs: Sequence[TTEInput], max_new_tokens: int = 128,

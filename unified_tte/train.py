@@ -368,11 +368,7 @@ class StageModule(nn.Module):
         if kind == "embed":
             return tte.embed_with_grad(inputs, traces, prompts=prompts)
         if kind == "prefix":
-            # The first half of embed_with_grad, step for step (model.py has no public name for it).
-            tails = [[] for _ in inputs] if traces is None else [tte.trace_ids(t) + [tte.eos_id] for t in traces]
-            with torch.no_grad(), tte._adapters(tte.think_adapters):
-                _, state = tte._prefill(prompts, tails, tte.split_layer)
-            return state
+            return tte.prefix_state(inputs, traces, prompts)
         if kind == "from_state":
             return tte.embed_from_state(state)
         raise ValueError(f"unknown StageModule kind {kind!r}")
