@@ -17,9 +17,10 @@ def test_quick_demo_trains_evaluates_exports_and_benches(tmp_path, capsys):
         assert ("answer_accuracy" in result) == (system != "no-think embedder")
     assert summary["export_round_trip_max_diff"] == 0.0
     assert (ckpt / "manifest.json").is_file() and (ckpt / "embed" / "adapter_model.safetensors").is_file()
-    for run in ("think/think", "unified_activated/embed", "unified_top_k/embed",
-                "two_model_embedder/embed", "no_think_embedder/embed"):
-        assert (out / run / "adapter_model.safetensors").is_file(), run
+    assert (out / "think" / "think" / "model.safetensors").is_file()  # full fine-tuning
+    assert (out / "reasoner" / "config.json").is_file()                # the backbone all start from
+    for run in ("unified_activated", "unified_top_k", "two_model_embedder", "no_think_embedder"):
+        assert (out / run / "embed" / "adapter_model.safetensors").is_file(), run
     assert (out / "bench" / "table.md").is_file() and (out / "bench" / "bench.png").is_file()
     printed = capsys.readouterr().out
     assert "| unified TTE (activated) |" in printed and "| two_model |" in printed
