@@ -93,12 +93,13 @@ class LoadedRows(list):
 
 # ----------------------------------------------------------------------------- reading records
 
-def iter_records(path: str | os.PathLike) -> Iterator[tuple[str, int, dict]]:
+def iter_records(path: str | os.PathLike, skipped: list[str] | None = None) -> Iterator[tuple[str, int, dict]]:
     """Yield `(where, number, record)` for each record of a .jsonl/.json/.parquet file.
 
     `where` reads like "data.jsonl line 12" for error messages; `number` is the line (1-based,
-    .jsonl) or row index (0-based, .json/.parquet). Blank lines are skipped. A line that is not
-    a JSON object raises DataError naming file and line.
+    .jsonl) or row index (0-based, .json/.parquet). Blank lines are skipped. A .jsonl line that is
+    not a JSON object raises DataError naming file and line, or, when a `skipped` list is given,
+    is noted there and passed over.
     """
     path = Path(path)
     if not path.exists():
@@ -113,13 +114,18 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[str, int, dict]]:
                 where = f"{path} line {line_no}"
                 try:
                     record = json.loads(line)
+                    problem = None if isinstance(record, dict) else (
+                        f"{where}: expected a JSON object, got {type(record).__name__}. "
+                        "Each line must be one object.")
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}). "
-                                    f"Fix or delete that line.") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{where}: expected a JSON object, got "
-                                    f"{type(record).__name__}. Each line must be one object.")
-                yield where, line_no, record
+                    problem = (f"{where}: not valid JSON ({e.msg} at column {e.colno}). "
+                               "Fix or delete that line.")
+                if problem is None:
+                    yield where, line_no, record
+                elif skipped is None:
+                    raise DataError(problem)
+                else:
+                    skipped.append(problem)
     elif suffix == ".json":
         with open(path, encoding="utf-8") as f:
             try:
@@ -186,11 +192,7 @@ def load_train_rows(path: str | os.PathLike, image_root: str | os.PathLike | Non
     path = Path(path)
     root = _image_root(path, image_root)
     rows, skipped = LoadedRows(), []
-    if skip_bad and path.suffix.lower() == ".jsonl":
-        records = _iter_jsonl_lenient(path, skipped)
-    else:
-        records = iter_records(path)
-    for where, number, rec in records:
+    for where, number, rec in iter_records(path, skipped if skip_bad else None):
         try:
             rows.append(_train_row(rec, where, path, number, root, task))
         except DataError as e:
@@ -199,24 +201,6 @@ def load_train_rows(path: str | os.PathLike, image_root: str | os.PathLike | Non
             skipped.append(str(e))
     rows.skipped = skipped
     return rows
-
-
-def _iter_jsonl_lenient(path: Path, skipped: list[str]) -> Iterator[tuple[str, int, dict]]:
-    """Like iter_records for .jsonl, but a malformed line is noted in `skipped`, not raised."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {line_no}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                skipped.append(f"{where}: not valid JSON ({e.msg} at column {e.colno}).")
-                continue
-            if not isinstance(rec, dict):
-                skipped.append(f"{where}: expected a JSON object, got {type(rec).__name__}.")
-                continue
-            yield where, line_no, rec
 
 
 def _train_row(rec: dict, where: str, path: Path, number: int, root: Path,
