@@ -348,9 +348,8 @@ class UnifiedTTE(nn.Module):
                         state.pending[row] = [tokens[row]]
                 if all(finished) or step == max_new_tokens - 1:
                     break
-                chunks = [p[:1] if p else [self.pad_id] for p in state.pending]
-                # Rows that already stopped get a masked pad so the batch stays rectangular.
-                fed = self._feed_masked(state, chunks, [bool(p) for p in state.pending])
+                # Rows that already stopped feed nothing: left_pad gives them a masked pad.
+                fed = self._feed(state, [p[:1] for p in state.pending], self.num_layers)
                 state.pending = [[] for _ in range(batch)]
                 last = fed[:, -1]
         for row in range(batch):
@@ -359,23 +358,6 @@ class UnifiedTTE(nn.Module):
         out = [Trace(self.tokenizer.decode(ids, skip_special_tokens=True), ids, finished[r])
                for r, ids in enumerate(traces)]
         return ThinkOutput(out, state, prompts)
-
-    def _feed_masked(self, state: ThinkState, chunks: list[list[int]], real: list[bool]):
-        """Feed one token per row; rows with real=False get a masked pad (they already stopped)."""
-        ids = torch.tensor(chunks, dtype=torch.long, device=self.device)
-        chunk_mask = torch.tensor([[int(r)] for r in real], dtype=torch.long, device=self.device)
-        real_index = state.real_len.view(-1, 1) + chunk_mask - 1
-        positions = self.stack.text_positions(real_index.clamp(min=0), state.delta)
-        state.attention_mask = torch.cat([state.attention_mask, chunk_mask], 1)
-        capture = self.split_layer if self.config.mode == "top_k" else None
-        hidden, residual = self.stack.run_layers(self.stack.embed_inputs(ids), state.attention_mask,
-                                                 positions, state.cache, 0, self.num_layers,
-                                                 capture_at=capture)
-        state.positions.append(positions)
-        state.real_len = state.real_len + chunk_mask.view(-1)
-        if capture is not None:
-            state.residuals.append(residual)
-        return hidden
 
     def embed_from_state(self, state: ThinkState) -> torch.Tensor:
         """The embed step of the fast path: invocation tokens against the cache. Grad flows only
