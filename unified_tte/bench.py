@@ -164,10 +164,14 @@ def _percentiles(values: list[float]) -> tuple[float, float]:
     return float(np.percentile(values, 50)), float(np.percentile(values, 90))
 
 
-def _device_name(device: str) -> str:
+def machine_name(device: str | None = None) -> str:
+    """The GPU's name, or "N-core <CPU model>": what a reported figure was measured on."""
+    if device is None:
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         import torch
-        return torch.cuda.get_device_name(0)
+        return torch.cuda.getmachine_name(0)
     cpu = platform.processor() or "CPU"
     try:
         with open("/proc/cpuinfo") as f:
@@ -275,7 +279,7 @@ def run_worker(job: dict, commands=None) -> None:
     runner = _Runner(job["mode"], job["backbone"], job["dtype"], device, job.get("embed_layers"))
     _trim()
     _reply({"backbone": job["backbone"], "backbone_name": runner.name, "mode": job["mode"],
-            "device": device, "device_name": _device_name(device), "dtype": job["dtype"],
+            "device": device, "device_name": machine_name(device), "dtype": job["dtype"],
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "baseline_mb": baseline,
             "weights_mb": current_memory_mb(device) - baseline})

@@ -298,7 +298,5 @@ def demo_main(argv=None) -> int:
 
 
 def _machine() -> str:
-    import os
-    import platform
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores" if not torch.cuda.is_available() \
-        else torch.cuda.get_device_name(0)
+    from .bench import machine_name
+    return machine_name()

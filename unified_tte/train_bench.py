@@ -124,19 +124,10 @@ def worker(args) -> dict:
 
 
 def machine() -> str:
-    import platform
-
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    from .bench import machine_name
+    return f"{machine_name()}, torch {torch.__version__}"
 
 
 def main(argv=None) -> int:
