@@ -279,13 +279,10 @@ def encode_prompts(tte, inputs, traces=None) -> tuple[list, int]:
     """Encode once per step (images processed once, also for GradCache's second pass), with the
     room reserved after each prompt that `embed_with_grad` / `sft_loss` reserve themselves.
     Returns the prompts and the tokens the step will run (prompt + trace + EOS + invocation)."""
-    n_inv = len(tte.invocation_ids)
-    prompts, tokens = [], 0
-    for i, x in enumerate(inputs):
-        tail = 0 if traces is None else len(tte.trace_ids(traces[i])) + 1
-        prompts.append(tte.encoder.encode([x], reserve=tail + n_inv)[0])
-        tokens += len(prompts[-1].ids) + tail + n_inv
-    return prompts, tokens
+    # One batched encode (errors name the item's index in the batch), the model's own tails.
+    reserves = [len(t) + len(tte.invocation_ids) for t in tte._tails(len(inputs), traces)]
+    prompts = tte.encoder.encode(inputs, reserve=reserves)
+    return prompts, sum(len(p.ids) + r for p, r in zip(prompts, reserves))
 
 
 # ----------------------------------------------------------------------------- model
