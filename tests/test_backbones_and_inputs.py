@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from unified_tte import InputError, TTEInput, UnifiedTTE
-from unified_tte.backbones import UnsupportedBackbone, load, weight_hash
-from unified_tte.inputs import left_pad
-from unified_tte.testing import randomize_adapters, solid_image, tiny_llama, tiny_qwen2vl
+from unified_tte.errors import UnsupportedBackbone
+from unified_tte.model.backbones import load, weight_hash
+from unified_tte.model.inputs import left_pad
+from unified_tte.model.zoo import tiny_llama, tiny_qwen2vl
+from unified_tte.testing import randomize_adapters, solid_image
 
 
 @pytest.mark.parametrize("builder", [tiny_qwen2vl, tiny_llama], ids=["qwen2vl", "llama"])
@@ -109,7 +111,7 @@ def test_unsupported_backbone_type_is_refused_with_the_supported_list(tmp_path):
         load(tmp_path)
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from unified_tte.backbones import Backbone
+    from unified_tte.model.backbones import Backbone
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     with pytest.raises(UnsupportedBackbone, match="supported types"):
         UnifiedTTE(Backbone(gpt2, tiny_llama().tokenizer, None, "gpt2"))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from unified_tte import UnifiedTTE
-from unified_tte.bench import MODES, PeakMemory, _Runner, _trim, bench_main, current_memory_mb, prompt_of_length
-from unified_tte.testing import tiny_llama, tiny_qwen2vl
+from unified_tte.tools.bench import MODES, PeakMemory, _Runner, _trim, bench_main, current_memory_mb, prompt_of_length
+from unified_tte.model.zoo import tiny_llama, tiny_qwen2vl
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

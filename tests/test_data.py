@@ -7,7 +7,7 @@ from PIL import Image
 
 from unified_tte.data import (DataError, EvalRow, EvalTask, TrainRow, attach_traces,
                               load_eval_task, load_train_rows, load_traces, validate_eval_task)
-from unified_tte.inputs import TTEInput
+from unified_tte.model.inputs import TTEInput
 
 
 def _write_jsonl(path, records, raw_lines=()):

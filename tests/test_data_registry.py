@@ -5,7 +5,7 @@ import yaml
 from PIL import Image
 
 from unified_tte.data import DataError, builtin_registry, load_registry, resolve_tasks
-from unified_tte.digits import SUBTASKS
+from unified_tte.data.digits import SUBTASKS
 
 
 @pytest.fixture

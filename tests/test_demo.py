@@ -3,7 +3,7 @@ outputs. The numbers of a quick run are not meaningful; the full demo's are in t
 import json
 
 from unified_tte.cli import main
-from unified_tte.demo import SYSTEMS
+from unified_tte.tools.demo import SYSTEMS
 
 
 def test_quick_demo_trains_evaluates_exports_and_benches(tmp_path, capsys):

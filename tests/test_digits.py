@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from unified_tte.digits import (SUBTASKS, WORDS, build_digits, render_digit, teacher_trace,
+from unified_tte.data.digits import (SUBTASKS, WORDS, build_digits, render_digit, teacher_trace,
                                 teacher_traces)
-from unified_tte.traces import check_ecr_shape
+from unified_tte.data.traces import check_ecr_shape
 
 LABELS = load_digits().target
 

@@ -6,11 +6,11 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from unified_tte import evaluate as evaluate_mod
+from unified_tte.eval import evaluate as evaluate_mod
 from unified_tte.data import DataError, EvalRow, EvalTask, resolve_tasks
-from unified_tte.digits import WORDS, teacher_trace
-from unified_tte.evaluate import candidate_key, eval_main, evaluate_model, format_table
-from unified_tte.inputs import Trace, TTEInput
+from unified_tte.data.digits import WORDS, teacher_trace
+from unified_tte.eval.evaluate import candidate_key, eval_main, evaluate_model, format_table
+from unified_tte.model.inputs import Trace, TTEInput
 
 LABELS = load_digits().target
 SUB_OF_INSTRUCTION = {

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from unified_tte import TTEInput, UnifiedTTE
-from unified_tte.backbones import weight_hash
+from unified_tte.model.backbones import weight_hash
 from unified_tte.export import (CheckpointError, export_main, export_model, export_run, load_checkpoint,
                                 prepare_base)
-from unified_tte.inputs import left_pad, stack_images
-from unified_tte.testing import randomize_adapters, solid_image, tiny_llama, tiny_qwen2vl, until_stop
+from unified_tte.model.inputs import left_pad, stack_images
+from unified_tte.model.zoo import tiny_llama, tiny_qwen2vl
+from unified_tte.testing import randomize_adapters, solid_image, until_stop
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -234,7 +235,7 @@ def test_export_run_names_a_missing_file(exported, tmp_path, missing, capsys):
     (run / missing).unlink()
     with pytest.raises(CheckpointError, match=f"{missing.replace('/', '.')} is missing"):
         export_run(run, tmp_path / "ck")
-    assert export_main([str(run), "--out", str(tmp_path / "ck")]) == 1
+    assert export_main([str(run), "--out", str(tmp_path / "ck")]) == 2  # bad input
     assert missing in capsys.readouterr().err
 
 

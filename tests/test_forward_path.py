@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from unified_tte import TTEInput, UnifiedTTE
-from unified_tte.inputs import left_pad, stack_images
-from unified_tte.testing import randomize_adapters, solid_image, tiny_llama, tiny_qwen2vl, until_stop
+from unified_tte.model.inputs import left_pad, stack_images
+from unified_tte.model.zoo import tiny_llama, tiny_qwen2vl
+from unified_tte.testing import randomize_adapters, solid_image, until_stop
 
 TOL = 1e-5
 
@@ -100,10 +101,10 @@ def test_think_decodes_the_same_tokens_as_generate(builder, batch):
     if pixel_values is not None:
         extra = dict(pixel_values=pixel_values, image_grid_thw=grid,
                      mm_token_type_ids=(ids == tte.backbone.model.config.image_token_id).int())
-    tte._set_active(["think"])
-    generated = tte.peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12,
-                                        do_sample=False, eos_token_id=sorted(tte.stop_ids),
-                                        pad_token_id=tte.pad_id, **extra)[:, ids.shape[1]:]
+    with tte.switch.use(tte.think_adapters):
+        generated = tte.peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12,
+                                            do_sample=False, eos_token_id=sorted(tte.stop_ids),
+                                            pad_token_id=tte.pad_id, **extra)[:, ids.shape[1]:]
     for row, trace in enumerate(traces):
         assert trace.token_ids == until_stop(generated[row].tolist(), tte.stop_ids), f"row {row}"
     assert traces[0].finished and len(traces[0].token_ids) == 3

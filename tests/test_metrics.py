@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from unified_tte.metrics import aggregate, evaluate_scores, hit_at_1, mrr, ndcg_at_k, rank_of_positive
+from unified_tte.eval.metrics import aggregate, evaluate_scores, hit_at_1, mrr, ndcg_at_k, rank_of_positive
 
 
 def test_positive_scored_highest_ranks_first():

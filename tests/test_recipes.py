@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from unified_tte import train as T
-from unified_tte.recipe import (Recipe, RecipeError, check_inputs, deepspeed_config, dump_yaml,
+from unified_tte.train.recipe import (Recipe, RecipeError, check_inputs, deepspeed_config, dump_yaml,
                                 load_deepspeed_json, load_recipe, recipe_from_dict)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,8 +107,8 @@ def test_a_missing_data_file_fails_before_any_work(tmp_path, monkeypatch):
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the input check")
 
-    monkeypatch.setattr(T, "load_backbone", no_work)
-    monkeypatch.setattr(T, "init_distributed", no_work)
+    monkeypatch.setattr("unified_tte.train.loop.load_backbone", no_work)
+    monkeypatch.setattr("unified_tte.train.loop.init_distributed", no_work)
     monkeypatch.chdir(REPO)
     recipe = load_recipe("recipes/tiny_cpu.yaml", [f"data.train=[{tmp_path / 'missing.jsonl'}]",
                                                    f"run_dir={tmp_path / 'run'}"])
@@ -126,7 +126,7 @@ def test_a_missing_data_file_fails_before_any_work(tmp_path, monkeypatch):
 def test_the_command_line_reports_recipe_errors_without_a_traceback(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("backbone: tiny\nthink:\n  lr: 1e-3\n  warmup: 3\n")
-    assert T.train_main([str(bad)]) == 1
+    assert T.train_main([str(bad)]) == 2  # bad input: exit code 2 (errors.py)
     err = capsys.readouterr().err
     assert "unknown key 'think.warmup'" in err and str(bad) in err and "Traceback" not in err
 

@@ -4,10 +4,10 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from unified_tte import traces as traces_mod
+from unified_tte.data import traces as traces_mod
 from unified_tte.data import DataError, EvalRow, TrainRow, load_traces
-from unified_tte.inputs import TTEInput, Trace
-from unified_tte.traces import (ECR_PROMPTS, check_ecr_shape, ecr_input, ecr_prompt,
+from unified_tte.model.inputs import TTEInput, Trace
+from unified_tte.data.traces import (ECR_PROMPTS, check_ecr_shape, ecr_input, ecr_prompt,
                                 generate_traces, normalize_trace, traces_main)
 
 

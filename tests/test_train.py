@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from unified_tte import train as T
-from unified_tte.recipe import load_deepspeed_json, recipe_from_dict
+from unified_tte.train.recipe import load_deepspeed_json, recipe_from_dict
 from unified_tte.testing import randomize_adapters
 
 ZERO2 = str(Path(__file__).resolve().parents[1] / "recipes" / "deepspeed" / "zero2.json")
@@ -39,7 +39,7 @@ def tiny_recipe(run_dir, **sections):
 
 @pytest.fixture(scope="module")
 def rows():
-    from unified_tte.digits import build_digits
+    from unified_tte.data.digits import build_digits
 
     all_rows = build_digits(max_train_per_task=4).train_rows  # 5 sub-tasks: images, text, I2I
     return [all_rows[i] for i in (0, 4, 8, 12, 16, 1, 13, 17)]
@@ -155,7 +155,7 @@ def test_resume_is_exact_and_the_run_folder_has_the_export_layout(tmp_path):
     assert [r["lr"] for r in records] == pytest.approx(
         [2e-3 * T.lr_lambda(1, 2, 0.0)(s) for s in range(2)] + [1e-3 * T.lr_lambda(1, 4, 0.0)(s) for s in range(4)])
 
-    from unified_tte.export import read_run
+    from unified_tte.model.checkpoint import read_run
     cfg, spec = read_run(run)  # export's reader accepts the run folder as written
     assert spec == "tiny" and cfg.mode == "activated"
 
@@ -225,7 +225,7 @@ def test_bad_batch_shapes_and_data_fail_before_any_work(tmp_path, monkeypatch):
     def no_model(*a, **k):
         raise AssertionError("the model was built before the input check failed")
 
-    monkeypatch.setattr(T, "load_backbone", no_model)
+    monkeypatch.setattr("unified_tte.train.loop.load_backbone", no_model)
     with pytest.raises(T.TrainError, match="micro_batch_size"):
         T.train(tiny_recipe(tmp_path, think={"batch_size": 6, "micro_batch_size": 4}))
     with pytest.raises(T.TrainError, match="more than the 40 rows"):

@@ -1,7 +1,7 @@
 """The embed-stage training benchmark runs end to end (tiny backbone) and prints its figures."""
 import json
 
-from unified_tte import train_bench
+from unified_tte.tools import train_bench
 
 
 def test_train_bench_quick_prints_both_variants_and_their_ratio(tmp_path, capsys):

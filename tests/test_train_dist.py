@@ -21,7 +21,7 @@ GLOBAL_BATCH = 8
 
 
 def _recipe(run_dir):
-    from unified_tte.recipe import recipe_from_dict
+    from unified_tte.train.recipe import recipe_from_dict
 
     return recipe_from_dict({
         "run_dir": str(run_dir), "backbone": "tiny", "deepspeed": ZERO2,
@@ -32,7 +32,7 @@ def _recipe(run_dir):
 
 
 def _rows():
-    from unified_tte.digits import build_digits
+    from unified_tte.data.digits import build_digits
 
     rows = build_digits(max_train_per_task=4).train_rows  # images, text queries, image targets
     return [rows[i] for i in (0, 4, 8, 12, 16, 1, 13, 17)]
@@ -43,7 +43,7 @@ def _embed_grads(rows):
     from deepspeed.utils import safe_get_full_grad
 
     from unified_tte import train as T
-    from unified_tte.recipe import load_deepspeed_json
+    from unified_tte.train.recipe import load_deepspeed_json
     from unified_tte.testing import randomize_adapters
 
     d = T.init_distributed()
@@ -57,7 +57,7 @@ def _embed_grads(rows):
     loss, _, finite = T.embed_backward(engine, mine, e.gradcache_chunk, e.temperature, e.use_traces,
                                        e.hard_negatives, e.gather_negatives)
     assert finite
-    mean_loss = T._all_reduce([loss])[0] / d.world
+    mean_loss = T.all_reduce([loss])[0] / d.world
     grads = {n: safe_get_full_grad(p).clone() for n, p in tte.adapter_params("embed").items()}
     engine.destroy()
     return mean_loss, grads

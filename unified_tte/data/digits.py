@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .data import EvalRow, EvalTask, TrainRow
-from .inputs import TTEInput
+from ..errors import require
+from ..model.inputs import TTEInput
+from .schema import EvalRow, EvalTask, TrainRow
 
 SUBTASKS = ("classify", "plus_two", "double_last", "next_number", "same_digit")
 GROUPS = {"classify": "I2T", "plus_two": "I2T", "double_last": "I2T",
@@ -110,9 +111,8 @@ def render_digit(pixels: np.ndarray, size: int = 56):
 
 
 def _load_sklearn_digits():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
+    datasets = require("sklearn.datasets", "digits", "the built-in digits task (scikit-learn's digits)")
+    d = datasets.load_digits()
     return d.images, d.target.astype(int)
 
 

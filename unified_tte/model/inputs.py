@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from ..errors import InputError
+
 
 @dataclass
 class TTEInput:
@@ -46,10 +48,6 @@ class EncodedPrompt:
     ids: list[int]
     pixel_values: torch.Tensor | None = None    # [patches, C*t*p*p] as the image processor returns
     image_grid_thw: torch.Tensor | None = None  # [n_images, 3]
-
-
-class InputError(ValueError):
-    """Bad user input; the message names the item and what to do."""
 
 
 def _open_image(image, index: int):

@@ -1,6 +1,6 @@
 """The embed stage's contrastive loss, with targets gathered across ranks with gradient.
 
-    from unified_tte.losses import contrastive_loss
+    from unified_tte.train.losses import contrastive_loss
     loss = contrastive_loss(q, pos, neg, temperature=0.02)   # q, pos, neg: [B, D] per rank
 
 Every rank holds B queries, their B positives and (optionally) B hard negatives. The targets of
@@ -12,12 +12,14 @@ Gradient bookkeeping: `gather_with_grad` sums the gradients of every rank's loss
 (all-reduce) and hands each rank its own slice, so each rank's embeddings receive
 d(sum_r L_r)/d(emb). DeepSpeed then averages parameter gradients over ranks, which gives the
 gradient of the global mean loss — the same as one process holding the whole batch
-(tests/test_train.py holds the two equal).
+(tests/test_train_dist.py holds the two equal).
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from einops import rearrange
+from tte_kernels import info_nce
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -60,8 +62,6 @@ def contrastive_loss(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | Non
     Shapes: q, pos, neg [B, D] (unit vectors, fp32). Returns the mean loss over the B local
     queries. With `gather=False` (or one process) the targets are this rank's only.
     """
-    from tte_kernels import info_nce
-
     rows = q.shape[0]
     if pos.shape[0] != rows or (neg is not None and neg.shape[0] != rows):
         raise ValueError(f"q, pos and neg need one row per query; got {rows}, {pos.shape[0]}"
@@ -70,12 +70,12 @@ def contrastive_loss(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | Non
     offset = 0
     if gather and distributed():
         world = dist.get_world_size()
-        everything = gather_with_grad(local).view(world, local.shape[0], -1)
+        everything = rearrange(gather_with_grad(local), "(rank n) d -> rank n d", rank=world)
         # Positives of all ranks first, then all hard negatives: the label of a query does not
         # depend on whether negatives are used.
-        targets = everything[:, :rows].reshape(world * rows, -1)
+        targets = rearrange(everything[:, :rows], "rank b d -> (rank b) d")
         if neg is not None:
-            targets = torch.cat([targets, everything[:, rows:].reshape(world * rows, -1)], 0)
+            targets = torch.cat([targets, rearrange(everything[:, rows:], "rank b d -> (rank b) d")], 0)
         offset = dist.get_rank() * rows
     else:
         targets = local

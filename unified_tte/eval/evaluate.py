@@ -4,7 +4,7 @@ group and overall, as a markdown table and a JSON file.
     tte eval checkpoints/run1 --tasks digits --out results.json
     tte eval checkpoints/run1 --tasks digits/plus_two,my_tasks.yaml --no-think
 
-    from unified_tte.evaluate import evaluate_model, format_table
+    from unified_tte.eval import evaluate_model, format_table
     results = evaluate_model(model, resolve_tasks("digits"), batch_size=16)
     print(format_table(results))
 
@@ -24,9 +24,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .data import DataError, EvalTask, resolve_tasks, validate_eval_task
+from ..data import EvalTask, resolve_tasks, validate_eval_task
+from ..data.traces import check_ecr_shape
+from ..errors import DataError, command
+from ..model import UnifiedTTE, zoo
 from .metrics import METRICS, aggregate, evaluate_scores
-from .traces import check_ecr_shape
 
 N_EXAMPLES = 3   # traces kept per task in the results, to eyeball what the reasoner wrote
 
@@ -157,11 +159,8 @@ def format_table(results: dict) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 def _load_model(checkpoint: str, backbone: str | None = None):
-    """Load the model lazily so this module imports without the model code."""
-    from . import UnifiedTTE
-
-    kwargs = {} if backbone is None else {"backbone": backbone}
-    return UnifiedTTE.from_checkpoint(checkpoint, **kwargs)
+    """An exported checkpoint or a training run folder, on its recorded backbone or `backbone`."""
+    return UnifiedTTE.from_checkpoint(checkpoint, backbone=None if backbone is None else zoo.load(backbone))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,13 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default="digits", help="comma-separated task names, "
                    "digits/<sub-task>, or registry YAML paths (default: digits)")
     p.add_argument("--registry", default=None, help="a registry YAML whose task names --tasks "
-                   "may use (schema: unified_tte/tasks/digits.yaml)")
+                   "may use (schema: unified_tte/data/tasks/digits.yaml)")
     p.add_argument("--out", default="eval_results.json", help="JSON results file")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-think", action="store_true", help="embed queries without a trace")
     p.add_argument("--max-new-tokens", type=int, default=64, help="trace length limit")
     p.add_argument("--max-queries", type=int, default=None, help="at most N queries per task")
-    p.add_argument("--backbone", default=None, help="passed to UnifiedTTE.from_checkpoint")
+    p.add_argument("--backbone", default=None, help="the base to load the adapters on: tiny | "
+                   "tiny-llama | smollm2 | a local folder (default: the one the checkpoint records)")
     p.add_argument("--digits-seed", type=int, default=None, help="digits split seed (default: "
                    "the registry's); must be the seed training used")
     p.add_argument("--image-size", type=int, default=None, help="digits image size")
@@ -185,25 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command("eval")
 def eval_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `tte eval`: prints the table, writes the JSON."""
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in (("seed", args.digits_seed), ("image_size", args.image_size))
                  if v is not None}
-    try:
-        tasks = resolve_tasks(args.tasks, registry=args.registry, max_rows=args.max_queries,
-                              **overrides)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    tasks = resolve_tasks(args.tasks, registry=args.registry, max_rows=args.max_queries, **overrides)
     model = _load_model(args.checkpoint, args.backbone)
-    try:
-        results = evaluate_model(model, tasks, batch_size=args.batch_size,
-                                 use_think=not args.no_think, max_new_tokens=args.max_new_tokens,
-                                 progress=not args.no_progress)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    results = evaluate_model(model, tasks, batch_size=args.batch_size,
+                             use_think=not args.no_think, max_new_tokens=args.max_new_tokens,
+                             progress=not args.no_progress)
     results["checkpoint"] = str(args.checkpoint)
     results["task_spec"] = args.tasks
     print(format_table(results))

@@ -139,7 +139,7 @@ def current_memory_mb(device: str) -> float:
 # ---------------------------------------------------------------------------------------- inputs
 def prompt_of_length(tte, n_tokens: int):
     """A text-only TTEInput whose encoded prompt (chat markup included) is exactly n_tokens long."""
-    from .inputs import TTEInput
+    from ..model import TTEInput
 
     encode = lambda text: len(tte.encoder.encode([TTEInput(text)])[0].ids)  # noqa: E731
     markup = encode("")
@@ -171,7 +171,7 @@ def machine_name(device: str | None = None) -> str:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         import torch
-        return torch.cuda.getmachine_name(0)
+        return torch.cuda.get_device_name(0)
     cpu = platform.processor() or "CPU"
     try:
         with open("/proc/cpuinfo") as f:
@@ -187,8 +187,8 @@ class _Runner:
     def __init__(self, mode: str, spec: str, dtype: str, device: str, embed_layers: int | None):
         import torch
 
-        from .backbones import load_reasoner
-        from .model import UnifiedTTE
+        from ..model import UnifiedTTE
+        from ..model.zoo import load as load_reasoner
 
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         backbone = load_reasoner(spec)
@@ -198,39 +198,29 @@ class _Runner:
         if mode == "two_model":
             # Copy before wrapping: the reasoner's wrapping adds tokens and LoRA layers in place.
             self.embedder = UnifiedTTE.separate_embedder(copy.deepcopy(backbone)).eval()
-            self.tte = UnifiedTTE(backbone, mode="activated").eval()
-            # The reasoner is base + think only; its unused embed LoRA would be charged to two-model.
-            self.tte.peft_model.base_model.delete_adapter("embed")
-            self.tte._lora_layers = [m for m in self.tte._lora_layers if "think" in m.lora_A]
+            # The reasoner is base + think only: an unused embed LoRA would be charged to two-model.
+            self.tte = UnifiedTTE.separate_reasoner(backbone).eval()
         else:
             kwargs = {"embed_layers": embed_layers} if mode == "top_k" and embed_layers else {}
             self.tte = UnifiedTTE(backbone, mode=mode, **kwargs).eval()
-        for model in (self.tte, self.embedder):
-            if model is not None:
-                model.stop_ids = set()  # never stop early: every row decodes exactly T tokens
         self.prefill_s = 0.0
-        prefill = self.tte._prefill
-
-        def timed_prefill(*args, **kwargs):
-            self._sync()
-            start = time.perf_counter()
-            result = prefill(*args, **kwargs)
-            self._sync()
-            self.prefill_s = time.perf_counter() - start
-            return result
-
-        self.tte._prefill = timed_prefill
+        self._start = 0.0
 
     def _sync(self):
         if self.device == "cuda":
             import torch
             torch.cuda.synchronize()
 
-    def step(self, inputs, trace_len: int) -> dict[str, float]:
-        """One think -> embed; returns seconds per phase."""
+    def _prefill_done(self) -> None:
         self._sync()
-        start = time.perf_counter()
-        out = self.tte.think(inputs, max_new_tokens=trace_len)
+        self.prefill_s = time.perf_counter() - self._start
+
+    def step(self, inputs, trace_len: int) -> dict[str, float]:
+        """One think -> embed that decodes exactly `trace_len` tokens per row; seconds per phase."""
+        self._sync()
+        start = self._start = time.perf_counter()
+        out = self.tte.think(inputs, max_new_tokens=trace_len, min_new_tokens=trace_len,
+                             on_prefill=self._prefill_done)
         self._sync()
         thought = time.perf_counter()
         traces = out.traces
@@ -269,7 +259,7 @@ def run_worker(job: dict, commands=None) -> None:
     import transformers
     import peft  # noqa: F401 - part of the baseline, imported before it is taken
 
-    from . import backbones, model, testing  # noqa: F401
+    from .. import model  # noqa: F401
 
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
@@ -310,7 +300,7 @@ class _Worker:
         self.log = log_dir / f"worker_{self.mode}.log"
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "unified_tte.bench", "--worker", json.dumps(job)],
+            [sys.executable, "-m", "unified_tte.tools.bench", "--worker", json.dumps(job)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True, env=env)
         self.meta = self.read()
 

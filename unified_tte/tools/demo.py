@@ -73,16 +73,14 @@ def save_backbone(backbone, folder: Path) -> Path:
 def train_runs(settings: DemoSettings, out: Path, seed: int) -> tuple[Path, dict[str, Path]]:
     """think (full fine-tuning of the tiny backbone), then the four embedders; each a `tte train`
     recipe run. Finished runs in --out are reused. Returns the reasoner folder and the run dirs."""
-    from .backbones import load
-    from .recipe import recipe_from_dict
-    from .testing import tiny_qwen2vl
-    from .train import load_stage_weights, train
+    from ..model.zoo import load, tiny_qwen2vl
+    from ..train import load_stage_weights, recipe_from_dict, train
 
     init = out / "init"
     if not (init / "config.json").is_file():
         save_backbone(tiny_qwen2vl(seed=seed, hidden_size=settings.hidden_size), init)
     common = dict(
-        deepspeed=str(Path(__file__).resolve().parent.parent / "recipes/deepspeed/zero0.json"),
+        deepspeed=str(Path(__file__).resolve().parents[2] / "recipes/deepspeed/zero0.json"),
         data={"train": "digits", "digits": {"seed": seed, "max_train_per_task": settings.train_per_task}},
         seed=seed, precision="fp32", checkpoint_every=0, keep_checkpoints=1, log_every=10,
         wandb={"mode": "disabled"},
@@ -125,7 +123,7 @@ def train_runs(settings: DemoSettings, out: Path, seed: int) -> tuple[Path, dict
             log(f"{name}: {stage} loss {losses[0]:.3f} -> {losses[-1]:.3f}")
         if name == "think" and not (reasoner / "config.json").is_file():
             # The fully fine-tuned backbone is the reasoner (think="none") every embedder starts from.
-            from . import UnifiedTTE
+            from ..model import UnifiedTTE
             tte = UnifiedTTE(load(init), think="none")
             load_stage_weights(tte, run_dir / "think", "think", full=True)
             bb = tte.backbone
@@ -166,9 +164,9 @@ class RecordingModel:
 
 def load_system(name: str, dirs: dict[str, Path], reasoner: Path):
     """One of SYSTEMS, built from its run dir on a fresh copy of the reasoner backbone."""
-    from . import TTEConfig, UnifiedTTE
-    from .backbones import load
-    from .export import load_adapter
+    from ..model import TTEConfig, UnifiedTTE
+    from ..model.checkpoint import load_adapter
+    from ..model.zoo import load
 
     def with_embed_adapter(run_dir: Path):
         saved = json.loads((run_dir / "tte_config.json").read_text())
@@ -185,7 +183,7 @@ def load_system(name: str, dirs: dict[str, Path], reasoner: Path):
 
 def answer_accuracy(traces: list[str], tasks) -> float:
     """Fraction of traces whose final answer word is the right number word."""
-    from .digits import WORDS
+    from ..data.digits import WORDS
 
     rows = [r for t in tasks for r in t.rows]
     right = sum(t.split("</think>")[-1].strip().lower() == WORDS[r.meta["answer"]]
@@ -194,7 +192,7 @@ def answer_accuracy(traces: list[str], tasks) -> float:
 
 
 def evaluate_systems(settings, dirs, reasoner, tasks) -> dict:
-    from .evaluate import evaluate_model
+    from ..eval import evaluate_model
 
     results = {}
     for name in SYSTEMS:
@@ -227,9 +225,9 @@ def summary_table(results: dict, tasks) -> str:
 
 # ----------------------------------------------------------------------------- 5. export
 def export_and_check(dirs, reasoner: Path, tasks, checkpoint: Path) -> float:
-    from . import UnifiedTTE
-    from .backbones import load
-    from .export import export_model
+    from ..export import export_model
+    from ..model import UnifiedTTE
+    from ..model.zoo import load
 
     tte = load_system("unified TTE (activated)", dirs, reasoner)
     export_model(tte, checkpoint, dtype="fp32", backbone_spec=str(reasoner))
@@ -259,7 +257,7 @@ def demo_main(argv=None) -> int:
     torch.manual_seed(args.seed)
     start = time.time()
 
-    from .digits import build_digits
+    from ..data.digits import build_digits
     digits = build_digits(seed=args.seed, max_train_per_task=settings.train_per_task,
                           max_eval_per_task=settings.eval_queries)
     log(f"digits: {len(digits.train_rows)} train rows ({len(digits.train_indices)} train images), "

@@ -1,6 +1,6 @@
 """Training recipes: typed dataclasses loaded from YAML, with `key=value` overrides.
 
-    from unified_tte.recipe import load_recipe
+    from unified_tte.train.recipe import load_recipe
     recipe = load_recipe("recipes/tiny_cpu.yaml", ["embed.steps=5", "deepspeed=recipes/deepspeed/zero3.json"])
 
 A recipe says what to train (backbone, data, the `think` and `embed` stages) and how (the
@@ -17,6 +17,7 @@ Rules:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import types
@@ -25,18 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .model import TTEConfig
+from ..errors import RecipeError
+from ..model import TTEConfig, zoo
 
-BUILTIN_BACKBONES = ("tiny", "tiny-qwen2vl", "tiny-llama", "smollm2")
+BUILTIN_BACKBONES = tuple(zoo.BUILTIN)
 STAGES = ("think", "embed")
 # DeepSpeed keys the recipe fills in; a JSON config that sets them would be silently overridden.
 RECIPE_OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
                         "gradient_accumulation_steps", "gradient_clipping", "bf16", "fp16",
                         "scheduler")
-
-
-class RecipeError(ValueError):
-    """A bad recipe: the message names the file (or override), the key and what to do."""
 
 
 @dataclass
@@ -477,3 +475,22 @@ def dump_yaml(recipe: Recipe) -> str:
     import yaml
 
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def absolute_paths(recipe: Recipe) -> Recipe:
+    """The recipe with its relative paths made absolute (the resolved recipe.yaml and resume
+    then work from any folder)."""
+    r = copy.deepcopy(recipe)
+    absolute = lambda p: str(Path(p).expanduser().resolve())  # noqa: E731
+    r.run_dir = absolute(r.run_dir)
+    r.deepspeed = absolute(r.deepspeed)
+    if r.backbone not in BUILTIN_BACKBONES:
+        r.backbone = absolute(r.backbone)
+    if r.data.train != "digits":
+        r.data.train = [absolute(f) for f in r.data.train]
+    r.data.traces = [absolute(f) for f in r.data.traces]
+    if r.data.image_root is not None:
+        r.data.image_root = absolute(r.data.image_root)
+    if r.think_adapter is not None:
+        r.think_adapter = absolute(r.think_adapter)
+    return r

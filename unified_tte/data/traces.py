@@ -29,8 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .data import DataError, EvalRow, TrainRow, task_type_for
-from .inputs import TTEInput
+from ..errors import DataError, command
+from ..model import UnifiedTTE, zoo
+from ..model.checkpoint import CONFIG_FILE
+from ..model.inputs import TTEInput
+from .mmeb import load_train_rows, task_type_for
+from .records import iter_records
+from .registry import build_builtin
+from .schema import EvalRow, TrainRow
 
 _FORMAT = ("First reason briefly inside <think> and </think>, then write the short final answer "
            "(a few words) after </think>.")
@@ -89,6 +95,47 @@ def check_ecr_shape(trace: str, max_answer_words: int = 16) -> bool:
     if "<think>" in ans or "</think>" in ans:
         return False
     return len(ans.split()) <= max_answer_words
+
+
+# ----------------------------------------------------------------------------- trace files
+
+def load_traces(path: str | os.PathLike, valid_only: bool = False) -> dict[str, str]:
+    """`{id: trace}` from a traces JSONL file. The first row of an id wins. With `valid_only`,
+    rows flagged `"valid": false` (not in the `<think>...</think> answer` shape) are left out."""
+    path = Path(path)
+    out: dict[str, str] = {}
+    for where, _, rec in iter_records(path):
+        if "id" not in rec or "trace" not in rec:
+            raise DataError(f"{where}: a trace row needs 'id' and 'trace' fields, got "
+                            f"{sorted(rec)}.")
+        if not isinstance(rec["trace"], str):
+            raise DataError(f"{where}: field 'trace' must be a string.")
+        if valid_only and rec.get("valid") is False:
+            continue
+        out.setdefault(str(rec["id"]), rec["trace"])
+    return out
+
+
+def attach_traces(rows: Sequence[TrainRow], traces: dict[str, str],
+                  missing: str = "error") -> list[TrainRow]:
+    """Set `row.trace` from `traces` by id. `missing`: "error" (DataError naming the first ids
+    without a trace), "drop" (leave those rows out) or "keep" (keep them with trace None)."""
+    if missing not in ("error", "drop", "keep"):
+        raise ValueError(f"missing must be 'error', 'drop' or 'keep', got {missing!r}")
+    out, absent = [], []
+    for row in rows:
+        trace = traces.get(row.id)
+        if trace is None:
+            absent.append(row.id)
+            if missing == "drop":
+                continue
+        else:
+            row.trace = trace
+        out.append(row)
+    if absent and missing == "error":
+        raise DataError(f"{len(absent)} of {len(rows)} rows have no trace (first: "
+                        f"{absent[:3]}). Run `tte traces` for them, or drop them.")
+    return out
 
 
 # ----------------------------------------------------------------------------- the output file
@@ -220,31 +267,18 @@ def generate_traces(reasoner, rows: Sequence[TrainRow | EvalRow], out_path: str 
 # ----------------------------------------------------------------------------- CLI
 
 def _load_reasoner(spec: str):
-    """Resolve --model lazily (this module imports without the model code): an exported
-    checkpoint (has tte_config.json) loads with its think adapter; a built-in name or a local
-    Hugging Face folder is the backbone itself as the reasoner (think="none")."""
-    if (Path(spec) / "tte_config.json").is_file():
-        from . import UnifiedTTE
-
+    """--model: an exported checkpoint or run folder (has tte_config.json) loads with its think
+    adapter; a built-in name or a local Hugging Face folder is the backbone itself as the
+    reasoner (think="none")."""
+    if (Path(spec) / CONFIG_FILE).is_file():
         return UnifiedTTE.from_checkpoint(spec)
-    from .backbones import load_reasoner
-
-    reasoner = load_reasoner(spec)
-    if hasattr(reasoner, "think"):
-        return reasoner
-    from .model import UnifiedTTE
-
-    return UnifiedTTE(reasoner, think="none")
+    return UnifiedTTE(zoo.load(spec), think="none")
 
 
 def _load_rows(args) -> list:
     if args.data == "digits":
-        from .digits import build_digits
-
-        return build_digits(seed=args.digits_seed, image_size=args.image_size,
-                            max_train_per_task=None).train_rows
-    from .data import load_train_rows
-
+        return build_builtin("digits", seed=args.digits_seed, image_size=args.image_size,
+                             max_train_per_task=None).train_rows
     rows = load_train_rows(args.data, args.image_root, skip_bad=args.skip_bad)
     if rows.skipped:
         print(f"skipped {len(rows.skipped)} bad row(s) (--skip-bad); first: {rows.skipped[0]}",
@@ -276,22 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@command("traces")
 def traces_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `tte traces`."""
     args = build_parser().parse_args(argv)
-    try:
-        rows = _load_rows(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rows = _load_rows(args)
     reasoner = _load_reasoner(args.model)
-    try:
-        stats = generate_traces(reasoner, rows, args.out, batch_size=args.batch_size,
-                                max_new_tokens=args.max_new_tokens, limit=args.limit,
-                                use_prompt=args.prompt == "ecr", progress=not args.no_progress)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    stats = generate_traces(reasoner, rows, args.out, batch_size=args.batch_size,
+                            max_new_tokens=args.max_new_tokens, limit=args.limit,
+                            use_prompt=args.prompt == "ecr", progress=not args.no_progress)
     print(f"{args.out}: wrote {stats.written} trace(s); {stats.skipped_existing} already there; "
           f"{stats.invalid} of the new ones not in the <think>...</think> answer shape "
           f"(kept, flagged valid=false)"

@@ -36,9 +36,9 @@ def bench_rows(n: int, query_words: int, seed: int = 0):
     a short positive and a hard negative (the digits task's wording, images described in words)."""
     import numpy as np
 
-    from .data import TrainRow
-    from .digits import WORDS, target_text, teacher_trace
-    from .inputs import TTEInput
+    from ..data import TrainRow
+    from ..data.digits import WORDS, target_text, teacher_trace
+    from ..model import TTEInput
 
     rng = np.random.default_rng(seed)
     filler = ("the handwritten digit is drawn in dark ink on a white square with a thick stroke that "
@@ -70,14 +70,14 @@ def worker(args) -> dict:
     """One variant in this process: build, warm up, time `steps` embed-stage steps."""
     import torch
 
-    from . import train as T
-    from .model import UnifiedTTE
-    from .recipe import load_deepspeed_json, recipe_from_dict
+    from .. import train as T
+    from ..model import UnifiedTTE
+    from ..train.recipe import load_deepspeed_json, recipe_from_dict
 
     torch.set_num_threads(args.threads)
     T.init_distributed()
     d = T.Dist(0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    ds_path = os.path.join(os.path.dirname(__file__), "..", "recipes", "deepspeed", "zero2.json")
+    ds_path = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "deepspeed", "zero2.json")
     recipe = recipe_from_dict({
         "backbone": args.backbone, "deepspeed": ds_path,
         "model": {"lora_r": 16, "lora_alpha": 64},
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     results: dict[str, dict] = {}
     for _ in range(args.rounds):
         for variant in args.variants:
-            cmd = [sys.executable, "-m", "unified_tte.train_bench", "--worker", variant,
+            cmd = [sys.executable, "-m", "unified_tte.tools.train_bench", "--worker", variant,
                    "--backbone", args.backbone, "--batch", str(args.batch), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--query-words", str(args.query_words),
                    "--threads", str(args.threads)] + (["--chunk", str(args.chunk)] if args.chunk else [])

@@ -1,0 +1,106 @@
+"""Reading records from local files (.jsonl, .json, .parquet) with errors that name the file,
+line and field, and the field conventions MMEB uses (image placeholders, relative image paths).
+
+    from unified_tte.data.records import iter_records
+    for where, number, record in iter_records("train.jsonl"):   # where: "train.jsonl line 12"
+        ...
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import DataError
+
+# MMEB writes `<|image_1|>` into the text where the image goes (Phi-3-V markup).
+_IMAGE_PLACEHOLDER = re.compile(r"<\|image_\d+\|>\s*")
+
+def iter_records(path: str | os.PathLike, skipped: list[str] | None = None) -> Iterator[tuple[str, int, dict]]:
+    """Yield `(where, number, record)` for each record of a .jsonl/.json/.parquet file.
+
+    `where` reads like "data.jsonl line 12" for error messages; `number` is the line (1-based,
+    .jsonl) or row index (0-based, .json/.parquet). Blank lines are skipped. A .jsonl line that is
+    not a JSON object raises DataError naming file and line, or, when a `skipped` list is given,
+    is noted there and passed over.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found. Check the path (relative paths are taken from "
+                        f"the current folder, or from the registry file's folder).")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path} line {line_no}"
+                try:
+                    record = json.loads(line)
+                    problem = None if isinstance(record, dict) else (
+                        f"{where}: expected a JSON object, got {type(record).__name__}. "
+                        "Each line must be one object.")
+                except json.JSONDecodeError as e:
+                    problem = (f"{where}: not valid JSON ({e.msg} at column {e.colno}). "
+                               "Fix or delete that line.")
+                if problem is None:
+                    yield where, line_no, record
+                elif skipped is None:
+                    raise DataError(problem)
+                else:
+                    skipped.append(problem)
+    elif suffix == ".json":
+        with open(path, encoding="utf-8") as f:
+            try:
+                records = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg}).") from None
+        if not isinstance(records, list):
+            raise DataError(f"{path}: a .json data file must hold a list of objects; "
+                            f"use .jsonl for one object a line.")
+        for i, record in enumerate(records):
+            if not isinstance(record, dict):
+                raise DataError(f"{path} row {i}: expected an object, got {type(record).__name__}.")
+            yield f"{path} row {i}", i, record
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, record in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path} row {i}", i, record
+    else:
+        raise DataError(f"{path}: unknown data format {suffix!r}; use .jsonl, .json or .parquet.")
+
+
+def clean_text(text: Any) -> str:
+    """Text with MMEB's `<|image_N|>` placeholders removed (the model places images itself)."""
+    if text is None:
+        return ""
+    return _IMAGE_PLACEHOLDER.sub("", str(text)).strip()
+
+
+def resolve_image(value: Any, image_root: Path, where: str, fld: str) -> list[str]:
+    """[] for no image, else [path] after checking that the file exists."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return []
+    if not isinstance(value, (str, os.PathLike)):
+        raise DataError(f"{where}: field {fld!r} must be an image path string, got "
+                        f"{type(value).__name__}.")
+    p = Path(value)
+    if not p.is_absolute():
+        p = image_root / p
+    if not p.exists():
+        raise DataError(f"{where}: field {fld!r}: image not found: {p}. Pass the folder the "
+                        f"paths are relative to as image_root (--image-root), or skip bad rows "
+                        f"with --skip-bad.")
+    return [str(p)]
+
+
+def row_id(record: dict, path: Path, number: int) -> str:
+    rid = record.get("id")
+    return str(rid) if rid is not None and str(rid) != "" else f"{path.stem}:{number}"
+
+
+def image_root_of(path: Path, image_root) -> Path:
+    return Path(image_root) if image_root is not None else path.parent

@@ -1,0 +1,226 @@
+"""The `think` and `embed` LoRA adapters on one backbone: the only module that touches PEFT's
+internals (the active-adapter flag of each LoRA layer, a forward hook on `lora_B`, state dicts).
+
+    from unified_tte.model.adapters import AdapterSwitch, wrap
+    peft_model = wrap(hf_model, config, num_layers)              # think LoRA (all layers) + embed LoRA
+    switch = AdapterSwitch(peft_model, think_adapters=["think"])
+    with switch.use(["think", "embed"], gate=gate):              # gate: [B, t, 1], E only where 1
+        ...
+
+Why touch internals: PEFT's `set_adapter` also flips `requires_grad`, which training owns, and
+it has no per-position switch. Setting each layer's `_active_adapter` list and multiplying the
+embed adapter's `lora_B` output by a 0/1 gate gives exactly the recompute semantics of the
+forward path (activated: E from the invocation on; top_k: E on the top K layers). That only
+holds for plain LoRA layers that are not merged, so anything else (DoRA, a merged adapter,
+another LoRA variant) is refused. Checked against the PEFT versions in PEFT_VERSIONS_CHECKED
+(tests/test_adapters.py pins them).
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedBackbone
+
+# The projection layers both adapters target, in every decoder layer of Llama/Qwen-family models.
+LORA_TARGETS = r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+# PEFT releases whose LoRA layer internals (`_active_adapter`, `lora_B`, `merged_adapters`,
+# `use_dora`) this module was checked against.
+PEFT_VERSIONS_CHECKED = ("0.18", "0.19", "0.20", "0.21")
+
+
+class AdapterError(UnsupportedBackbone):
+    """An adapter configuration the forward path cannot gate correctly."""
+
+
+def wrap(hf_model: nn.Module, cfg, num_layers: int) -> nn.Module:
+    """Inject the think LoRA (every layer; unless cfg.think == "none") and the embed LoRA
+    (every layer in activated mode, the top cfg.embed_layers in top_k) into `hf_model`."""
+    from peft import LoraConfig, get_peft_model
+
+    all_layers = r"\d+"
+    top = "|".join(str(i) for i in range(num_layers - (cfg.embed_layers or 0), num_layers))
+    embed_layers = all_layers if cfg.mode == "activated" else f"(?:{top})"
+
+    def lora(layers: str) -> LoraConfig:
+        return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=rf".*\.layers\.{layers}\.{LORA_TARGETS}")
+
+    with warnings.catch_warnings():
+        # PEFT calls a transformers helper that transformers 5 deprecates; not actionable here.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        if cfg.think == "none":
+            return get_peft_model(hf_model, lora(embed_layers), adapter_name="embed")
+        peft_model = get_peft_model(hf_model, lora(all_layers), adapter_name="think")
+        peft_model.add_adapter("embed", lora(embed_layers))
+    return peft_model
+
+
+class _Gate:
+    """Per-position switch for the embed adapter: a [B, t, 1] tensor multiplied into its LoRA output."""
+
+    def __init__(self):
+        self.value: torch.Tensor | None = None
+
+    def hook(self, module, args, output):
+        return output if self.value is None else output * self.value.to(output.dtype)
+
+
+def lora_layers(peft_model: nn.Module, adapter: str | None = None) -> Iterator[tuple[str, nn.Module]]:
+    """(name, layer) of every PEFT LoRA layer (holding `adapter`, when given)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and (adapter is None or adapter in module.lora_A):
+            yield name, module
+
+
+def check_gateable(peft_model: nn.Module) -> None:
+    """Refuse LoRA layers the switch cannot gate per position: DoRA (its magnitude rescales the
+    whole output, not only the LoRA branch), merged adapters (the delta is inside the base
+    weight, so deactivating it does nothing) and layer types other than plain LoRA linears."""
+    for name, layer in lora_layers(peft_model):
+        if getattr(layer, "merged_adapters", []):
+            raise AdapterError(f"{name}: adapter(s) {layer.merged_adapters} are merged into the base "
+                               "weight; the think/embed switch cannot turn a merged adapter off. "
+                               "Unmerge them (peft_model.unmerge_adapter()) or load the checkpoint "
+                               "with --merge-think's own format.")
+        dora = getattr(layer, "use_dora", {})
+        if any(dora.values()):
+            raise AdapterError(f"{name}: DoRA adapters {sorted(k for k, v in dora.items() if v)} are "
+                               "not supported: DoRA rescales the whole layer output, so the embed "
+                               "adapter cannot be gated per position. Use plain LoRA (use_dora=False).")
+        if not isinstance(layer.lora_B, nn.ModuleDict) or not hasattr(layer, "_active_adapter"):
+            raise AdapterError(f"{name}: {type(layer).__name__} is not a plain PEFT LoRA layer; "
+                               f"only LoRA on linear layers is supported (checked with PEFT "
+                               f"{', '.join(PEFT_VERSIONS_CHECKED)}).")
+
+
+class AdapterSwitch:
+    """Which adapters are active, and the embed adapter's per-position gate."""
+
+    def __init__(self, peft_model: nn.Module, think_adapters: list[str], embed: str = "embed"):
+        check_gateable(peft_model)
+        self.peft_model = peft_model
+        self.think_adapters = list(think_adapters)
+        self.embed_adapters = self.think_adapters + [embed]
+        self._layers = [layer for _, layer in lora_layers(peft_model)]
+        self._gate = _Gate()
+        for layer in self._layers:
+            if embed in layer.lora_B:
+                layer.lora_B[embed].register_forward_hook(self._gate.hook)
+        self._set_active(self.think_adapters)
+
+    def _set_active(self, names: list[str]) -> None:
+        # Set the flag directly: PEFT's set_adapter also flips requires_grad, which training owns.
+        for layer in self._layers:
+            layer._active_adapter = list(names)
+
+    @contextlib.contextmanager
+    def use(self, names: list[str], gate: torch.Tensor | None = None):
+        """Activate `names` (and the gate, [B, t, 1] over the positions of the coming forward)
+        for the duration; think alone is active outside."""
+        self._set_active(names)
+        self._gate.value = gate
+        try:
+            yield
+        finally:
+            self._gate.value = None
+            self._set_active(self.think_adapters)
+
+    def remove(self, adapter: str) -> None:
+        """Delete an adapter's weights (e.g. a reasoner that never embeds)."""
+        self.peft_model.base_model.delete_adapter(adapter)
+        self._layers = [layer for _, layer in lora_layers(self.peft_model)]
+        if adapter in self.embed_adapters:
+            self.embed_adapters.remove(adapter)
+        self._set_active(self.think_adapters)
+
+
+def set_trainable(peft_model: nn.Module, adapter: str | None) -> list[nn.Parameter]:
+    """Make exactly one adapter's LoRA weights trainable (or none) and return them."""
+    params = []
+    for name, p in peft_model.named_parameters():
+        train = adapter is not None and "lora_" in name and f".{adapter}." in name
+        p.requires_grad_(train)
+        if train:
+            params.append(p)
+    return params
+
+
+def adapter_params(peft_model: nn.Module, adapter: str) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in peft_model.named_parameters() if "lora_" in n and f".{adapter}." in n}
+
+
+def dropout_train_mode(peft_model: nn.Module, adapter: str) -> None:
+    """Put only `adapter`'s LoRA dropout in train mode (everything frozen stays deterministic)."""
+    for name, module in peft_model.named_modules():
+        if name.endswith(f"lora_dropout.{adapter}"):
+            module.train()
+
+
+def adapter_state(peft_model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """The adapter's weights keyed as PEFT saves them (adapter name stripped)."""
+    from peft.utils import get_peft_model_state_dict
+
+    # save_embedding_layers=False: "auto" may look the base config up on the hub.
+    return get_peft_model_state_dict(peft_model, adapter_name=adapter, save_embedding_layers=False)
+
+
+def load_adapter_state(peft_model: nn.Module, adapter: str, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load PEFT-keyed weights into `adapter`; returns the unexpected keys."""
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter)
+    return list(getattr(result, "unexpected_keys", []))
+
+
+def adapter_config(peft_model: nn.Module, adapter: str):
+    return peft_model.peft_config[adapter]
+
+
+def save_adapter(peft_model: nn.Module, adapter: str, folder) -> None:
+    """PEFT's own folder layout (adapter_config.json + adapter_model.safetensors) in `folder`."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # PEFT writes a non-default adapter to <dir>/<name>/ (plus a model card in <dir>).
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        peft_model.save_pretrained(tmp, selected_adapters=[adapter], save_embedding_layers=False)
+        saved = Path(tmp) / adapter if (Path(tmp) / adapter).is_dir() else Path(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.move(str(saved), str(folder))
+
+
+def base_name(name: str) -> str:
+    """A parameter name as in the plain Hugging Face model (PEFT's wrapper prefixes removed)."""
+    return name.replace("base_model.model.", "").replace(".base_layer", "")
+
+
+def merged_weights(peft_model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """W + delta for every linear `adapter` touches, keyed by the plain HF parameter name."""
+    out = {}
+    with torch.no_grad():
+        for name, layer in lora_layers(peft_model, adapter):
+            weight = layer.get_base_layer().weight
+            out[base_name(f"{name}.base_layer.weight")] = weight + layer.get_delta_weight(adapter).to(weight.dtype)
+    return out
+
+
+def unload(peft_model: nn.Module) -> nn.Module:
+    """The base model with every adapter removed (nothing merged)."""
+    return peft_model.unload()
+
+
+def peft_version_checked() -> bool:
+    import peft
+
+    return any(peft.__version__ == v or peft.__version__.startswith(v + ".") for v in PEFT_VERSIONS_CHECKED)
+

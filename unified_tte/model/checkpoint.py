@@ -1,0 +1,318 @@
+"""Reading what a trained model is stored as: an exported checkpoint folder or a training run
+folder, verified before anything is loaded. `UnifiedTTE.from_checkpoint` is the user's entry;
+writing checkpoints is `unified_tte.export`.
+
+    src = open_source("checkpoints/NAME")        # or a training run dir (runs/NAME)
+    tte = UnifiedTTE(zoo.load(src.backbone_spec), src.config)
+    load_into(tte, src)
+
+An exported checkpoint holds adapters, never the base model; the base is named and pinned by its
+hash:
+
+    checkpoints/NAME/
+      tte_config.json                  TTEConfig fields, "backbone" spec, base name/type/dtype/weight hash,
+                                       invocation token ids, export dtype, think_merged
+      think/adapter_config.json        PEFT layout: `PeftModel.from_pretrained(base, NAME/think)` loads it
+      think/adapter_model.safetensors
+      embed/adapter_config.json        the embed LoRA; its gating (activated / top_k) is in tte_config.json
+      embed/adapter_model.safetensors
+      merged/model.safetensors         --merge-think only: the linear weights W + T that changed
+      manifest.json                    sha256 and byte size of every file above
+
+A training run folder (see `unified_tte/train/loop.py`) has tte_config.json (with "backbone")
+and the finished stages' think/ and embed/ adapter folders; its resume checkpoints are not read.
+
+Checks: every file of a checkpoint against the manifest (missing, truncated, altered files are
+refused by name); no pickle file anywhere it reads (refused, never opened); safetensors only;
+the base model's type, tokenizer (invocation token ids) and weight hash against the recorded ones
+(`backbones.weight_hash`, LoRA excluded, taken after UnifiedTTE adds the mean-initialised
+invocation-token rows). The manifest guards against corruption, not against someone who can
+rewrite the folder: they can rewrite the manifest too.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from . import adapters
+from .backbones import weight_hash
+from .config import TTEConfig
+
+FORMAT = "unified_tte.checkpoint/1"
+CONFIG_FILE = "tte_config.json"
+MANIFEST_FILE = "manifest.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MERGED_WEIGHTS = "merged/model.safetensors"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Extensions of files that torch/pickle would deserialise (and so could run code on load).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
+
+
+@dataclass
+class Source:
+    """A verified checkpoint or run folder, ready to load into a UnifiedTTE."""
+    kind: str                      # "checkpoint" | "run"
+    folder: Path
+    config: TTEConfig
+    backbone_spec: str | None
+    info: dict = field(default_factory=dict)     # the saved tte_config.json
+    files: dict = field(default_factory=dict)    # checkpoint: the manifest's file table
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def config_from_dict(d: dict, where: Path) -> TTEConfig:
+    """TTEConfig from a saved dict; keys that are not TTEConfig fields (backbone, hashes) are skipped."""
+    try:
+        return TTEConfig.from_dict(d)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: not a valid TTEConfig ({exc})") from exc
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); the file is altered or truncated") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object; the file is altered")
+    return data
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: only .safetensors files are read (pickle formats are refused)")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad header
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); "
+                              "it is truncated or altered: re-export the checkpoint") from exc
+
+
+def refuse_pickles(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name.lower().endswith(PICKLE_SUFFIXES):
+            raise CheckpointError(
+                f"{path}: pickle files are refused (loading one can run arbitrary code); "
+                "checkpoints hold safetensors only — remove that file from the checkpoint folder "
+                "or re-export with `tte export`.")
+
+
+# ---------------------------------------------------------------------------------------- manifest
+def write_manifest(folder: str | Path) -> dict:
+    folder = Path(folder)
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
+        rel = path.relative_to(folder).as_posix()
+        files[rel] = {"sha256": sha256(path), "bytes": path.stat().st_size}
+    manifest = {"format": FORMAT, "files": files}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def verify_checkpoint(folder: str | Path) -> dict:
+    """Check every file against manifest.json; refuse pickles. Returns the manifest's file table."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a checkpoint folder (it does not exist)")
+    refuse_pickles(folder)
+    manifest = read_json(folder / MANIFEST_FILE)
+    if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{folder / MANIFEST_FILE}: not a {FORMAT} manifest; re-export with `tte export`")
+    files = manifest["files"]
+    for rel, entry in files.items():
+        path = folder / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise CheckpointError(f"{folder / MANIFEST_FILE} lists {rel!r}, outside the checkpoint folder")
+        if rel.lower().endswith(PICKLE_SUFFIXES):
+            raise CheckpointError(f"{path}: pickle files are refused; checkpoints hold safetensors only")
+        if not isinstance(entry, dict) or not {"bytes", "sha256"} <= set(entry):
+            raise CheckpointError(f"{folder / MANIFEST_FILE}: the entry for {rel!r} is malformed; "
+                                  "re-export the checkpoint")
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (listed in {MANIFEST_FILE}); the checkpoint is incomplete")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(f"{path} is truncated or altered: {size} bytes, {MANIFEST_FILE} "
+                                  f"records {entry['bytes']}; re-export or re-copy the checkpoint")
+        digest = sha256(path)
+        if digest != entry["sha256"]:
+            raise CheckpointError(f"{path} is altered: sha256 {digest[:16]}…, {MANIFEST_FILE} records "
+                                  f"{entry['sha256'][:16]}…; re-export or re-copy the checkpoint")
+    unlisted = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                      if p.is_file() and p.name != MANIFEST_FILE
+                      and p.relative_to(folder).as_posix() not in files)
+    if unlisted:
+        warnings.warn(f"{folder}: files not in {MANIFEST_FILE} are ignored: {unlisted}", stacklevel=2)
+    if CONFIG_FILE not in files:
+        raise CheckpointError(f"{folder / MANIFEST_FILE} does not list {CONFIG_FILE}; re-export the checkpoint")
+    return files
+
+
+def read_checkpoint_config(folder: Path) -> dict:
+    info = read_json(folder / CONFIG_FILE)
+    if info.get("format") != FORMAT:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: not a {FORMAT} config (format={info.get('format')!r})")
+    return info
+
+
+# ---------------------------------------------------------------------------------------- sources
+def read_run(run_dir: str | Path) -> tuple[TTEConfig, str]:
+    """The TTEConfig and backbone spec of a training run dir, after checking its files exist."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run dir {run_dir} does not exist")
+    saved = read_json(run_dir / CONFIG_FILE)
+    config = config_from_dict(saved, run_dir / CONFIG_FILE)
+    spec = saved.get("backbone")
+    if not spec:
+        raise CheckpointError(f"{run_dir / CONFIG_FILE} has no \"backbone\" entry (tiny, smollm2 or a "
+                              "local folder); add it or pass --backbone")
+    names = ["think", "embed"] if config.think == "lora" else ["embed"]
+    for adapter in names:
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            if not (run_dir / adapter / name).is_file():
+                raise CheckpointError(f"{run_dir / adapter / name} is missing: a run dir holds {CONFIG_FILE} "
+                                      f"and {', '.join(a + '/' for a in names)} PEFT adapter folders "
+                                      f"({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}), written when a stage "
+                                      "finishes; finish the run (tte train ... --resume) first")
+    for adapter in names:
+        refuse_pickles(run_dir / adapter)
+    return config, spec
+
+
+def open_source(path: str | Path) -> Source:
+    """An exported checkpoint (tte_config.json says its format; manifest.json) or a training run
+    folder (tte_config.json without a format, adapter folders), verified; anything else is a
+    CheckpointError naming both layouts."""
+    folder = Path(path)
+    if not folder.exists():
+        raise CheckpointError(f"{folder} does not exist: pass an exported checkpoint folder "
+                              "(tte export) or a training run folder (tte train's run_dir)")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is a file: pass a checkpoint or run folder")
+    exported = (folder / CONFIG_FILE).is_file() and read_json(folder / CONFIG_FILE).get("format") == FORMAT
+    if exported or (folder / MANIFEST_FILE).is_file():
+        files = verify_checkpoint(folder)
+        info = read_checkpoint_config(folder)
+        return Source("checkpoint", folder, config_from_dict(info, folder / CONFIG_FILE),
+                      info.get("backbone"), info, files)
+    if (folder / CONFIG_FILE).is_file():
+        config, spec = read_run(folder)
+        return Source("run", folder, config, spec, read_json(folder / CONFIG_FILE))
+    raise CheckpointError(f"{folder} is neither an exported checkpoint ({MANIFEST_FILE} + {CONFIG_FILE}) "
+                          f"nor a training run folder ({CONFIG_FILE} + think/, embed/)")
+
+
+# ---------------------------------------------------------------------------------------- loading
+def load_adapter(tte, adapter: str, folder: str | Path) -> None:
+    """Load `folder/adapter_model.safetensors` (PEFT layout) into the model's `adapter`, strictly:
+    the keys and shapes must be exactly the adapter's, so a checkpoint for another wiring
+    (rank, mode, K, backbone) is refused instead of half-loaded."""
+    folder = Path(folder)
+    path = folder / ADAPTER_WEIGHTS
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG} is missing; an adapter folder holds "
+                              f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (PEFT's layout)")
+    state = load_safetensors(path)
+    expected = adapters.adapter_state(tte.peft_model, adapter)
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match the '{adapter}' adapter of this model: {len(missing)} missing "
+            f"tensors (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}). "
+            "It was saved for a different backbone, mode or embed_layers; check tte_config.json.")
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(f"{path}: tensor {key} has shape {tuple(value.shape)}, the model "
+                                  f"expects {tuple(expected[key].shape)} (different lora_r?)")
+    adapters.load_adapter_state(tte.peft_model, adapter, state)
+
+
+def apply_merged(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: Path) -> None:
+    """Copy merged linear weights into a (PEFT-wrapped or plain) model, cast to its dtype."""
+    params = {adapters.base_name(n): p for n, p in model.named_parameters() if "lora_" not in n}
+    unknown = sorted(set(weights) - set(params))
+    if unknown:
+        raise CheckpointError(f"{where}: {len(unknown)} tensors are not parameters of this base "
+                              f"(e.g. {unknown[:2]}); the checkpoint was merged on another model")
+    with torch.no_grad():
+        for key, value in weights.items():
+            if value.shape != params[key].shape:
+                raise CheckpointError(f"{where}: tensor {key} has shape {tuple(value.shape)}, "
+                                      f"the base has {tuple(params[key].shape)}")
+            params[key].copy_(value.to(params[key].dtype))
+
+
+def check_base(info: dict, actual_hash: str, model: torch.nn.Module, where: Path,
+               key: str = "base_weight_hash") -> None:
+    if actual_hash == info[key]:
+        return
+    dtype = dtype_name(next(model.parameters()).dtype)
+    hint = ""
+    if dtype != info.get("base_dtype"):
+        hint = (f" The base is {dtype} but was {info.get('base_dtype')} at export: load it in "
+                f"{info.get('base_dtype')} and pass dtype= to load_checkpoint to cast after the check.")
+    raise CheckpointError(
+        f"base model weight hash {actual_hash[:16]}… differs from the one recorded in {where} "
+        f"({info[key][:16]}…): this checkpoint was exported from '{info.get('base_model')}' "
+        f"(backbone spec {info.get('backbone')!r}); pass that exact base model.{hint}")
+
+
+def check_backbone_type(src: Source, model_type: str) -> None:
+    want = src.info.get("base_model_type")
+    if src.kind == "checkpoint" and model_type != want:
+        raise CheckpointError(f"{src.folder / CONFIG_FILE} records a '{want}' base "
+                              f"('{src.info.get('base_model')}'), got a '{model_type}' backbone")
+
+
+def load_into(tte, src: Source) -> None:
+    """Load a source's adapters (and merged weights) into a UnifiedTTE built from its config,
+    checking the base first."""
+    if src.kind == "run":
+        for adapter in tte.embed_adapters:
+            load_adapter(tte, adapter, src.folder / adapter)
+        return
+    folder, info, files = src.folder, src.info, src.files
+    if list(tte.invocation_ids) != info["invocation_ids"]:
+        raise CheckpointError(f"the tokenizer maps the invocation tokens {list(tte.config.invocation)} to "
+                              f"{tte.invocation_ids}, {folder / CONFIG_FILE} records {info['invocation_ids']}: "
+                              "a different tokenizer than at export")
+    check_base(info, weight_hash(tte.peft_model), tte.peft_model, folder / CONFIG_FILE)
+    if info.get("think_merged"):
+        if MERGED_WEIGHTS not in files:
+            raise CheckpointError(f"{folder / MANIFEST_FILE} does not list {MERGED_WEIGHTS}, "
+                                  "but the checkpoint says think_merged")
+        apply_merged(tte.peft_model, load_safetensors(folder / MERGED_WEIGHTS), folder / MERGED_WEIGHTS)
+        check_base(info, weight_hash(tte.peft_model), tte.peft_model, folder / CONFIG_FILE,
+                   "merged_weight_hash")
+    for adapter in tte.embed_adapters:
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            if f"{adapter}/{name}" not in files:
+                raise CheckpointError(f"{folder / MANIFEST_FILE} does not list {adapter}/{name}; "
+                                      "the checkpoint is incomplete")
+        load_adapter(tte, adapter, folder / adapter)

@@ -1,0 +1,50 @@
+"""TTEConfig: how a UnifiedTTE is wired (mode, K, invocation tokens, pooling, LoRA shape).
+
+    from unified_tte.model import TTEConfig
+    cfg = TTEConfig(mode="top_k", embed_layers=4)
+
+Saved as tte_config.json by training runs and exports; `TTEConfig.from_dict` reads it back
+(keys that are not fields, such as the backbone spec or hashes, are ignored).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+
+@dataclass
+class TTEConfig:
+    """How the unified model is wired; the forward-path contract is in `model/tte.py`."""
+    mode: Literal["activated", "top_k"] = "activated"
+    embed_layers: int | None = None          # K for top_k; default L // 4
+    think: Literal["lora", "none"] = "lora"   # "none": the backbone itself is the reasoner
+    invocation: tuple[str, ...] = ("<|embed|>",)
+    pooling: Literal["last", "mean"] = "last"
+    lora_r: int = 16
+    lora_alpha: int = 64
+    lora_dropout: float = 0.0
+    max_length: int | None = None            # default: the backbone's max_position_embeddings
+    seed: int = 0                            # seeds the LoRA initialisation only
+
+    def __post_init__(self):
+        if self.mode not in ("activated", "top_k"):
+            raise ValueError(f"mode must be 'activated' or 'top_k', got {self.mode!r}")
+        if self.think not in ("lora", "none"):
+            raise ValueError(f"think must be 'lora' or 'none', got {self.think!r}")
+        if self.pooling not in ("last", "mean"):
+            raise ValueError(f"pooling must be 'last' or 'mean', got {self.pooling!r}")
+        if isinstance(self.invocation, str):
+            self.invocation = (self.invocation,)
+        self.invocation = tuple(self.invocation)
+        if not self.invocation:
+            raise ValueError("invocation needs at least one token, e.g. ('<|embed|>',)")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["invocation"] = list(self.invocation)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TTEConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

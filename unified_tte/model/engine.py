@@ -1,0 +1,168 @@
+"""The KV-cache engine under UnifiedTTE: prefill, feeding token chunks, sampling, the decode loop.
+
+    engine = Engine(stack, pad_id, capture_at=L - K)     # capture_at: top_k's split layer, else None
+    hidden, state = engine.prefill(prompts, tails, stop=L)
+    ids, finished = engine.decode(state, hidden[:, -1], max_new_tokens=64, stop_ids={eos}, eos_id=eos)
+    hidden = engine.feed(state, chunks, stop=L)          # append left-padded chunks to the cache
+
+Which adapters are active is the caller's business (UnifiedTTE switches them around these calls);
+the engine only runs the decoder layers of a `DecoderStack` against a growing cache. A batch is
+left-padded: every row's newest token sits in the last column, so decode and the invocation step
+read `hidden[:, -1]` and the pooled positions are the last columns.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .backbones import DecoderStack, crop_cache
+from .inputs import EncodedPrompt, left_pad, stack_images
+
+
+@dataclass
+class ThinkState:
+    """What the embed step reuses after decoding: the KV cache and where each row stands."""
+    cache: object
+    attention_mask: torch.Tensor          # [B, T] 0/1 over everything in the cache
+    positions: list                       # per fed chunk: [B, t] or [3, B, t] (M-RoPE)
+    delta: torch.Tensor                   # [B]: text position = real-token index + delta
+    real_len: torch.Tensor                # [B]: real tokens fed so far per row
+    pending: list[list[int]]              # per row: tokens decided but not yet fed (trace end + EOS)
+    residuals: list | None = None         # top_k: residual entering layer L-K per fed chunk
+
+    def snapshot(self) -> tuple:
+        """Everything `restore` needs to undo later feeds (the cache is cropped, not copied)."""
+        return (self.cache.get_seq_length(), self.attention_mask, len(self.positions), self.real_len,
+                [list(p) for p in self.pending], None if self.residuals is None else len(self.residuals))
+
+    def restore(self, snap: tuple) -> None:
+        length, self.attention_mask, n_pos, self.real_len, self.pending, n_res = snap
+        crop_cache(self.cache, length)
+        del self.positions[n_pos:]
+        if n_res is not None:
+            del self.residuals[n_res:]
+
+
+class Engine:
+    """Runs a DecoderStack against a KV cache (see the module docstring).
+
+    Args:
+        stack: the backbone's decoder stack.
+        pad_id: the token left padding uses (masked out, never attended to).
+        capture_at: keep the residual stream entering this layer for every fed token (top_k's
+            L - K), so the top layers can re-run over the whole sequence later; None keeps none.
+    """
+
+    def __init__(self, stack: DecoderStack, pad_id: int, capture_at: int | None = None):
+        self.stack, self.pad_id, self.capture_at = stack, pad_id, capture_at
+
+    @property
+    def device(self) -> torch.device:
+        return self.stack.device
+
+    def _to_device(self, *tensors):
+        return [t.to(self.device) if t is not None else None for t in tensors]
+
+    def prefill(self, prompts: Sequence[EncodedPrompt], tails: Sequence[list[int]],
+                stop: int) -> tuple[torch.Tensor, ThinkState]:
+        """Run prompt + tail through layers [0, stop) into a fresh cache. Returns the hidden
+        states after layer stop-1 ([B, T, D]) and the state to continue from."""
+        ids, mask = left_pad([p.ids + t for p, t in zip(prompts, tails)], self.pad_id)
+        pixel_values, grid = stack_images(prompts)
+        ids, mask, pixel_values, grid = self._to_device(ids, mask, pixel_values, grid)
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(self.stack.dtype)
+        positions, delta = self.stack.prompt_positions(ids, mask, grid)
+        hidden = self.stack.embed_inputs(ids, pixel_values, grid)
+        cache = self.stack.new_cache()
+        hidden, residual = self.stack.run_layers(hidden, mask, positions, cache, 0, stop,
+                                                 capture_at=self.capture_at)
+        state = ThinkState(cache=cache, attention_mask=mask, positions=[positions], delta=delta,
+                           real_len=mask.sum(1), pending=[[] for _ in prompts],
+                           residuals=[residual] if self.capture_at is not None else None)
+        return hidden, state
+
+    def feed(self, state: ThinkState, chunks: Sequence[Sequence[int]], stop: int) -> torch.Tensor:
+        """Append left-padded token chunks (one per row; an empty chunk is a masked pad) to the
+        state's cache through layers [0, stop). Returns their hidden states [B, t, D]."""
+        ids, chunk_mask = self._to_device(*left_pad(chunks, self.pad_id))
+        real_index = state.real_len.view(-1, 1) + chunk_mask.cumsum(1) - 1
+        positions = self.stack.text_positions(real_index.clamp(min=0), state.delta)
+        state.attention_mask = torch.cat([state.attention_mask, chunk_mask], 1)
+        hidden, residual = self.stack.run_layers(self.stack.embed_inputs(ids), state.attention_mask,
+                                                 positions, state.cache, 0, stop,
+                                                 capture_at=self.capture_at)
+        state.positions.append(positions)
+        state.real_len = state.real_len + chunk_mask.sum(1)
+        if self.capture_at is not None:
+            state.residuals.append(residual)
+        return hidden
+
+    @contextlib.contextmanager
+    def preserved(self, state: ThinkState):
+        """Whatever is fed inside leaves the state as it was (cache cropped back, positions,
+        mask and pending tokens restored): the embed step can run on a state several times."""
+        snap = state.snapshot()
+        try:
+            yield state
+        finally:
+            state.restore(snap)
+
+    def next_tokens(self, hidden_last: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
+                    top_p: float = 1.0, generator: torch.Generator | None = None,
+                    suppress: Sequence[int] = ()) -> torch.Tensor:
+        """The next token of every row from the last hidden state [B, D]: greedy, or sampled
+        with temperature and nucleus (top-p) filtering; `suppress`ed ids are never chosen."""
+        logits = self.stack.lm_head(self.stack.norm(hidden_last)).float()
+        if suppress:
+            logits[:, list(suppress)] = float("-inf")
+        if not do_sample:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / max(temperature, 1e-5), -1)
+        if top_p < 1.0:
+            sorted_p, order = probs.sort(-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p > top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    def decode(self, state: ThinkState, last: torch.Tensor, max_new_tokens: int, stop_ids: set[int],
+               eos_id: int, min_new_tokens: int = 0, **sampling) -> tuple[list[list[int]], list[bool]]:
+        """Decode up to `max_new_tokens` per row from `last` ([B, D], the hidden state of each
+        row's newest token). A row stops at any of `stop_ids`, which closes its turn with
+        `eos_id`; before `min_new_tokens` the stop ids are suppressed (as in HF `generate`).
+        The last decided token of every row is left pending in the state (with the closing
+        `eos_id`), not fed: the embed step feeds it together with the invocation. `sampling`
+        goes to `next_tokens`. Returns the token ids per row (stop token excluded) and which
+        rows stopped.
+        """
+        batch = last.shape[0]
+        traces: list[list[int]] = [[] for _ in range(batch)]
+        finished = [False] * batch
+        for step in range(max_new_tokens):
+            suppress = sorted(stop_ids) if step < min_new_tokens else ()
+            tokens = self.next_tokens(last, suppress=suppress, **sampling).tolist()
+            for row in range(batch):
+                if finished[row]:
+                    continue
+                if tokens[row] in stop_ids:
+                    # Any stop id closes the turn with the canonical end-of-turn token, the
+                    # same token `embed` appends after a given trace.
+                    finished[row] = True
+                    state.pending[row] = [eos_id]
+                else:
+                    traces[row].append(tokens[row])
+                    state.pending[row] = [tokens[row]]
+            if all(finished) or step == max_new_tokens - 1:
+                break
+            # Rows that already stopped feed nothing: left_pad gives them a masked pad.
+            fed = self.feed(state, [p[:1] for p in state.pending], self.stack.num_layers)
+            state.pending = [[] for _ in range(batch)]
+            last = fed[:, -1]
+        for row in range(batch):
+            if not finished[row]:  # hit max_new_tokens: the last token is pending; close the turn
+                state.pending[row] = state.pending[row] + [eos_id]
+        return traces, finished

@@ -1,0 +1,334 @@
+"""UnifiedTTE: one backbone, a `think` LoRA and an `embed` LoRA, and the forward path.
+
+The forward-path contract lives in this file (its engine in engine.py, the adapter switch in
+adapters.py):
+
+    sequence  = [prompt: chat template, images, text] [trace] [end-of-turn] [invocation]
+    embedding = L2-normalised final hidden state at the last invocation token (or their mean)
+
+    mode="activated": positions before the invocation see base+T; from it on base+T+E, every layer.
+    mode="top_k":     layers [0, L-K) see base+T everywhere; layers [L-K, L) see base+T+E everywhere.
+
+Fast path (`think`, `embed`, `think_then_embed`): prefill + decode with T, keep the KV cache (and in
+top_k the residual entering layer L-K); then run only the invocation tokens against the cache
+(activated), or the invocation through the lower layers and the top K layers over the cached
+residuals (top_k). Plain twin (`embed_recompute`): one full Hugging Face forward of the whole
+sequence under the recompute semantics. Tests hold the two equal (tests/test_forward_path.py).
+
+    from unified_tte import UnifiedTTE, TTEInput
+    from unified_tte.model import zoo
+    tte = UnifiedTTE(zoo.tiny_qwen2vl(), mode="activated")
+    emb, traces = tte.think_then_embed([TTEInput("Which digit?", images=[img])], max_new_tokens=32)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tte_kernels import pool  # fused gather/mean + L2 norm (Triton on CUDA)
+
+from ..errors import CheckpointError
+from . import adapters, checkpoint, zoo
+from .backbones import Backbone, DecoderStack, add_invocation_tokens
+from .config import TTEConfig
+from .engine import Engine, ThinkState
+from .inputs import EncodedPrompt, PromptEncoder, Trace, TTEInput, left_pad, stack_images
+
+
+@dataclass
+class ThinkOutput:
+    traces: list[Trace]
+    state: ThinkState
+    prompts: list[EncodedPrompt] = field(repr=False, default_factory=list)
+
+
+class UnifiedTTE(nn.Module):
+    """One backbone with a `think` and an `embed` adapter (see the module docstring).
+
+    Args:
+        backbone: a `Backbone` (zoo.load / backbones.load); wrapped in place (invocation tokens
+            added to its tokenizer and embeddings, LoRA layers injected).
+        config: a TTEConfig (not modified; the filled-in copy is `self.config`), or keyword
+            overrides of its fields (mode=, embed_layers=, think=, pooling=, lora_r=, ...).
+    """
+
+    def __init__(self, backbone: Backbone, config: TTEConfig | None = None, **overrides):
+        super().__init__()
+        cfg = dataclasses.replace(config or TTEConfig(), **overrides)
+        self.backbone = backbone
+        self.tokenizer = backbone.tokenizer
+        hf_model = backbone.model
+        self.stack = DecoderStack(hf_model)
+        L = self.stack.num_layers
+        if cfg.mode == "top_k":
+            if cfg.embed_layers is None:
+                cfg = dataclasses.replace(cfg, embed_layers=max(1, L // 4))
+            if not 1 <= cfg.embed_layers <= L:
+                raise ValueError(f"embed_layers must be in [1, {L}] for this {L}-layer backbone, "
+                                 f"got {cfg.embed_layers}")
+        self.config = cfg
+        self.invocation_ids = add_invocation_tokens(backbone, cfg.invocation)
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        gen_eos = getattr(hf_model.generation_config, "eos_token_id", None)
+        gen_eos = gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos]
+        self.stop_ids = {self.eos_id, *gen_eos}  # decoding stops at any of these
+        max_pos = getattr(self.stack.config, "max_position_embeddings", 4096)
+        self.encoder = PromptEncoder(self.tokenizer, backbone.image_processor,
+                                     max_length=cfg.max_length or max_pos)
+
+        for p in hf_model.parameters():
+            p.requires_grad_(False)
+        # The LoRA init is seeded by the config; the caller's RNG stream is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.peft_model = adapters.wrap(hf_model, cfg, L)
+        self.switch = adapters.AdapterSwitch(self.peft_model, ["think"] if cfg.think == "lora" else [])
+        self.engine = Engine(self.stack, self.pad_id,
+                             capture_at=self.split_layer if cfg.mode == "top_k" else None)
+        self.set_trainable(None)
+
+    @classmethod
+    def separate_embedder(cls, backbone: Backbone, **overrides) -> "UnifiedTTE":
+        """The two-model baseline's embedder: its own backbone copy with one LoRA over every layer
+        and every position (VLM2Vec style), re-encoding query + trace. Expressed as top_k with
+        K = L and no think adapter, so it runs through the same forward path."""
+        L = DecoderStack(backbone.model).num_layers
+        return cls(backbone, **{**overrides, "think": "none", "mode": "top_k", "embed_layers": L})
+
+    @classmethod
+    def separate_reasoner(cls, backbone: Backbone, **overrides) -> "UnifiedTTE":
+        """The two-model baseline's reasoner: base + think LoRA and no embed adapter (it only
+        decodes; `embed` on it is an error)."""
+        tte = cls(backbone, **overrides)
+        tte.switch.remove("embed")
+        return tte
+
+    @classmethod
+    def from_checkpoint(cls, path, backbone: Backbone | None = None, dtype: torch.dtype | str | None = None,
+                        device: str | torch.device | None = None) -> "UnifiedTTE":
+        """Load an exported checkpoint or a training run folder (see model/checkpoint.py): every
+        file verified, then the base model's type, tokenizer and weight hash.
+
+        Args:
+            backbone: the base it was trained on, in the dtype it had then; default: built from
+                the recorded backbone spec (zoo.load). It is wrapped in place.
+            dtype: cast the whole model after the checks (e.g. torch.bfloat16 for serving).
+        """
+        src = checkpoint.open_source(path)
+        if backbone is None:
+            if not src.backbone_spec:
+                raise CheckpointError(f"{src.folder / checkpoint.CONFIG_FILE} records no backbone spec; "
+                                      "pass backbone=")
+            backbone = zoo.load(src.backbone_spec)
+        checkpoint.check_backbone_type(src, backbone.model_type)
+        tte = cls(backbone, src.config)
+        checkpoint.load_into(tte, src)
+        if isinstance(dtype, str):
+            dtype = checkpoint.DTYPES[dtype]
+        if dtype is not None:
+            tte.to(dtype=dtype)
+        if device is not None:
+            tte.to(device)
+        return tte.eval()
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def think_adapters(self) -> list[str]:
+        return self.switch.think_adapters
+
+    @property
+    def embed_adapters(self) -> list[str]:
+        return self.switch.embed_adapters
+
+    def set_trainable(self, stage: Literal["think", "embed"] | None) -> list[nn.Parameter]:
+        """Make exactly one adapter trainable (or none) and return its parameters."""
+        return adapters.set_trainable(self.peft_model, stage)
+
+    def adapter_params(self, adapter: str) -> dict[str, nn.Parameter]:
+        return adapters.adapter_params(self.peft_model, adapter)
+
+    @property
+    def device(self) -> torch.device:
+        return self.stack.device
+
+    @property
+    def num_layers(self) -> int:
+        return self.stack.num_layers
+
+    @property
+    def split_layer(self) -> int:
+        """First layer that sees the embed adapter in top_k (L - K); L in activated mode."""
+        return self.num_layers - self.config.embed_layers if self.config.mode == "top_k" else self.num_layers
+
+    # ------------------------------------------------------------------ token helpers
+    def trace_ids(self, trace: str | Trace | None) -> list[int]:
+        if trace is None:
+            return []
+        if isinstance(trace, Trace):
+            return list(trace.token_ids)
+        if not isinstance(trace, str):
+            raise TypeError(f"a trace is a string or a Trace, got {type(trace).__name__}")
+        return self.tokenizer(trace, add_special_tokens=False)["input_ids"]
+
+    def tails(self, n: int, traces: Sequence[str | Trace | None] | None) -> list[list[int]]:
+        """Token ids after each prompt and before the invocation: trace + end-of-turn, or nothing
+        when `traces` is None (candidates)."""
+        if traces is None:
+            return [[] for _ in range(n)]
+        if len(traces) != n:
+            raise ValueError(f"got {len(traces)} traces for {n} inputs; pass one trace per input "
+                             "(None for the whole batch embeds without traces)")
+        return [self.trace_ids(t) + [self.eos_id] for t in traces]
+
+    def encode(self, inputs: Sequence[TTEInput], traces=None, invocation: bool = True) -> list[EncodedPrompt]:
+        """Encode prompts with room kept after each for its trace tail (and the invocation)."""
+        extra = len(self.invocation_ids) if invocation else 0
+        return self.encoder.encode(inputs, reserve=[len(t) + extra for t in self.tails(len(inputs), traces)])
+
+    # ------------------------------------------------------------------ fast path
+    @torch.no_grad()
+    def think(self, inputs: Sequence[TTEInput], max_new_tokens: int = 128, do_sample: bool = False,
+              temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+              min_new_tokens: int = 0, on_prefill: Callable[[], None] | None = None) -> ThinkOutput:
+        """Decode a trace per input, as one left-padded batch, with the think adapter.
+
+        Stops a row at the end-of-turn token, but not before `min_new_tokens` (min = max decodes
+        exactly that many). `on_prefill` is called once the prompt's forward pass is done (a
+        timing hook). Returns the traces and the state (cache, positions, residuals) that
+        `embed_from_state` reuses.
+        """
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if not 0 <= min_new_tokens <= max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}")
+        prompts = self.encoder.encode(inputs, reserve=max_new_tokens + 1 + len(self.invocation_ids))
+        generator = None
+        if do_sample and seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        with self.switch.use(self.think_adapters):
+            hidden, state = self.engine.prefill(prompts, [[] for _ in prompts], self.num_layers)
+            if on_prefill is not None:
+                on_prefill()
+            ids, finished = self.engine.decode(
+                state, hidden[:, -1], max_new_tokens, self.stop_ids, self.eos_id, min_new_tokens,
+                do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator)
+        out = [Trace(self.tokenizer.decode(row, skip_special_tokens=True), row, finished[r])
+               for r, row in enumerate(ids)]
+        return ThinkOutput(out, state, prompts)
+
+    def embed_from_state(self, state: ThinkState) -> torch.Tensor:
+        """The embed step of the fast path: invocation tokens against the cache. The state is
+        left as it was (the cache is cropped back), so it can be embedded from again. Grad flows
+        only through what the embed adapter touches, so a no-grad prefix costs no activation
+        memory. fp32 [B, D], unit norm."""
+        if "embed" not in self.embed_adapters:
+            raise ValueError("this model has no embed adapter (a separate reasoner); it cannot embed")
+        n_inv = len(self.invocation_ids)
+        chunks = [p + self.invocation_ids for p in state.pending]
+        with self.engine.preserved(state):
+            if self.config.mode == "activated":
+                width = max(len(c) for c in chunks)
+                gate = torch.zeros(len(chunks), width, 1, device=self.device)
+                gate[:, width - n_inv:] = 1.0  # E only from the invocation on; pending trace tokens see T
+                with self.switch.use(self.embed_adapters, gate):
+                    hidden = self.engine.feed(state, chunks, self.num_layers)
+            else:
+                with self.switch.use(self.think_adapters):
+                    self.engine.feed(state, chunks, self.split_layer)
+                residual = torch.cat(state.residuals, 1)        # [B, T_all, D] entering layer L-K
+                positions = torch.cat(state.positions, -1)
+                with self.switch.use(self.embed_adapters):
+                    hidden, _ = self.stack.run_layers(residual, state.attention_mask, positions, None,
+                                                      self.split_layer, self.num_layers)
+        return self._pool(self.stack.norm(hidden), n_inv)
+
+    @torch.no_grad()
+    def embed(self, inputs: Sequence[TTEInput], traces: Sequence[str | Trace] | None = None) -> torch.Tensor:
+        """Embed without decoding: candidates (no trace) or queries with given traces. fp32 [B, D]."""
+        return self.embed_with_grad(inputs, traces)
+
+    def embed_with_grad(self, inputs, traces=None, prompts: list[EncodedPrompt] | None = None):
+        """`embed` without the no_grad guard: training calls this, so it trains what is served.
+        The prefix runs without grad (base and think are frozen); only the embed step keeps it."""
+        return self.embed_from_state(self.prefix_state(inputs, traces, prompts))
+
+    @torch.no_grad()
+    def prefix_state(self, inputs, traces=None, prompts: list[EncodedPrompt] | None = None) -> ThinkState:
+        """The first half of `embed`: prompt + trace + end-of-turn through the layers below the
+        embed adapter's reach, under the frozen think adapter, without grad. GradCache keeps
+        these states so its pass with grad runs only `embed_from_state`."""
+        tails = self.tails(len(inputs), traces)
+        if prompts is None:
+            prompts = self.encode(inputs, traces)
+        with self.switch.use(self.think_adapters):
+            return self.engine.prefill(prompts, tails, self.split_layer)[1]
+
+    @torch.no_grad()
+    def think_then_embed(self, inputs: Sequence[TTEInput], max_new_tokens: int = 128,
+                         **sampling) -> tuple[torch.Tensor, list[Trace]]:
+        """The single fast path: decode with think, then embed reusing the cache. fp32 [B, D]."""
+        out = self.think(inputs, max_new_tokens=max_new_tokens, **sampling)
+        return self.embed_from_state(out.state), out.traces
+
+    # ------------------------------------------------------------------ think SFT
+    def sft_loss(self, inputs: Sequence[TTEInput], traces: Sequence[str | Trace],
+                 prompts: list[EncodedPrompt] | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy on the trace tokens and the closing end-of-turn token only,
+        with the think adapter (the prompt is context, not target)."""
+        tails = self.tails(len(inputs), traces)
+        if prompts is None:
+            prompts = self.encode(inputs, traces, invocation=False)
+        ids, mask = left_pad([p.ids + t for p, t in zip(prompts, tails)], self.pad_id)
+        targets, _ = left_pad([[-100] * len(p.ids) + t for p, t in zip(prompts, tails)], -100)
+        ids, mask, targets = (x.to(self.device) for x in (ids, mask, targets))
+        with self.switch.use(self.think_adapters):
+            hidden = self._outer_forward(ids, mask, prompts)
+        # Logits only where a target follows: a 150k-entry vocabulary over every prompt token
+        # would dominate memory for nothing.
+        predict = targets[:, 1:] != -100
+        logits = self.stack.lm_head(hidden[:, :-1][predict]).float()
+        return F.cross_entropy(logits, targets[:, 1:][predict])
+
+    def _outer_forward(self, ids, mask, prompts) -> torch.Tensor:
+        """The backbone's own Hugging Face forward (vision merge, M-RoPE) -> final normed hidden."""
+        kwargs = {}
+        if self.stack.is_vl:
+            pixel_values, grid = stack_images(prompts)
+            if pixel_values is not None:
+                pixel_values, grid = pixel_values.to(self.device, self.stack.dtype), grid.to(self.device)
+            kwargs = dict(pixel_values=pixel_values, image_grid_thw=grid,
+                          mm_token_type_ids=(ids == self.backbone.model.config.image_token_id).int())
+        return self.stack.outer(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).last_hidden_state
+
+    # ------------------------------------------------------------------ plain twin
+    @torch.no_grad()
+    def embed_recompute(self, inputs: Sequence[TTEInput], traces: Sequence[str | Trace] | None = None) -> torch.Tensor:
+        """One full Hugging Face forward of prompt + trace + invocation, no cache reuse."""
+        tails = self.tails(len(inputs), traces)
+        n_inv = len(self.invocation_ids)
+        prompts = self.encode(inputs, traces)
+        ids, mask = left_pad([p.ids + t + self.invocation_ids for p, t in zip(prompts, tails)], self.pad_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        gate = None
+        if self.config.mode == "activated":
+            gate = torch.zeros(*ids.shape, 1, device=self.device)
+            gate[:, -n_inv:] = 1.0  # left padding puts every row's invocation in the last columns
+        with self.switch.use(self.embed_adapters, gate):
+            hidden = self._outer_forward(ids, mask, prompts)
+        return self._pool(hidden, n_inv)
+
+    # ------------------------------------------------------------------ pooling
+    def _pool(self, hidden: torch.Tensor, n_inv: int) -> torch.Tensor:
+        """Pool the invocation tokens (always the last n_inv columns) and L2-normalise, fp32."""
+        batch, width = hidden.shape[:2]
+        if self.config.pooling == "last":
+            positions = torch.full((batch,), width - 1, dtype=torch.long, device=hidden.device)
+            return pool(hidden, positions=positions)
+        mask = torch.zeros(batch, width, dtype=torch.bool, device=hidden.device)
+        mask[:, width - n_inv:] = True
+        return pool(hidden, mask=mask)

@@ -1,0 +1,98 @@
+"""What each step trains on: the recipe's rows (traces attached), the rows a stage can use, the
+seeded order of global batches, and encoding a batch's prompts once.
+
+    rows = load_rows(recipe)
+    idx = batch_indices(len(rows), batch=32, seed=0, stage_index=1, step=7)   # global batch 7
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import numpy as np
+
+from ..data import attach_traces, load_traces, load_train_rows
+from ..data.registry import build_builtin
+from ..errors import TrainError
+from .recipe import Recipe
+
+
+def load_rows(recipe: Recipe) -> list:
+    """Every train row of the recipe (with `.trace` where one is known), before any model work."""
+    data = recipe.data
+    if data.train == "digits":
+        d = data.digits
+        rows = build_builtin("digits", seed=d.seed, image_size=d.image_size, test_fraction=d.test_fraction,
+                             max_train_per_task=d.max_train_per_task).train_rows
+    else:
+        rows = []
+        for f in data.train:
+            loaded = load_train_rows(f, image_root=data.image_root, skip_bad=data.skip_bad)
+            for reason in loaded.skipped[:5]:
+                warnings.warn(f"skipped: {reason}")
+            if len(loaded.skipped) > 5:
+                warnings.warn(f"... and {len(loaded.skipped) - 5} more skipped rows in {f}")
+            rows.extend(loaded)
+        traces: dict[str, str] = {}
+        for f in data.traces:
+            for k, v in load_traces(f, valid_only=True).items():
+                traces.setdefault(k, v)
+        if traces:
+            rows = attach_traces(rows, traces, missing="keep")
+    if data.max_rows is not None:
+        rows = rows[:data.max_rows]
+    if not rows:
+        raise TrainError("the recipe's data has no rows.")
+    return list(rows)
+
+
+def stage_rows(recipe: Recipe, stage: str, rows: list) -> list:
+    """The rows a stage trains on; a stage that cannot use the data fails here, before any work."""
+    if stage == "think":
+        usable = [r for r in rows if r.trace]
+        if not usable:
+            raise TrainError("stage think needs ECR traces and no row has one: write them with "
+                             "`tte traces` and list the files in data.traces.")
+        return usable
+    e = recipe.embed
+    if e.use_traces:
+        missing = [r.id for r in rows if not r.trace]
+        if missing and e.missing_traces == "drop" and len(missing) < len(rows):
+            warnings.warn(f"embed: {len(missing)} of {len(rows)} rows have no trace and are left out "
+                          f"(first: {missing[:3]}).")
+            rows = [r for r in rows if r.trace]
+        elif missing:
+            raise TrainError(f"embed.use_traces is true but {len(missing)} of {len(rows)} rows have no "
+                             f"trace (first: {missing[:3]}); add trace files to data.traces, set "
+                             "embed.missing_traces=drop, or embed.use_traces=false.")
+    if e.hard_negatives:
+        missing = [r.id for r in rows if r.neg is None]
+        if missing:
+            raise TrainError(f"embed.hard_negatives is true but {len(missing)} of {len(rows)} rows have "
+                             f"no neg_text / neg_image_path (first: {missing[:3]}); set "
+                             "embed.hard_negatives=false or add negatives.")
+    return rows
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, stage_index: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, stage_index, epoch]).permutation(n)
+
+
+def batch_indices(n: int, batch: int, seed: int, stage_index: int, step: int) -> list[int]:
+    """Rows of global batch `step` (0-based) of a stage: a fresh seeded permutation each epoch,
+    the tail that does not fill a batch dropped. Depends on its arguments only, so the data
+    position of a run is its step."""
+    per_epoch = n // batch
+    epoch, k = divmod(step, per_epoch)
+    return _permutation(n, seed, stage_index, epoch)[k * batch:(k + 1) * batch].tolist()
+
+
+def encode_prompts(tte, inputs, traces=None) -> tuple[list, int]:
+    """Encode once per step (images processed once, also for GradCache's second pass), with the
+    room reserved after each prompt that `embed_with_grad` / `sft_loss` reserve themselves.
+    Returns the prompts and the tokens the step will run (prompt + trace + EOS + invocation)."""
+    # One batched encode (errors name the item's index in the batch), the model's own tails.
+    prompts = tte.encode(inputs, traces)
+    tails = tte.tails(len(inputs), traces)
+    return prompts, sum(len(p.ids) + len(t) + len(tte.invocation_ids) for p, t in zip(prompts, tails))

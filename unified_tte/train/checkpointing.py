@@ -1,0 +1,92 @@
+"""The run folder on disk: resume checkpoints (engine state, data position, RNG of every rank),
+finished stages' weights, and the run's own config files. Layout: train/loop.py's docstring.
+
+    found = checkpoints(run_dir)                 # [(step, path)], complete ones, oldest first
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..errors import TrainError
+from ..model import adapters
+from .distributed import Dist, barrier
+from .engine import gathered
+from .recipe import Recipe, dump_yaml
+from .rng import rng_state
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (trainer_state.json written last), oldest first."""
+    root = run_dir / "checkpoints"
+    found = []
+    for p in root.glob("step_*") if root.is_dir() else []:
+        if (p / "trainer_state.json").is_file() and p.name[5:].isdigit():
+            found.append((int(p.name[5:]), p))
+    return sorted(found)
+
+
+def save_checkpoint(engine, run_dir: Path, state: dict, keep: int | None, d: Dist) -> Path:
+    import torch.distributed as dist
+
+    tag = f"step_{state['step']}"
+    engine.save_checkpoint(str(run_dir / "checkpoints"), tag=tag, save_latest=False,
+                           exclude_frozen_parameters=True)
+    rngs = [None] * d.world
+    dist.all_gather_object(rngs, rng_state())
+    path = run_dir / "checkpoints" / tag
+    if d.rank == 0:
+        tmp = path / "trainer_state.json.tmp"
+        tmp.write_text(json.dumps({**state, "rng": {str(r): s for r, s in enumerate(rngs)}}))
+        tmp.replace(path / "trainer_state.json")
+        if keep is not None:
+            for _, old in checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return path
+
+
+def save_stage(tte, run_dir: Path, stage: str, full: bool, d: Dist) -> None:
+    """RUN_DIR/<stage>/: the PEFT adapter folder, or model.safetensors for full fine-tuning."""
+    trained = [p for p in tte.peft_model.parameters() if p.requires_grad]
+    with gathered(trained):
+        if d.rank == 0:
+            out = run_dir / stage
+            out.mkdir(parents=True, exist_ok=True)
+            if full:
+                from safetensors.torch import save_file
+
+                state = {n: p.detach().cpu().contiguous().clone()
+                         for n, p in tte.peft_model.named_parameters() if p.requires_grad}
+                save_file(state, str(out / "model.safetensors"))
+            else:
+                adapters.save_adapter(tte.peft_model, stage, out)
+    barrier()
+
+
+def write_run_files(recipe: Recipe, tte, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(dump_yaml(recipe))
+    config = {**tte.config.to_dict(), "backbone": recipe.backbone, "backbone_name": tte.backbone.name}
+    (run_dir / "tte_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_stage_weights(tte, folder: Path, stage: str, full: bool = False) -> None:
+    """Load a finished stage's weights (a PEFT adapter folder, or model.safetensors of full FT)."""
+    from safetensors.torch import load_file
+
+    if full:
+        state = load_file(str(folder / "model.safetensors"))
+        result = tte.peft_model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise TrainError(f"{folder}/model.safetensors has weights this model lacks: "
+                             f"{result.unexpected_keys[:3]}")
+        return
+    path = folder / "adapter_model.safetensors"
+    if not path.is_file():
+        raise TrainError(f"{path} not found: the {stage} adapter of an earlier stage or run is needed.")
+    unexpected = adapters.load_adapter_state(tte.peft_model, stage, load_file(str(path)))
+    if unexpected:
+        raise TrainError(f"{path} does not fit this model ({len(unexpected)} unexpected weights, "
+                         f"first {unexpected[0]}); was it trained with another backbone or LoRA rank?")

@@ -1,0 +1,93 @@
+"""Processes: join the launcher's process group (torchrun, the deepspeed launcher, or one plain
+process), and the few collectives the trainer needs. gloo on CPU, NCCL on GPU.
+
+    from unified_tte.train.distributed import init_distributed
+    d = init_distributed()      # Dist(rank, world, local_rank, device)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import MissingExtra, RunError
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+
+def setup_environment() -> None:
+    """Before DeepSpeed is imported: pick its CPU accelerator where there is no GPU."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Deprecation notices DeepSpeed triggers inside torch / transformers on every step.
+    for pattern in (r"`torch\.distributed\.\w+` is deprecated", r"`is_gradient_checkpointing` is deprecated"):
+        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
+
+
+def import_deepspeed():
+    setup_environment()
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise MissingExtra("train", "deepspeed", "training (tte train)") from e
+    except Exception as e:  # noqa: BLE001 - a broken install: its own error, with advice
+        raise RunError(f"DeepSpeed failed to import ({type(e).__name__}: {e}). Reinstall it with "
+                       "`pip install 'unified_tte[train]'`; on a machine without a GPU set "
+                       "DS_ACCELERATOR=cpu.") from e
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return deepspeed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> Dist:
+    """Join the process group the launcher set up (torchrun / deepspeed set RANK, WORLD_SIZE, ...),
+    or make a one-process group when launched plainly."""
+    deepspeed = import_deepspeed()
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
+                                   verbose=False)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def all_reduce(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,285 @@
+"""Training: `tte train RECIPE.yaml [key=value ...] [--resume]` — the `think` SFT stage and the
+`embed` contrastive stage on a DeepSpeed ZeRO engine (stage 0-3 from the recipe's JSON), in one
+process or many (torchrun or the deepspeed launcher; gloo on CPU, NCCL on GPU).
+
+    tte train recipes/tiny_cpu.yaml                                      # one process
+    DS_ACCELERATOR=cpu torchrun --nproc_per_node 2 -m unified_tte.cli train recipes/tiny_cpu.yaml
+    deepspeed --num_gpus 8 --module unified_tte.train recipes/qwen2vl_2b.yaml  # DeepSpeed's launcher
+    tte train recipes/tiny_cpu.yaml embed.steps=50 --resume               # continue from the newest checkpoint
+
+Stages run in the recipe's order, each on a fresh model and engine (earlier stages' weights
+are read back from the run folder, which is also how `--resume` restores them):
+
+* think: mean cross-entropy on the trace tokens and the closing end-of-turn token only
+  (`UnifiedTTE.sft_loss`); the `think` LoRA, or the whole language model (`think.method: full`,
+  vision tower frozen by default). Micro-batches are accumulated into the global batch.
+* embed: InfoNCE (`tte_kernels.info_nce`, temperature 0.02 by default) of query (+ trace)
+  embeddings against positives and optional hard negatives, with `think` and the base frozen,
+  through `UnifiedTTE.embed_with_grad` — the function `embed` serves, so what is trained is
+  what is served (activated or top_k). Targets are gathered from every rank with gradient
+  (train/losses.py). GradCache (`embed.gradcache_chunk`): embeddings of the whole batch without grad,
+  chunk by chunk; the loss and its gradient w.r.t. the embeddings; then each chunk re-run with
+  grad and backpropagated with those cached gradients. Its plain twin (`gradcache_chunk: null`)
+  is one forward with grad; tests hold their gradients equal.
+
+Every optimizer step: warmup + cosine learning rate, gradient clipping, bf16 on GPU and fp32 on
+CPU, a non-finite loss check before the update (the run stops with a message and the last good
+checkpoint stays), logging to wandb (offline unless configured), metrics.jsonl and a progress bar
+on rank 0.
+
+This module is the loop; its plumbing is beside it: recipe.py (the typed recipe), batches.py
+(rows and batch order), steps.py (the two backward steps), engine.py (DeepSpeed), checkpointing.py
+(the run folder), run_log.py (metrics, wandb), distributed.py, rng.py.
+
+Run folder (RUN_DIR = the recipe's run_dir):
+
+    recipe.yaml               the resolved recipe: overrides applied, absolute paths
+    tte_config.json           TTEConfig.to_dict() + "backbone" (the recipe's spec: tiny | smollm2 |
+                              a folder) + "backbone_name"
+    metrics.jsonl             one JSON object per logged step (rank 0)
+    checkpoints/step_N/       DeepSpeed engine state (trainable weights, optimizer, LR scheduler)
+                              + trainer_state.json {step, stage, stage_step, samples, rng: {rank: ..}};
+                              N counts optimizer steps over all stages, think first; a checkpoint
+                              is complete once trainer_state.json exists
+    think/                    PEFT adapter folder: adapter_config.json, adapter_model.safetensors
+                              (think.method full: model.safetensors, the trained language model
+                              weights under their PEFT-wrapped names)
+    embed/                    PEFT adapter folder
+    wandb/                    the wandb run (offline: `wandb sync RUN_DIR/wandb/offline-run-*`)
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import NonFiniteLoss, TrainError, command
+from ..model import TTEConfig, UnifiedTTE, zoo
+from .batches import batch_indices, load_rows, stage_rows
+from .checkpointing import checkpoints, load_stage_weights, save_checkpoint, save_stage, write_run_files
+from .distributed import Dist, all_reduce, init_distributed
+from .engine import lr_lambda, make_engine, stage_shape
+from .recipe import Recipe, absolute_paths, check_inputs, dump_yaml, load_recipe
+from .rng import seed_everything, set_rng_state
+from .run_log import RunLog, memory_gb, truncate_metrics
+from .steps import embed_backward, think_backward
+
+
+def load_backbone(spec: str, dtype: torch.dtype):
+    return zoo.load(spec, dtype=dtype)
+
+
+def build_model(recipe: Recipe, dtype: torch.dtype) -> UnifiedTTE:
+    return UnifiedTTE(load_backbone(recipe.backbone, dtype), TTEConfig(**recipe.model.to_dict()))
+
+
+def train(recipe: Recipe, resume: bool = False) -> dict:
+    """Run the recipe's stages. Returns {"run_dir", "losses": {stage: [(step, loss), ...]},
+    "stopped": True if stop_after ended the run early}."""
+    recipe = absolute_paths(recipe)
+    ds_json = check_inputs(recipe)
+    rows = load_rows(recipe)
+    per_stage = {s: stage_rows(recipe, s, rows) for s in recipe.stages}
+    d = init_distributed()
+    for s in recipe.stages:
+        stage_shape(recipe, s, d.world)  # batch shapes that do not split fail here
+        if len(per_stage[s]) < recipe.stage(s).batch_size:
+            raise TrainError(f"{s}.batch_size={recipe.stage(s).batch_size} is more than the "
+                             f"{len(per_stage[s])} rows the stage can use.")
+    run_dir = Path(recipe.run_dir)
+    found = checkpoints(run_dir)
+    if found and not resume:
+        raise TrainError(f"{run_dir} already holds checkpoints (newest {found[-1][1].name}); pass "
+                         "--resume to continue that run, or set another run_dir.")
+    state = None
+    if resume and found:
+        state = json.loads((found[-1][1] / "trainer_state.json").read_text())
+    bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and d.device.type == "cuda")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    seed_everything(recipe.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if state and d.rank == 0:
+        truncate_metrics(run_dir, state["step"])  # steps after the checkpoint run again
+    log = RunLog(recipe, run_dir, d, initial=state["step"] if state else 0)
+    if state:
+        log.message(f"resuming {run_dir} from step {state['step']} ({state['stage']} step {state['stage_step']})")
+    elif resume:
+        log.message(f"no checkpoint in {run_dir}: starting from the beginning")
+    losses: dict[str, list] = {s: [] for s in recipe.stages}
+    step_offset = 0
+    stopped = False
+    try:
+        for index, stage in enumerate(recipe.stages):
+            spec = recipe.stage(stage)
+            resumed_index = recipe.stages.index(state["stage"]) if state else -1
+            if index < resumed_index:  # finished before the checkpoint: its weights are in RUN_DIR
+                step_offset += spec.steps
+                continue
+            resumed = state if state and index == resumed_index else None
+            run = StageRun(recipe=recipe, stage=stage, index=index, rows=per_stage[stage], ds_json=ds_json,
+                           dist=d, dtype=dtype, bf16=bf16, run_dir=run_dir, step_offset=step_offset,
+                           resume_state=resumed, log=log, losses=losses[stage])
+            stopped = run.run()
+            step_offset += spec.steps
+            if stopped:
+                break
+    finally:
+        log.close()
+    return {"run_dir": str(run_dir), "losses": losses, "stopped": stopped}
+
+
+@dataclass
+class StageRun:
+    """One stage of a run: a fresh model and engine, from step 0 or from a resume checkpoint."""
+    recipe: Recipe
+    stage: str                      # "think" | "embed"
+    index: int                      # its position in recipe.stages (seeds its batch order)
+    rows: list                      # the rows it can use (stage_rows)
+    ds_json: dict                   # the recipe's DeepSpeed JSON as read
+    dist: Dist
+    dtype: torch.dtype
+    bf16: bool
+    run_dir: Path
+    step_offset: int                # global steps of the stages before it
+    resume_state: dict | None = None    # trainer_state.json of the checkpoint to resume from
+    log: RunLog | None = None
+    losses: list = field(default_factory=list)   # (global step, loss), appended to
+
+    @property
+    def spec(self):
+        return self.recipe.stage(self.stage)
+
+    @property
+    def start(self) -> int:
+        return self.resume_state["stage_step"] if self.resume_state else 0
+
+    def build(self):
+        """The model with every earlier stage's weights, and its engine (state restored on resume)."""
+        recipe, run_dir, d = self.recipe, self.run_dir, self.dist
+        tte = build_model(recipe, self.dtype)
+        if d.rank == 0 and self.index == 0 and self.start == 0:
+            write_run_files(recipe, tte, run_dir)
+        # Earlier stages' weights: this run's, or an adapter the recipe starts from.
+        if recipe.think_adapter and "think" not in recipe.stages:
+            load_stage_weights(tte, Path(recipe.think_adapter), "think")
+        for earlier in recipe.stages[:self.index]:
+            load_stage_weights(tte, run_dir / earlier, earlier,
+                               full=earlier == "think" and recipe.think.method == "full")
+        engine = make_engine(recipe, self.stage, tte, self.ds_json, d.world, self.bf16)
+        if self.resume_state is not None:
+            self._restore(engine)
+        return tte, engine
+
+    def _restore(self, engine) -> None:
+        spec, state = self.spec, self.resume_state
+        engine.load_checkpoint(str(self.run_dir / "checkpoints"), tag=f"step_{state['step']}",
+                               load_module_strict=False)
+        set_rng_state(state["rng"][str(self.dist.rank)])
+        # The schedule follows the recipe as given now (a lower lr after a non-finite loss takes
+        # effect); unchanged, this recomputes exactly the values the checkpoint holds.
+        sched, factor = engine.lr_scheduler, lr_lambda(spec.warmup_steps, spec.steps, spec.min_lr_ratio)
+        sched.base_lrs = [spec.lr for _ in sched.base_lrs]
+        for group in engine.optimizer.param_groups:
+            group["lr"] = spec.lr * factor(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in engine.optimizer.param_groups]
+
+    def backward(self, engine, rows: list, micro: int) -> tuple[float, int, bool]:
+        if self.stage == "think":
+            return think_backward(engine, rows, micro)
+        e = self.recipe.embed
+        return embed_backward(engine, rows, e.gradcache_chunk, e.temperature, e.use_traces,
+                              e.hard_negatives, e.gather_negatives, e.gradcache_keep_prefix)
+
+    def run(self) -> bool:
+        """Train the stage's remaining steps; True when stop_after ended the run here."""
+        recipe, spec, stage, d, run_dir, log = self.recipe, self.spec, self.stage, self.dist, self.run_dir, self.log
+        full = stage == "think" and recipe.think.method == "full"
+        tte, engine = self.build()
+        local, micro, _ = stage_shape(recipe, stage, d.world)
+        found = checkpoints(run_dir)
+        last_good = found[-1][1] if found else None
+        try:
+            for s in range(self.start, spec.steps):
+                step = self.step_offset + s + 1
+                t0 = time.perf_counter()
+                idx = batch_indices(len(self.rows), spec.batch_size, recipe.seed, self.index, s)
+                mine = [self.rows[i] for i in idx[d.rank * local:(d.rank + 1) * local]]
+                lr = engine.lr_scheduler.get_last_lr()[0]
+                loss, tokens, finite = self.backward(engine, mine, micro)
+                loss_sum, tokens, bad = all_reduce([loss if finite else 0.0, tokens, 0.0 if finite else 1.0])
+                if bad:
+                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
+                    raise NonFiniteLoss(
+                        f"non-finite loss at step {step} ({stage} step {s + 1}) on {int(bad)} rank(s); the "
+                        f"update was not applied and the run stopped; {where}. Lower {stage}.lr, raise "
+                        f"{stage}.warmup_steps or check the data, then resume with --resume.")
+                engine.step()  # the optimizer step (clipping, LR schedule) of the accumulated batch
+                dt = time.perf_counter() - t0
+                norm = engine.get_global_grad_norm()
+                record = {"step": step, "stage": stage, "stage_step": s + 1, "loss": loss_sum / d.world,
+                          "lr": lr, "grad_norm": None if norm is None else float(norm),
+                          "samples_per_s": spec.batch_size / dt, "tokens_per_s": tokens / dt,
+                          "peak_memory_gb": memory_gb(d.device), "step_time_s": dt}
+                self.losses.append((step, record["loss"]))
+                if (s + 1) % recipe.log_every == 0 or s == 0 or s + 1 == spec.steps:
+                    log.log(record)
+                log.advance()
+                stop = recipe.stop_after is not None and step >= recipe.stop_after
+                every = recipe.checkpoint_every
+                if (every and step % every == 0) or s + 1 == spec.steps or stop:
+                    last_good = save_checkpoint(engine, run_dir, {"step": step, "stage": stage, "stage_step": s + 1,
+                                                                  "samples": (s + 1) * spec.batch_size},
+                                                recipe.keep_checkpoints, d)
+                if stop and s + 1 < spec.steps:
+                    log.message(f"stopped after step {step} (stop_after); continue with --resume")
+                    return True
+            save_stage(tte, run_dir, stage, full, d)
+            log.message(f"stage {stage} done: {run_dir / stage}")
+            return recipe.stop_after is not None and self.step_offset + spec.steps >= recipe.stop_after \
+                and stage != recipe.stages[-1]
+        finally:
+            engine.destroy()
+            del engine, tte
+            gc.collect()
+
+
+# ----------------------------------------------------------------------------- command line
+
+@command("train")
+def train_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tte train", description="Train the unified TTE model from a YAML recipe (think SFT, "
+        "embed contrastive) on DeepSpeed ZeRO. Launch with torchrun or deepspeed for many ranks.",
+        epilog="Overrides use the recipe's dotted keys, e.g. embed.steps=50 think.lr=2e-4 "
+               "deepspeed=recipes/deepspeed/zero3.json. See recipes/*.yaml and unified_tte/train/recipe.py.")
+    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny_cpu.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in run_dir")
+    parser.add_argument("--print-recipe", action="store_true",
+                        help="print the resolved recipe (overrides applied) and exit")
+    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_intermixed_args(argv)
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.print_recipe:
+        print(dump_yaml(absolute_paths(recipe)), end="")
+        return 0
+    result = train(recipe, resume=args.resume)
+    for stage, values in result["losses"].items():
+        if values and int(os.environ.get("RANK", "0")) == 0:
+            print(f"{stage}: loss {values[0][1]:.4f} (step {values[0][0]}) -> {values[-1][1]:.4f} "
+                  f"(step {values[-1][0]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())
