@@ -2,8 +2,12 @@
 outputs. The numbers of a quick run are not meaningful; the full demo's are in the README."""
 import json
 
+import pytest
+
 from unified_tte.cli import main
 from unified_tte.tools.demo import SYSTEMS
+
+pytestmark = pytest.mark.slow
 
 
 def test_quick_demo_trains_evaluates_exports_and_benches(tmp_path, capsys):

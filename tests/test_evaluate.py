@@ -176,3 +176,26 @@ def test_eval_main_reports_an_unknown_task_without_loading_the_model(monkeypatch
     assert eval_main(["ckpt", "--tasks", "nope", "--no-progress"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
 
+
+
+def test_eval_main_loads_a_training_run_folder(tmp_path, capsys):
+    """`tte eval RUN_DIR`: the run's adapters on its recorded backbone, through the loader that
+    export uses; the resume checkpoints DeepSpeed leaves in the run are not touched."""
+    from unified_tte import UnifiedTTE
+    from unified_tte.model import adapters
+    from unified_tte.model.zoo import tiny_qwen2vl
+
+    tte = UnifiedTTE(tiny_qwen2vl(), mode="activated")
+    run = tmp_path / "run"
+    for name in tte.embed_adapters:
+        adapters.save_adapter(tte.peft_model, name, run / name)
+    (run / "tte_config.json").write_text(json.dumps({**tte.config.to_dict(), "backbone": "tiny"}))
+    (run / "checkpoints" / "step_2").mkdir(parents=True)
+    (run / "checkpoints" / "step_2" / "mp_rank_00_model_states.pt").write_bytes(b"deepspeed state")
+    out = tmp_path / "results.json"
+    rc = eval_main([str(run), "--tasks", "digits/classify", "--max-queries", "4", "--max-new-tokens", "4",
+                    "--out", str(out), "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "| digits/classify | I2T | no | 4 |" in captured.out
+    assert json.loads(out.read_text())["tasks"]["digits/classify"]["n"] == 4

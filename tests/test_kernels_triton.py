@@ -25,6 +25,8 @@ import torch
 from tte_kernels import info_nce, info_nce_ref, pool, pool_ref, resolve_backend
 from tte_kernels.dispatch import interpret_mode
 from tte_kernels.testing import (
+
+pytestmark = pytest.mark.slow
     INFONCE_CASES, assert_close32, assert_within_budget, infonce_grads, infonce_inputs, pool_grads, pool_inputs,
 )
 

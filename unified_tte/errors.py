@@ -115,6 +115,8 @@ def report_errors(command: str, outcome: dict | None = None):
     except KeyboardInterrupt as exc:
         outcome["code"] = 130
         _report(command, "interrupted", exc)
+    except SystemExit as exc:  # argparse has already printed `tte <command>: error: ...`
+        outcome["code"] = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else BAD_INPUT)
 
 
 def command(name: str):

@@ -124,6 +124,7 @@ class AdapterSwitch:
     def use(self, names: list[str], gate: torch.Tensor | None = None):
         """Activate `names` (and the gate, [B, t, 1] over the positions of the coming forward)
         for the duration; think alone is active outside."""
+        self._refuse_merged()
         self._set_active(names)
         self._gate.value = gate
         try:
@@ -131,6 +132,13 @@ class AdapterSwitch:
         finally:
             self._gate.value = None
             self._set_active(self.think_adapters)
+
+    def _refuse_merged(self) -> None:
+        # Cheap (one attribute per layer) and needed at every switch: a user can merge an
+        # adapter at any time through PEFT's own API, after which gating it does nothing.
+        for layer in self._layers:
+            if layer.merged_adapters:
+                check_gateable(self.peft_model)
 
     def remove(self, adapter: str) -> None:
         """Delete an adapter's weights (e.g. a reasoner that never embeds)."""

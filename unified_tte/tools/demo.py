@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import command
+
 SYSTEMS = ("no-think embedder", "two-model TTE", "unified TTE (activated)", "unified TTE (top_k)")
 
 
@@ -239,6 +241,7 @@ def export_and_check(dirs, reasoner: Path, tasks, checkpoint: Path) -> float:
 
 
 # ----------------------------------------------------------------------------- main
+@command("demo")
 def demo_main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tte demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -35,6 +35,14 @@ def setup_environment() -> None:
         warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
 
 
+def require_deepspeed() -> None:
+    """Fail fast, before any data or model work, when the [train] extra is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise MissingExtra("train", "deepspeed", "training (tte train)")
+
+
 def import_deepspeed():
     setup_environment()
     try:

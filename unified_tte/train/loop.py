@@ -64,7 +64,7 @@ from ..errors import NonFiniteLoss, TrainError, command
 from ..model import TTEConfig, UnifiedTTE, zoo
 from .batches import batch_indices, load_rows, stage_rows
 from .checkpointing import checkpoints, load_stage_weights, save_checkpoint, save_stage, write_run_files
-from .distributed import Dist, all_reduce, init_distributed
+from .distributed import Dist, all_reduce, init_distributed, require_deepspeed
 from .engine import lr_lambda, make_engine, stage_shape
 from .recipe import Recipe, absolute_paths, check_inputs, dump_yaml, load_recipe
 from .rng import seed_everything, set_rng_state
@@ -83,6 +83,7 @@ def build_model(recipe: Recipe, dtype: torch.dtype) -> UnifiedTTE:
 def train(recipe: Recipe, resume: bool = False) -> dict:
     """Run the recipe's stages. Returns {"run_dir", "losses": {stage: [(step, loss), ...]},
     "stopped": True if stop_after ended the run early}."""
+    require_deepspeed()
     recipe = absolute_paths(recipe)
     ds_json = check_inputs(recipe)
     rows = load_rows(recipe)

@@ -1,0 +1,130 @@
+"""The package's import arrows point one way (ARCHITECTURE.md): a module imports only modules of
+its own layer's package or of lower layers, never a higher one, not even lazily inside a function,
+and no two modules import each other through any chain."""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "unified_tte"
+
+# Lowest first. A module may import from its own package (same layer, same first-level
+# sub-package) and from any lower layer.
+LAYERS = {
+    "unified_tte.errors": 0,
+    "unified_tte.model": 1,
+    "unified_tte.data": 2,
+    "unified_tte.train": 3,
+    "unified_tte.eval": 3,
+    "unified_tte.export": 3,
+    "unified_tte.tools": 4,
+    "unified_tte.testing": 4,
+    "unified_tte.cli": 5,
+    "unified_tte": 5,              # the package root: the public facade
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def area(name: str) -> str:
+    """The LAYERS key a module belongs to (its longest matching prefix)."""
+    parts = name.split(".")
+    for n in range(len(parts), 0, -1):
+        key = ".".join(parts[:n])
+        if key in LAYERS:
+            return key
+    raise KeyError(name)
+
+
+def imports_of(path: Path, name: str) -> set[str]:
+    """Every unified_tte module `path` imports, anywhere in the file (function bodies included).
+    `from pkg import name` counts as importing pkg.name when that is a module, else pkg."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    is_package = path.name == "__init__.py"
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "unified_tte"}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".")
+                if not is_package:
+                    base = base[:-1]
+                base = base[:len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "unified_tte":
+                continue
+            for alias in node.names:
+                candidate = f"{target}.{alias.name}"
+                out.add(candidate if candidate in MODULES else target)
+    return out
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+GRAPH = {name: imports_of(path, name) for name, path in MODULES.items()}
+
+
+def test_every_module_belongs_to_a_layer():
+    assert all(area(name) for name in MODULES)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_no_module_imports_a_higher_layer_or_a_peer_package(name):
+    mine = area(name)
+    bad = []
+    for target in sorted(GRAPH[name]):
+        theirs = area(target)
+        if LAYERS[theirs] > LAYERS[mine] or (LAYERS[theirs] == LAYERS[mine] and theirs != mine):
+            bad.append(f"{target} ({theirs}, layer {LAYERS[theirs]})")
+    assert not bad, f"{name} ({mine}, layer {LAYERS[mine]}) imports upward or sideways: {bad}"
+
+
+def test_no_import_cycle():
+    """Depth-first search for a back edge over every import, lazy ones included."""
+    state: dict[str, int] = {}   # 1 on the stack, 2 done
+    stack: list[str] = []
+
+    def visit(node):
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(GRAPH.get(node, ())):
+            if nxt not in MODULES:
+                continue
+            if state.get(nxt) == 1:
+                cycle = stack[stack.index(nxt):] + [nxt]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for module in sorted(MODULES):
+        if module not in state:
+            visit(module)
+
+
+def test_the_checker_sees_a_lazy_upward_import(tmp_path):
+    """The walk itself: a function-level import of a higher layer is found."""
+    fake = PACKAGE / "model" / "backbones.py"
+    source = fake.read_text() + "\n\ndef _oops():\n    from ..train import loop  # noqa\n"
+    probe = tmp_path / "backbones.py"
+    probe.write_text(source)
+    tree_imports = imports_of(probe, "unified_tte.model.backbones")
+    assert "unified_tte.train.loop" in tree_imports
+
+
+def test_tte_kernels_never_imports_unified_tte():
+    for path in (ROOT / "kernels").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            assert not any(n.split(".")[0] == "unified_tte" for n in names), f"{path.name} imports unified_tte"
