@@ -1,7 +1,7 @@
 """`tte demo`: the whole product on the built-in CPU default, in one command.
 
-    tte demo            # ~10 minutes on 2 CPU cores
-    tte demo --quick    # ~2 minutes: fewer steps and queries (CI runs it; numbers are not meaningful)
+    tte demo            # the README's main job; its run time and table are in the README
+    tte demo --quick    # fewer steps and queries (CI runs it; its numbers are not meaningful)
 
 On the built-in digits task (scikit-learn's real handwritten digits, see unified_tte/digits.py):
 
