@@ -2,9 +2,9 @@
 scikit-learn, no download) turned into MMEB-style train rows and eval tasks, some of which need a
 reasoning step, with a rule-based teacher that writes the ECR traces for train.
 
-    from unified_tte.digits import build_digits
+    from unified_tte.data.digits import build_digits
     task = build_digits(seed=0)          # .train_rows (with .trace), .eval_tasks
-    python -m unified_tte.digits         # prints the sizes and a few rows
+    python -m unified_tte.data.digits         # prints the sizes and a few rows
 
 Sub-tasks (each has train rows and one eval task, named "digits/<sub-task>"):
 

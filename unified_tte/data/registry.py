@@ -100,7 +100,7 @@ def load_registry(yaml_path: str | os.PathLike) -> dict[str, TaskSpec]:
 
 
 def builtin_registry() -> dict[str, TaskSpec]:
-    """Every task named by the YAML files shipped in unified_tte/tasks/."""
+    """Every task named by the YAML files shipped in unified_tte/data/tasks/."""
     specs: dict[str, TaskSpec] = {}
     for f in sorted(BUILTIN_TASK_DIR.glob("*.yaml")):
         specs.update(load_registry(f))

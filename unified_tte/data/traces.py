@@ -4,7 +4,7 @@
     tte traces --model checkpoints/run1 --data digits --out digits_traces.jsonl --limit 200
 
 `--model` is a checkpoint dir, a local Hugging Face model dir, or a built-in name (`tiny`,
-`smollm2`), resolved by `unified_tte.backbones.load_reasoner`; anything with
+`smollm2`), resolved by `unified_tte.model.zoo.load`; anything with
 `think(inputs, max_new_tokens=, do_sample=) -> .traces` works from Python.
 
 The output file is append-only and resumable: ids already in it are skipped, each batch is
