@@ -104,3 +104,20 @@ def row_id(record: dict, path: Path, number: int) -> str:
 
 def image_root_of(path: Path, image_root) -> Path:
     return Path(image_root) if image_root is not None else path.parent
+
+
+def read_yaml_mapping(path: str | os.PathLike, error: type[Exception], what: str) -> dict:
+    """A YAML file that must hold a mapping (a recipe, a task registry); `error` names the file.
+    An empty file is an empty mapping."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} file not found.")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise error(f"{path}: a {what} is a mapping of keys to values, got {type(doc).__name__}.")
+    return doc

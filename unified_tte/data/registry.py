@@ -15,6 +15,7 @@ from typing import Sequence
 from ..errors import DataError
 from . import digits
 from .mmeb import load_eval_task
+from .records import read_yaml_mapping
 from .schema import EvalTask
 
 BUILTIN_TASK_DIR = Path(__file__).parent / "tasks"
@@ -58,18 +59,8 @@ def load_registry(yaml_path: str | os.PathLike) -> dict[str, TaskSpec]:
     Relative `path` / `image_root` are taken from the YAML file's folder. `group` defaults to
     "retrieval", `image_root` to the data file's folder.
     """
-    import yaml
-
     yaml_path = Path(yaml_path)
-    if not yaml_path.exists():
-        raise DataError(f"{yaml_path}: registry file not found.")
-    try:
-        doc = yaml.safe_load(yaml_path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise DataError(f"{yaml_path}: not valid YAML: {e}") from None
-    if not isinstance(doc, dict):
-        raise DataError(f"{yaml_path}: a registry maps task names to entries; got "
-                        f"{type(doc).__name__}.")
+    doc = read_yaml_mapping(yaml_path, DataError, "registry")
     specs = {}
     for name, entry in doc.items():
         where = f"{yaml_path} task {name!r}"

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..data.records import read_yaml_mapping
 from ..errors import RecipeError
 from ..model import TTEConfig, zoo
 
@@ -173,17 +174,8 @@ class Recipe:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe, apply `key=value` overrides (dotted keys, YAML values), validate."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found.")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of keys to values, got {type(raw).__name__}.")
+    raw = read_yaml_mapping(path, RecipeError, "recipe")
     _normalise(raw)
     _build(Recipe, raw, str(path), "")  # file errors name the file, before overrides apply
     for text in overrides or []:
