@@ -251,3 +251,57 @@ def test_export_cli_writes_a_merged_bf16_checkpoint(exported, tmp_path, capsys):
     x = inputs("tiny")
     cos = (loaded.embed(x, TRACES) * exported[0].embed(x, TRACES)).sum(-1)
     assert cos.min() >= 0.999
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_export_never_deletes_files_it_did_not_write(exported, tmp_path):
+    tte = exported[0]
+    out = tmp_path / "ck"
+    export_model(tte, out, backbone_spec="tiny")
+    (out / "NOTES.md").write_text("my notes about this checkpoint")
+    (out / "eval").mkdir()
+    (out / "eval" / "results.json").write_text("{}")
+    before = snapshot(out)
+    with pytest.raises(CheckpointError, match="holds files that export did not write.*--overwrite"):
+        export_model(tte, out, backbone_spec="tiny", merge_think=True)
+    assert snapshot(out) == before                       # refused: nothing touched
+    export_model(tte, out, backbone_spec="tiny", merge_think=True, overwrite=True)
+    after = snapshot(out)
+    assert after["NOTES.md"] == before["NOTES.md"] and after["eval/results.json"] == b"{}"
+    assert "merged/model.safetensors" in after and not (out / "think").exists()  # stale think/ went
+    with pytest.warns(UserWarning, match="ignored"):  # the user's files are not part of the checkpoint
+        loaded = load_checkpoint(out)
+    assert loaded.config.think == "none"
+
+
+def test_export_refuses_a_file_as_the_output_folder(exported, tmp_path):
+    target = tmp_path / "a_file"
+    target.write_text("keep")
+    with pytest.raises(CheckpointError, match="is a file"):
+        export_model(exported[0], target, backbone_spec="tiny")
+    assert target.read_text() == "keep"
+
+
+def test_a_signed_checkpoint_is_verified_with_the_key(exported, tmp_path, monkeypatch):
+    monkeypatch.setenv("TTE_CHECKPOINT_KEY", "s3cret")
+    out = export_model(exported[0], tmp_path / "signed", backbone_spec="tiny")
+    assert (out / "manifest.sig").is_file()
+    load_checkpoint(out)
+    # Someone rewrites a file and its manifest entry consistently: the sha256 check passes,
+    # the signature does not.
+    cfg = json.loads((out / "tte_config.json").read_text())
+    cfg["pooling"] = "mean"
+    (out / "tte_config.json").write_text(json.dumps(cfg))
+    from unified_tte.model.checkpoint import write_manifest
+    write_manifest(out)
+    with pytest.raises(CheckpointError, match="signature does not match"):
+        load_checkpoint(out)
+    monkeypatch.setenv("TTE_CHECKPOINT_KEY", "another key")
+    (out / "manifest.sig").unlink()
+    with pytest.raises(CheckpointError, match="manifest.sig is missing"):
+        load_checkpoint(out)
+    monkeypatch.delenv("TTE_CHECKPOINT_KEY")
+    assert load_checkpoint(out).config.pooling == "mean"   # without a key: the sha256 check only

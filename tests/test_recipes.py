@@ -139,3 +139,34 @@ def test_the_resolved_recipe_round_trips_through_yaml(tmp_path, monkeypatch):
     again = load_recipe(path)
     assert again == r and Path(again.deepspeed).is_absolute()
     assert isinstance(again, Recipe)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("think.lr=.nan", "think.lr' must be a finite number"),
+    ("embed.temperature=.inf", "embed.temperature' must be a finite number"),
+    ("embed.weight_decay=-0.1", "embed.weight_decay: must be >= 0"),
+    ("think.betas=[0.9, 1.5]", r"think.betas: each must be in \[0, 1\)"),
+    ("model.lora_dropout=1.0", r"model.lora_dropout: must be in \[0, 1\)"),
+    ("model.lora_r=0", "model.lora_r"),
+    ("data.digits.test_fraction=0", r"test_fraction: must be in \(0, 1\)"),
+])
+def test_out_of_range_numbers_are_refused_by_key(override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(REPO / "recipes" / "tiny_cpu.yaml", [override])
+
+
+def test_an_empty_recipe_says_what_a_recipe_needs(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(RecipeError, match=r"empty.yaml: the recipe is empty; a recipe sets at least run_dir, backbone"):
+        load_recipe(empty)
+
+
+def test_optimizer_settings_in_the_deepspeed_json_are_refused(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2},
+                              "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "weight_decay": 0.5}}}))
+    with pytest.raises(RecipeError, match=r"optimizer.params.lr.*optimizer.params.weight_decay.*recipe owns"):
+        load_deepspeed_json(ds)
+    ds.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"eps": 1e-6}}}))
+    assert load_deepspeed_json(ds)["optimizer"]["params"] == {"eps": 1e-6}

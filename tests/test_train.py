@@ -176,17 +176,49 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     with pytest.raises(T.NonFiniteLoss) as err:
         T.train(recipe)
     message = str(err.value)
-    assert "step 3" in message and "checkpoints/step_2" in message
-    assert [p.name for _, p in T.checkpoints(tmp_path)] == ["step_1", "step_2"]
+    # step 2's weights gave the non-finite loss of step 3: its checkpoint is not vouched for and
+    # goes; step 1's weights gave the finite loss of step 2, so it is the last good one.
+    assert "step 3" in message and "checkpoints/step_1" in message
+    assert [p.name for _, p in T.checkpoints(tmp_path)] == ["step_1"]
+    assert not (tmp_path / "checkpoints" / "step_2").exists()
     assert not (tmp_path / "think").exists()
-    # As the message says: lower the lr and resume; the new lr takes effect from step 3.
+    # As the message says: lower the lr and resume; the new lr takes effect from step 2.
     result = T.train(tiny_recipe(tmp_path, stages=["think"], think={"steps": 4, "lr": 5e-4},
                                  checkpoint_every=1), resume=True)
-    assert [s for s, _ in result["losses"]["think"]] == [3, 4]
+    assert [s for s, _ in result["losses"]["think"]] == [2, 3, 4]
     lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path)}
     assert sorted(lrs) == [1, 2, 3, 4]
-    assert lrs[3] == pytest.approx(5e-4 * T.lr_lambda(1, 4, 0.0)(2))
+    assert lrs[2] == pytest.approx(5e-4 * T.lr_lambda(1, 4, 0.0)(1))
     assert (tmp_path / "think" / "adapter_model.safetensors").is_file()
+
+
+def test_an_exploding_update_is_never_kept_as_the_good_checkpoint(tmp_path):
+    """A huge learning rate makes finite but enormous weights that poison the next step: the
+    checkpoint holding them must not be the one --resume is sent back to."""
+    recipe = lambda lr, **kw: tiny_recipe(tmp_path, stages=["think"], checkpoint_every=1,  # noqa: E731
+                                          think={"steps": 5, "lr": lr, "warmup_steps": 0}, **kw)
+    T.train(recipe(2e-3, stop_after=2))
+    with pytest.raises(T.NonFiniteLoss) as err:
+        T.train(recipe(1e30), resume=True)
+    message = str(err.value)
+    assert "checkpoints/step_2" in message and "--resume" in message
+    assert [p.name for _, p in T.checkpoints(tmp_path)] == ["step_1", "step_2"]
+    # It really resumes: back to a sane lr, from step 2, to the end of the stage.
+    result = T.train(recipe(2e-3), resume=True)
+    assert [s for s, _ in result["losses"]["think"]] == [3, 4, 5]
+    assert all(math.isfinite(loss) for _, loss in result["losses"]["think"])
+    assert (tmp_path / "think" / "adapter_model.safetensors").is_file()
+
+
+def test_a_metrics_line_cut_by_a_crash_does_not_block_resume(tmp_path):
+    T.train(tiny_recipe(tmp_path, stages=["think"], checkpoint_every=1, think={"steps": 3}, stop_after=2))
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 3, "stage": "thi')   # killed mid-write
+    with pytest.warns(UserWarning, match="dropped 1 line"):
+        result = T.train(tiny_recipe(tmp_path, stages=["think"], checkpoint_every=1, think={"steps": 3}),
+                         resume=True)
+    assert [s for s, _ in result["losses"]["think"]] == [3]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
 
 
 def test_full_fine_tuning_trains_the_language_model_and_keeps_the_vision_tower(tmp_path):

@@ -31,8 +31,9 @@ from .errors import CheckpointError, command
 from .model import UnifiedTTE, adapters, zoo
 from .model.backbones import Backbone, add_invocation_tokens, weight_hash
 from .model.checkpoint import (ADAPTER_WEIGHTS, CONFIG_FILE, DTYPES, FORMAT, MANIFEST_FILE, MERGED_WEIGHTS,
-                               apply_merged, check_base, dtype_name, load_safetensors, read_checkpoint_config,
-                               read_run, verify_checkpoint, write_manifest)
+                               SIGNATURE_FILE, apply_merged, check_base, dtype_name, load_safetensors,
+                               read_checkpoint_config, read_run, sign_manifest, verify_checkpoint,
+                               write_manifest)
 
 __all__ = ["export_model", "export_run", "load_checkpoint", "prepare_base", "export_main", "CheckpointError"]
 
@@ -69,8 +70,54 @@ def _merged_hash(tte: UnifiedTTE, stored: dict[str, torch.Tensor]) -> str:
             params[k].data = v
 
 
+def _owned_files(out_dir: Path) -> set[str]:
+    """Files in `out_dir` that an earlier export wrote: its manifest's list and the manifest itself
+    (and its signature). Nothing, when there is no readable manifest."""
+    try:
+        files = json.loads((out_dir / MANIFEST_FILE).read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {rel for rel in files if isinstance(rel, str)} | {MANIFEST_FILE, SIGNATURE_FILE}
+
+
+def _place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Move a finished export from `tmp` into `out_dir`, touching only files exports own.
+
+    A missing or empty `out_dir` is replaced in one rename. Otherwise files an earlier export
+    wrote are replaced and the ones this export no longer writes removed; any other file is a
+    user's: without `overwrite` the export is refused, with it they are kept. The old manifest
+    goes first and the new one comes last, so a kill in between leaves a folder that loading
+    refuses (no manifest) rather than a mix that looks whole."""
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+        return
+    if not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir} is a file; --out must be a folder")
+    owned = _owned_files(out_dir)
+    present = {p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file() or p.is_symlink()}
+    foreign = sorted(present - owned)
+    if foreign and not overwrite:
+        what = "is not a checkpoint" if not owned else "holds files that export did not write"
+        raise CheckpointError(f"{out_dir} {what} ({len(foreign)} file(s), e.g. {foreign[:3]}); choose "
+                              "another --out, or pass --overwrite to write the checkpoint's files there "
+                              "and keep every other file")
+    new = {p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()}
+    for rel in (MANIFEST_FILE, SIGNATURE_FILE):
+        (out_dir / rel).unlink(missing_ok=True)
+    for rel in sorted(owned & (present - new)):
+        (out_dir / rel).unlink()
+    for rel in sorted(new - {MANIFEST_FILE, SIGNATURE_FILE}) + [r for r in (MANIFEST_FILE, SIGNATURE_FILE) if r in new]:
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / rel, out_dir / rel)
+    for folder in sorted((p for p in out_dir.rglob("*") if p.is_dir()), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()  # emptied by this export (e.g. think/ after --merge-think)
+
+
 def export_model(tte: UnifiedTTE, out_dir: str | Path, dtype: str = "fp32", merge_think: bool = False,
-                 backbone_spec: str | None = None) -> Path:
+                 backbone_spec: str | None = None, overwrite: bool = False) -> Path:
     """Write `tte` as a compact checkpoint folder (see model/checkpoint.py); returns the folder.
 
     Args:
@@ -79,15 +126,16 @@ def export_model(tte: UnifiedTTE, out_dir: str | Path, dtype: str = "fp32", merg
         backbone_spec: how to rebuild the base ("tiny", "smollm2", a local folder), recorded so that
             `load_checkpoint(path)` works without a backbone argument.
 
-    An existing checkpoint at `out_dir` is replaced; any other non-empty folder is refused.
+    The checkpoint is written to a temporary folder first; an earlier export at `out_dir` is
+    replaced. A folder holding files export did not write is refused, or with `overwrite` the
+    checkpoint's files are written beside them (they are never deleted). With TTE_CHECKPOINT_KEY
+    set, the manifest is also signed (model/checkpoint.py).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if merge_think and tte.config.think != "lora":
         raise ValueError("merge_think needs a think adapter, but this model has think='none'")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
-        raise CheckpointError(f"{out_dir} exists and is not a checkpoint; choose another --out or empty it")
     store = DTYPES[dtype]
     base_ref = backbone_spec or tte.backbone.name
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -124,16 +172,15 @@ def export_model(tte: UnifiedTTE, out_dir: str | Path, dtype: str = "fp32", merg
         info["adapters"] = sorted(p.name for p in tmp.iterdir() if (p / ADAPTER_WEIGHTS).is_file())
         (tmp / CONFIG_FILE).write_text(json.dumps({**config, **info}, indent=2) + "\n")
         write_manifest(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        sign_manifest(tmp)
+        _place(tmp, out_dir, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", merge_think: bool = False,
-               backbone: Backbone | str | None = None) -> Path:
+               backbone: Backbone | str | None = None, overwrite: bool = False) -> Path:
     """Export a training run dir (tte_config.json with "backbone", think/ and embed/ adapters).
 
     `backbone` overrides the run's recorded spec (a Backbone or a spec string)."""
@@ -141,7 +188,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", me
     spec_override = backbone if isinstance(backbone, str) else None
     bb = zoo.load(backbone) if isinstance(backbone, str) else backbone
     tte = UnifiedTTE.from_checkpoint(run_dir, backbone=bb)
-    return export_model(tte, out_dir, dtype=dtype, merge_think=merge_think, backbone_spec=spec_override or spec)
+    return export_model(tte, out_dir, dtype=dtype, merge_think=merge_think, backbone_spec=spec_override or spec,
+                        overwrite=overwrite)
 
 
 def prepare_base(backbone: Backbone, checkpoint: str | Path) -> Backbone:
@@ -177,9 +225,11 @@ def export_main(argv: list[str] | None = None) -> int:
                         help="fold the think LoRA into the base (writes merged/model.safetensors, no think/)")
     parser.add_argument("--backbone", default=None,
                         help="override the run's backbone spec (tiny | smollm2 | a local folder)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a folder that holds other files too (they are kept, never deleted)")
     args = parser.parse_args(argv)
     out = export_run(args.run_dir, args.out, dtype=args.dtype, merge_think=args.merge_think,
-                     backbone=args.backbone)
+                     backbone=args.backbone, overwrite=args.overwrite)
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     info = json.loads((out / CONFIG_FILE).read_text())
     print(f"wrote {out} ({info['dtype']}, mode={info['mode']}, think_merged={info['think_merged']}, "

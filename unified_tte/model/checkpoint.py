@@ -26,13 +26,20 @@ Checks: every file of a checkpoint against the manifest (missing, truncated, alt
 refused by name); no pickle file anywhere it reads (refused, never opened); safetensors only;
 the base model's type, tokenizer (invocation token ids) and weight hash against the recorded ones
 (`backbones.weight_hash`, LoRA excluded, taken after UnifiedTTE adds the mean-initialised
-invocation-token rows). The manifest guards against corruption, not against someone who can
-rewrite the folder: they can rewrite the manifest too.
+invocation-token rows).
+
+The manifest guards against corruption (a truncated copy, a flipped byte), not against someone
+who can rewrite the folder: they can rewrite the manifest too. Against that, set a secret in
+TTE_CHECKPOINT_KEY when exporting: `manifest.sig` then holds an HMAC-SHA256 of the manifest under
+that key, and loading with the key set refuses a checkpoint whose signature is missing or wrong.
+Loading without the key skips the check (with a warning when a signature is present).
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +54,8 @@ from .config import TTEConfig
 FORMAT = "unified_tte.checkpoint/1"
 CONFIG_FILE = "tte_config.json"
 MANIFEST_FILE = "manifest.json"
+SIGNATURE_FILE = "manifest.sig"
+KEY_ENV = "TTE_CHECKPOINT_KEY"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MERGED_WEIGHTS = "merged/model.safetensors"
@@ -126,12 +135,43 @@ def refuse_pickles(folder: Path) -> None:
 def write_manifest(folder: str | Path) -> dict:
     folder = Path(folder)
     files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE):
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST_FILE, SIGNATURE_FILE)):
         rel = path.relative_to(folder).as_posix()
         files[rel] = {"sha256": sha256(path), "bytes": path.stat().st_size}
     manifest = {"format": FORMAT, "files": files}
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _signature(manifest: bytes, key: str) -> str:
+    return hmac.new(key.encode(), manifest, hashlib.sha256).hexdigest()
+
+
+def sign_manifest(folder: str | Path) -> bool:
+    """Write manifest.sig when TTE_CHECKPOINT_KEY is set; returns whether it signed."""
+    key = os.environ.get(KEY_ENV)
+    if not key:
+        return False
+    folder = Path(folder)
+    (folder / SIGNATURE_FILE).write_text(_signature((folder / MANIFEST_FILE).read_bytes(), key) + "\n")
+    return True
+
+
+def check_signature(folder: Path) -> None:
+    key = os.environ.get(KEY_ENV)
+    sig_path = folder / SIGNATURE_FILE
+    if not key:
+        if sig_path.is_file():
+            warnings.warn(f"{folder} is signed but {KEY_ENV} is not set: the signature was not checked",
+                          stacklevel=3)
+        return
+    if not sig_path.is_file():
+        raise CheckpointError(f"{sig_path} is missing but {KEY_ENV} is set: this checkpoint was not "
+                              "signed with your key; re-export it with the key set, or unset the key")
+    want = _signature((folder / MANIFEST_FILE).read_bytes(), key)
+    if not hmac.compare_digest(sig_path.read_text().strip(), want):
+        raise CheckpointError(f"{sig_path}: the signature does not match the manifest under {KEY_ENV}: "
+                              "the checkpoint was changed after export, or signed with another key")
 
 
 def verify_checkpoint(folder: str | Path) -> dict:
@@ -143,6 +183,7 @@ def verify_checkpoint(folder: str | Path) -> dict:
     manifest = read_json(folder / MANIFEST_FILE)
     if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"{folder / MANIFEST_FILE}: not a {FORMAT} manifest; re-export with `tte export`")
+    check_signature(folder)
     files = manifest["files"]
     for rel, entry in files.items():
         path = folder / rel
@@ -164,7 +205,7 @@ def verify_checkpoint(folder: str | Path) -> dict:
             raise CheckpointError(f"{path} is altered: sha256 {digest[:16]}…, {MANIFEST_FILE} records "
                                   f"{entry['sha256'][:16]}…; re-export or re-copy the checkpoint")
     unlisted = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                      if p.is_file() and p.name != MANIFEST_FILE
+                      if p.is_file() and p.name not in (MANIFEST_FILE, SIGNATURE_FILE)
                       and p.relative_to(folder).as_posix() not in files)
     if unlisted:
         warnings.warn(f"{folder}: files not in {MANIFEST_FILE} are ignored: {unlisted}", stacklevel=2)

@@ -17,17 +17,24 @@ from .recipe import Recipe, dump_yaml
 from .rng import rng_state
 
 
+STATE_FILE = "trainer_state.json"
+PENDING_FILE = "trainer_state.pending.json"
+
+
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (trainer_state.json written last), oldest first."""
+    """Good checkpoints (trainer_state.json written last, after the weights were checked),
+    oldest first. A checkpoint that is still pending or was cut by a crash is not listed."""
     root = run_dir / "checkpoints"
     found = []
     for p in root.glob("step_*") if root.is_dir() else []:
-        if (p / "trainer_state.json").is_file() and p.name[5:].isdigit():
+        if (p / STATE_FILE).is_file() and p.name[5:].isdigit():
             found.append((int(p.name[5:]), p))
     return sorted(found)
 
 
-def save_checkpoint(engine, run_dir: Path, state: dict, keep: int | None, d: Dist) -> Path:
+def save_checkpoint(engine, run_dir: Path, state: dict, d: Dist) -> Path:
+    """Write the engine state, data position and every rank's RNG as a *pending* checkpoint:
+    `promote` makes it one that --resume uses, once the weights it holds are known to be good."""
     import torch.distributed as dist
 
     tag = f"step_{state['step']}"
@@ -37,14 +44,28 @@ def save_checkpoint(engine, run_dir: Path, state: dict, keep: int | None, d: Dis
     dist.all_gather_object(rngs, rng_state())
     path = run_dir / "checkpoints" / tag
     if d.rank == 0:
-        tmp = path / "trainer_state.json.tmp"
+        tmp = path / (PENDING_FILE + ".tmp")
         tmp.write_text(json.dumps({**state, "rng": {str(r): s for r, s in enumerate(rngs)}}))
-        tmp.replace(path / "trainer_state.json")
+        tmp.replace(path / PENDING_FILE)
+    barrier()
+    return path
+
+
+def promote(path: Path, run_dir: Path, keep: int | None, d: Dist) -> Path:
+    """Mark a pending checkpoint good (the rename is atomic) and drop the oldest beyond `keep`."""
+    if d.rank == 0:
+        (path / PENDING_FILE).replace(path / STATE_FILE)
         if keep is not None:
             for _, old in checkpoints(run_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return path
+
+
+def discard(path: Path | None, d: Dist) -> None:
+    """Delete a pending checkpoint whose weights turned out bad (never a promoted one)."""
+    if path is not None and d.rank == 0 and not (path / STATE_FILE).exists():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def save_stage(tte, run_dir: Path, stage: str, full: bool, d: Dist) -> None:

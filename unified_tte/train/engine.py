@@ -133,3 +133,17 @@ def gathered(params):
     deepspeed = import_deepspeed()
     with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
         yield
+
+
+def update_is_finite(engine) -> bool:
+    """This rank's view after an optimizer step: a finite global gradient norm and finite
+    trainable weights (ZeRO-3: the rank's own partition of each)."""
+    norm = engine.get_global_grad_norm()
+    if norm is not None and not math.isfinite(float(norm)):
+        return False
+    for p in engine.module.parameters():
+        if p.requires_grad:
+            local = getattr(p, "ds_tensor", p)   # ZeRO-3 keeps only a partition on each rank
+            if local.numel() and not bool(torch.isfinite(local).all()):
+                return False
+    return True

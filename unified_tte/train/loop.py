@@ -23,8 +23,9 @@ are read back from the run folder, which is also how `--resume` restores them):
   is one forward with grad; tests hold their gradients equal.
 
 Every optimizer step: warmup + cosine learning rate, gradient clipping, bf16 on GPU and fp32 on
-CPU, a non-finite loss check before the update (the run stops with a message and the last good
-checkpoint stays), logging to wandb (offline unless configured), metrics.jsonl and a progress bar
+CPU, a non-finite loss check before the update and a finite gradient-norm and weight check after
+it (either stops the run with a message naming the last good checkpoint, see the run folder
+below), logging to wandb (offline unless configured), metrics.jsonl and a progress bar
 on rank 0.
 
 This module is the loop; its plumbing is beside it: recipe.py (the typed recipe), batches.py
@@ -39,8 +40,10 @@ Run folder (RUN_DIR = the recipe's run_dir):
     metrics.jsonl             one JSON object per logged step (rank 0)
     checkpoints/step_N/       DeepSpeed engine state (trainable weights, optimizer, LR scheduler)
                               + trainer_state.json {step, stage, stage_step, samples, rng: {rank: ..}};
-                              N counts optimizer steps over all stages, think first; a checkpoint
-                              is complete once trainer_state.json exists
+                              N counts optimizer steps over all stages, think first. It is written
+                              with trainer_state.pending.json, renamed to trainer_state.json (a good
+                              checkpoint, what --resume uses) once the next step's loss on its
+                              weights is finite (at a stage's end: once they are checked finite)
     think/                    PEFT adapter folder: adapter_config.json, adapter_model.safetensors
                               (think.method full: model.safetensors, the trained language model
                               weights under their PEFT-wrapped names)
@@ -63,9 +66,10 @@ import torch
 from ..errors import NonFiniteLoss, TrainError, command
 from ..model import TTEConfig, UnifiedTTE, zoo
 from .batches import batch_indices, load_rows, stage_rows
-from .checkpointing import checkpoints, load_stage_weights, save_checkpoint, save_stage, write_run_files
+from .checkpointing import (checkpoints, discard, load_stage_weights, promote, save_checkpoint, save_stage,
+                            write_run_files)
 from .distributed import Dist, all_reduce, init_distributed, require_deepspeed
-from .engine import lr_lambda, make_engine, stage_shape
+from .engine import lr_lambda, make_engine, stage_shape, update_is_finite
 from .recipe import Recipe, absolute_paths, check_inputs, dump_yaml, load_recipe
 from .rng import seed_everything, set_rng_state
 from .run_log import RunLog, memory_gb, truncate_metrics
@@ -207,6 +211,16 @@ class StageRun:
         local, micro, _ = stage_shape(recipe, stage, d.world)
         found = checkpoints(run_dir)
         last_good = found[-1][1] if found else None
+        pending = None   # saved after the last step, promoted once the next step's loss is finite
+
+        def stop_run(what: str, step: int, s: int):
+            discard(pending, d)
+            where = f"the last good checkpoint is {last_good}" if last_good else "no good checkpoint was saved yet"
+            raise NonFiniteLoss(
+                f"{what} at step {step} ({stage} step {s + 1}); the run stopped and that state was not "
+                f"kept; {where}. Lower {stage}.lr, raise {stage}.warmup_steps or check the data, "
+                "then resume with --resume.")
+
         try:
             for s in range(self.start, spec.steps):
                 step = self.step_offset + s + 1
@@ -217,12 +231,12 @@ class StageRun:
                 loss, tokens, finite = self.backward(engine, mine, micro)
                 loss_sum, tokens, bad = all_reduce([loss if finite else 0.0, tokens, 0.0 if finite else 1.0])
                 if bad:
-                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
-                    raise NonFiniteLoss(
-                        f"non-finite loss at step {step} ({stage} step {s + 1}) on {int(bad)} rank(s); the "
-                        f"update was not applied and the run stopped; {where}. Lower {stage}.lr, raise "
-                        f"{stage}.warmup_steps or check the data, then resume with --resume.")
+                    stop_run(f"non-finite loss on {int(bad)} rank(s)", step, s)
+                if pending is not None:  # its weights gave this finite loss: resuming from it works
+                    last_good, pending = promote(pending, run_dir, recipe.keep_checkpoints, d), None
                 engine.step()  # the optimizer step (clipping, LR schedule) of the accumulated batch
+                if all_reduce([0.0 if update_is_finite(engine) else 1.0])[0]:
+                    stop_run("a non-finite gradient norm or weight after the update", step, s)
                 dt = time.perf_counter() - t0
                 norm = engine.get_global_grad_norm()
                 record = {"step": step, "stage": stage, "stage_step": s + 1, "loss": loss_sum / d.world,
@@ -235,10 +249,12 @@ class StageRun:
                 log.advance()
                 stop = recipe.stop_after is not None and step >= recipe.stop_after
                 every = recipe.checkpoint_every
-                if (every and step % every == 0) or s + 1 == spec.steps or stop:
-                    last_good = save_checkpoint(engine, run_dir, {"step": step, "stage": stage, "stage_step": s + 1,
-                                                                  "samples": (s + 1) * spec.batch_size},
-                                                recipe.keep_checkpoints, d)
+                last = s + 1 == spec.steps or stop
+                if (every and step % every == 0) or last:
+                    pending = save_checkpoint(engine, run_dir, {"step": step, "stage": stage, "stage_step": s + 1,
+                                                                "samples": (s + 1) * spec.batch_size}, d)
+                    if last:  # no next step to vouch for it; its weights are finite (checked above)
+                        last_good, pending = promote(pending, run_dir, recipe.keep_checkpoints, d), None
                 if stop and s + 1 < spec.steps:
                     log.message(f"stopped after step {step} (stop_after); continue with --resume")
                     return True

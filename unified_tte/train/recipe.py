@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ STAGES = ("think", "embed")
 RECIPE_OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
                         "gradient_accumulation_steps", "gradient_clipping", "bf16", "fp16",
                         "scheduler")
+RECIPE_OWNED_OPTIMIZER_KEYS = ("lr", "betas", "weight_decay")
 
 
 @dataclass
@@ -176,6 +178,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe, apply `key=value` overrides (dotted keys, YAML values), validate."""
     path = Path(path)
     raw = read_yaml_mapping(path, RecipeError, "recipe")
+    if not raw:
+        raise RecipeError(f"{path}: the recipe is empty; a recipe sets at least run_dir, backbone, data "
+                          "and stages, and the sections of its stages (see recipes/tiny_cpu.yaml).")
     _normalise(raw)
     _build(Recipe, raw, str(path), "")  # file errors name the file, before overrides apply
     for text in overrides or []:
@@ -304,14 +309,17 @@ def _coerce(value, tp, source: str, key: str):
     if tp is float:
         if isinstance(value, bool):
             raise bad("a number")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise bad("a number") from None
-        raise bad("a number")
+        if number is None or not math.isfinite(number):
+            raise bad("a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise bad("a string")
@@ -362,6 +370,10 @@ def validate(recipe: Recipe, source: str) -> None:
             fail(f"{name}.min_lr_ratio", f"must be in [0, 1], got {st.min_lr_ratio}.")
         if st.grad_clip < 0:
             fail(f"{name}.grad_clip", f"must be >= 0, got {st.grad_clip}.")
+        if st.weight_decay < 0:
+            fail(f"{name}.weight_decay", f"must be >= 0, got {st.weight_decay}.")
+        if not all(0 <= b < 1 for b in st.betas):
+            fail(f"{name}.betas", f"each must be in [0, 1), got {list(st.betas)}.")
     if "think" in recipe.stages:
         t = recipe.think
         if t.micro_batch_size < 1:
@@ -378,6 +390,19 @@ def validate(recipe: Recipe, source: str) -> None:
             fail("embed.temperature", f"must be > 0, got {e.temperature}.")
         if e.gradcache_chunk is not None and e.gradcache_chunk < 1:
             fail("embed.gradcache_chunk", f"must be >= 1 or null, got {e.gradcache_chunk}.")
+    m = recipe.model
+    if m.lora_r < 1 or m.lora_alpha <= 0:
+        fail("model.lora_r", f"lora_r must be >= 1 and lora_alpha > 0, got {m.lora_r} and {m.lora_alpha}.")
+    if not 0 <= m.lora_dropout < 1:
+        fail("model.lora_dropout", f"must be in [0, 1), got {m.lora_dropout}.")
+    if m.embed_layers is not None and m.embed_layers < 1:
+        fail("model.embed_layers", f"must be >= 1 or null (L // 4), got {m.embed_layers}.")
+    if m.max_length is not None and m.max_length < 1:
+        fail("model.max_length", f"must be >= 1 or null, got {m.max_length}.")
+    if recipe.data.max_rows is not None and recipe.data.max_rows < 1:
+        fail("data.max_rows", f"must be >= 1 or null, got {recipe.data.max_rows}.")
+    if not 0 < recipe.data.digits.test_fraction < 1:
+        fail("data.digits.test_fraction", f"must be in (0, 1), got {recipe.data.digits.test_fraction}.")
     if recipe.checkpoint_every < 0:
         fail("checkpoint_every", "must be >= 0.")
     if recipe.keep_checkpoints is not None and recipe.keep_checkpoints < 1:
@@ -431,10 +456,13 @@ def load_deepspeed_json(path: str | Path) -> dict:
     if not isinstance(ds, dict):
         raise RecipeError(f"{path}: a DeepSpeed config is a JSON object.")
     owned = [k for k in RECIPE_OWNED_DS_KEYS if k in ds]
+    optimizer_params = ds.get("optimizer", {}).get("params", {}) if isinstance(ds.get("optimizer"), dict) else {}
+    owned += [f"optimizer.params.{k}" for k in RECIPE_OWNED_OPTIMIZER_KEYS if k in optimizer_params]
     if owned:
         raise RecipeError(f"{path}: sets {owned}, which the recipe owns (batch_size, "
-                          f"micro_batch_size / gradcache_chunk, grad_clip, precision, warmup_steps "
-                          f"and lr); remove them from the JSON and set them in the recipe.")
+                          f"micro_batch_size / gradcache_chunk, grad_clip, precision, warmup_steps, "
+                          f"lr, betas and weight_decay); remove them from the JSON and set them in the "
+                          f"recipe.")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise RecipeError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}.")

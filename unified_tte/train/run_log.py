@@ -101,10 +101,30 @@ def _init_wandb(recipe: Recipe, run_dir: Path):
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Keep the records up to `step` (the steps after the checkpoint run again). A log never
+    stops a resume: a line cut by a crash, or any line that is not a record, is dropped with a
+    warning; the file is rewritten through a temporary file."""
     path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            keep = int(record["step"]) <= step
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            dropped += 1
+            continue
+        if keep:
+            kept.append(line)
+    if dropped:
+        warnings.warn(f"{path}: dropped {dropped} line(s) that are not metric records (a line cut by "
+                      "a crash?); the steps after the checkpoint are logged again.")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 def _netrc_has(host: str) -> bool:
