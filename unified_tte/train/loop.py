@@ -80,6 +80,11 @@ def load_backbone(spec: str, dtype: torch.dtype):
     return zoo.load(spec, dtype=dtype)
 
 
+def uses_bf16(recipe: Recipe, device: torch.device) -> bool:
+    """precision auto: bf16 on GPU (the published recipes), fp32 on CPU."""
+    return recipe.precision == "bf16" or (recipe.precision == "auto" and device.type == "cuda")
+
+
 def build_model(recipe: Recipe, dtype: torch.dtype) -> UnifiedTTE:
     return UnifiedTTE(load_backbone(recipe.backbone, dtype), TTEConfig(**recipe.model.to_dict()))
 
@@ -106,7 +111,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     state = None
     if resume and found:
         state = json.loads((found[-1][1] / "trainer_state.json").read_text())
-    bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and d.device.type == "cuda")
+    bf16 = uses_bf16(recipe, d.device)
     dtype = torch.bfloat16 if bf16 else torch.float32
 
     seed_everything(recipe.seed)
