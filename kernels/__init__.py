@@ -7,10 +7,12 @@
 Backends (backend= argument, else $TTE_KERNEL_BACKEND, else Triton on CUDA / chunked elsewhere):
 "triton" (kernels in pooling_triton.py, infonce_triton.py), "chunked" (pure PyTorch, bounded
 memory, any device), "ref" (the plain PyTorch definition). See README.md in this folder.
-Tests: `pytest tests/test_kernels*.py -q`. Bench: `python -m tte_kernels.bench --help`.
+Tests: `pytest tests/test_kernels*.py -q`. Bench: `python -m tte_kernels.bench --help`; its
+measurement (peak memory, percentiles, fresh-process workers) is `tte_kernels.measure`, which the
+package's benchmarks share.
 The folder is kernels/ but the import name is tte_kernels (Hugging Face owns `kernels`).
 """
-from .checks import IGNORE_INDEX
+from .constants import IGNORE_INDEX
 from .dispatch import BACKENDS, ENV_BACKEND, ENV_INFONCE_CHUNK, ENV_POOL_CHUNK, resolve_backend
 from .infonce import info_nce, info_nce_chunked, info_nce_ref
 from .pooling import pool, pool_chunked, pool_ref

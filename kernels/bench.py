@@ -5,17 +5,19 @@
     python -m tte_kernels.bench --sizes 32768 --backends chunked   # skip the slow / 13 GiB reference
     python -m tte_kernels.bench --device cuda                   # ref vs triton, 1024 ... 32768, bf16
 
-Every measurement runs in a fresh subprocess, so one case's allocator state and peak cannot
-leak into the next. `--repeats` rounds per size; each round runs every backend once, in turn
-(ref, chunked, ref, chunked, ...), so a change in machine load (a shared 2-core box) hits all
-backends alike. Time: wall clock of loss = info_nce(q, t); loss.backward(), after `--warmup`
-untimed runs in the same process; median, p20, p80 over the rounds. The process CPU time of
-the same run is reported beside it: on a machine shared with other jobs it moves far less than
-the wall clock. Peak memory: the largest over the rounds, above what the process held once q
-and t existed (so it counts the gradients of q and t plus the loss' own working set):
-  * CPU: peak resident set size (VmHWM, reset through /proc/self/clear_refs) minus the resident
-    set before the first run. glibc's mmap threshold is pinned at 64 KiB in the child
-    (MALLOC_MMAP_THRESHOLD_) so freed tensors really leave the resident set.
+Every measurement runs in a fresh subprocess (measure.run_in_fresh_process), so one case's
+allocator state and peak cannot leak into the next. `--repeats` rounds per size; each round
+runs every backend once, in turn (ref, chunked, ref, chunked, ...), so a change in machine load
+(a shared 2-core box) hits all backends alike. Time: wall clock of loss = info_nce(q, t);
+loss.backward(), after `--warmup` untimed runs in the same process; median, p20, p80 over the
+rounds. The process CPU time of the same run is reported beside it: on a machine shared with
+other jobs it moves far less than the wall clock. Peak memory (measure.PeakMemory): the
+largest over the rounds, above what the process held once q and t existed (so it counts the
+gradients of q and t plus the loss' own working set):
+  * CPU: peak resident set size (VmHWM, reset through /proc/self/clear_refs; where that is not
+    writable, the RSS sampled every millisecond) minus the resident set before the first run.
+    glibc's mmap threshold is pinned at 64 KiB in the child (MALLOC_MMAP_THRESHOLD_) so freed
+    tensors really leave the resident set.
   * CUDA: torch.cuda.max_memory_allocated() minus memory_allocated() before the first run.
 Output: one JSON line per case (stdout and OUT/infonce.jsonl) and a markdown table with the
 backend / reference ratios (OUT/infonce.md). OUT defaults to bench_out/kernels.
@@ -25,65 +27,37 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from .measure import (PeakMemory, WorkerError, current_memory_mb, default_device, is_cuda, machine_name,
+                      percentile, reply, run_in_fresh_process, sync, trim)
+
 MMAP_THRESHOLD = 65536
-CPU_MEMORY_METHOD = ("peak RSS (VmHWM reset via /proc/self/clear_refs) above the RSS after inputs were built, "
-                     "fresh process per case, glibc mmap threshold pinned at 64 KiB")
-CPU_MEMORY_METHOD_FALLBACK = ("peak RSS (ru_maxrss, not resettable here) above the RSS after inputs were built, "
-                              "fresh process per case, glibc mmap threshold pinned at 64 KiB")
-CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated above memory_allocated after inputs were built, fresh process per case"
+MODULE = "tte_kernels.bench"
 
 
 # --- the worker: one case, one process ---------------------------------------------------------
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
-def _percentile(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    if len(xs) == 1:
-        return xs[0]
-    k = (len(xs) - 1) * p
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+def memory_method(device: str, method: str) -> str:
+    """The sentence under the table that says how peak memory was measured."""
+    if is_cuda(device):
+        return f"torch.{method} above memory_allocated after inputs were built, fresh process per case"
+    return (f"peak RSS ({method}) above the RSS after inputs were built, fresh process per case, "
+            "glibc mmap threshold pinned at 64 KiB")
 
 
 def run_case(spec: dict) -> dict:
-    import resource
-
     import torch
     import torch.nn.functional as F
 
     from tte_kernels import info_nce
 
-    device = torch.device(spec["device"])
+    device = spec["device"]
     dtype = getattr(torch, spec["dtype"])
     B, D, backend = spec["size"], spec["dim"], spec["backend"]
-    cuda = device.type == "cuda"
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
 
     def step(q, t):
         q.grad = t.grad = None  # last run's gradients go before this run's peak
@@ -100,58 +74,42 @@ def run_case(spec: dict) -> dict:
     g = torch.Generator(device="cpu").manual_seed(0)
     q = F.normalize(torch.randn(B, D, generator=g), dim=-1).to(device=device, dtype=dtype).requires_grad_()
     t = F.normalize(torch.randn(B, D, generator=g), dim=-1).to(device=device, dtype=dtype).requires_grad_()
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        method = CUDA_MEMORY_METHOD
-    else:
-        resettable = _reset_peak_rss()
-        base = _status_kib("VmRSS") * 1024
-        method = CPU_MEMORY_METHOD if resettable else CPU_MEMORY_METHOD_FALLBACK
+    sync(device)
+    trim()
     times, cpu_times = [], []
     loss = None
-    for i in range(spec["warmup"] + spec["repeats"]):
-        sync()
-        t0, c0 = time.perf_counter(), time.process_time()
-        loss = step(q, t)
-        sync()
-        if i >= spec["warmup"]:
-            times.append(time.perf_counter() - t0)
-            cpu_times.append(time.process_time() - c0)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() - base
-    elif method == CPU_MEMORY_METHOD:
-        peak = _status_kib("VmHWM") * 1024 - base
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    with PeakMemory(device, current_memory_mb(device)) as mem:
+        for i in range(spec["warmup"] + spec["repeats"]):
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            loss = step(q, t)
+            sync(device)
+            if i >= spec["warmup"]:
+                times.append(time.perf_counter() - t0)
+                cpu_times.append(time.process_time() - c0)
+    peak = mem.peak_mb * 2**20
     return {
         "op": "info_nce_fwd_bwd", "backend": backend, "B": B, "N": B, "D": D, "dtype": spec["dtype"],
-        "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.processor() or platform.machine()})",
-        "threads": torch.get_num_threads(), "symmetric": spec["symmetric"], "chunk_size": spec.get("chunk_size"),
-        "repeats": len(times), "warmup": spec["warmup"],
-        "time_median_s": statistics.median(times), "time_p20_s": _percentile(times, 0.2),
-        "time_p80_s": _percentile(times, 0.8), "cpu_time_median_s": statistics.median(cpu_times),
+        "device": machine_name(device), "threads": torch.get_num_threads(), "symmetric": spec["symmetric"],
+        "chunk_size": spec.get("chunk_size"), "repeats": len(times), "warmup": spec["warmup"],
+        "time_median_s": statistics.median(times), "time_p20_s": percentile(times, 20),
+        "time_p80_s": percentile(times, 80), "cpu_time_median_s": statistics.median(cpu_times),
         "peak_mem_bytes": int(peak), "peak_mem_mib": round(peak / 2**20, 1),
-        "memory_method": method, "loss": float(loss), "torch": torch.__version__,
+        "memory_method": memory_method(device, mem.method), "loss": float(loss), "torch": torch.__version__,
     }
 
 
 # --- the driver ---------------------------------------------------------------------------------
 
 def _spawn(spec: dict, timeout: float | None) -> dict:
-    env = dict(os.environ)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
-    cmd = [sys.executable, "-m", "tte_kernels.bench", "--worker", json.dumps(spec)]
+    """One case in a fresh process; a failed case becomes a row with an "error"."""
+    # The mmap threshold is pinned so freed tensors really leave the resident set (a caller's own
+    # setting wins).
+    env = {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))}
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**_ids(spec), "error": f"timed out after {timeout} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit {proc.returncode}"
-        return {**_ids(spec), "error": f"{why}: {proc.stderr.strip()[-800:]}"}
-    return json.loads(lines[-1])
+        return run_in_fresh_process(MODULE, spec, timeout=timeout, name=spec["backend"], env=env)
+    except WorkerError as exc:
+        return {**_ids(spec), "error": f"{exc.why}: {exc.tail.strip()[-800:]}"}
 
 
 def _ids(spec):
@@ -167,7 +125,7 @@ def _combine(runs: list[dict]) -> dict:
     times = [r["time_median_s"] for r in runs]
     peak = max(r["peak_mem_bytes"] for r in runs)
     return {**runs[0], "repeats": len(runs), "time_median_s": statistics.median(times),
-            "time_p20_s": _percentile(times, 0.2), "time_p80_s": _percentile(times, 0.8), "times_s": times,
+            "time_p20_s": percentile(times, 20), "time_p80_s": percentile(times, 80), "times_s": times,
             "cpu_time_median_s": statistics.median(r["cpu_time_median_s"] for r in runs),
             "cpu_times_s": [r["cpu_time_median_s"] for r in runs],
             "peak_mem_bytes": peak, "peak_mem_mib": round(peak / 2**20, 1),
@@ -205,7 +163,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tte_kernels.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default=None,
@@ -225,23 +183,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=None, help="seconds before a case is abandoned (default: none)")
     p.add_argument("--out", default="bench_out/kernels", help="folder for infonce.jsonl and infonce.md")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
 
-    if args.worker is not None:
-        print(json.dumps(run_case(json.loads(args.worker))), flush=True)
-        return 0
 
+def resolve(args) -> tuple[str, list[int], list[str], str]:
+    """(device, sizes, backends, dtype) from the flags: --device auto is cuda when torch sees a GPU;
+    by default CUDA runs B = N up to 32768, ref vs triton, in bfloat16, the CPU up to 16384, ref vs
+    chunked, in float32. ValueError for --device cuda without a GPU."""
     import torch
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device() if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but torch sees no GPU")
-    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (
-        [1024, 4096, 16384] if device == "cpu" else [1024, 4096, 16384, 32768])
-    backends = args.backends.split(",") if args.backends else (["ref", "chunked"] if device == "cpu" else ["ref", "triton"])
-    dtype = args.dtype or ("float32" if device == "cpu" else "bfloat16")
+        raise ValueError("--device cuda but torch sees no GPU")
+    cuda = device == "cuda"
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [1024, 4096, 16384] + ([32768] if cuda else [])
+    backends = args.backends.split(",") if args.backends else ["ref", "triton" if cuda else "chunked"]
+    return device, sizes, backends, args.dtype or ("bfloat16" if cuda else "float32")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.worker is not None:
+        reply(run_case(json.loads(args.worker)))
+        return 0
+    try:
+        device, sizes, backends, dtype = resolve(args)
+    except ValueError as exc:
+        p.error(str(exc))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "infonce.jsonl"

@@ -14,9 +14,10 @@ import math
 
 import torch
 
+from .constants import IGNORE_INDEX
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-IGNORE_INDEX = -100  # label of a padding row, as in torch.nn.functional.cross_entropy
 
 
 def _tensor(name: str, x, ndim: int, shape_doc: str) -> torch.Tensor:

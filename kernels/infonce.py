@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .checks import IGNORE_INDEX, check_info_nce
+from .checks import check_info_nce
+from .constants import IGNORE_INDEX
 from .dispatch import ENV_INFONCE_CHUNK, chunk_from_env, resolve_backend
 
 SCORES_PER_STEP = 1 << 23  # default chunk: ~32 MiB of fp32 scores per step, whatever N is

@@ -7,6 +7,7 @@
 Layers as in Liger-Kernel: four kernels, the launchers `info_nce_forward` / `info_nce_backward`,
 and the autograd.Function `InfoNCETriton`. Inputs are assumed validated (tte_kernels.info_nce
 does that); tau is a 0-d fp32 device tensor, read inside the kernels so there is no host sync.
+Every launch runs under `device_guard` (constants.py): on q's GPU, no CUDA call for CPU tensors.
 
 Kernels (s = q t^T / tau is only ever a [BLOCK_M, BLOCK_N] tile in registers):
   _row_lse_kernel   one program per BLOCK_M rows of q: walks all column tiles with an online
@@ -28,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import IGNORE_INDEX
+from .constants import IGNORE_INDEX, device_guard
 from .dispatch import interpret_mode
 
 
@@ -228,13 +229,13 @@ def info_nce_forward(q, t, labels, tau, symmetric, **blocks):
     cfg = _config(q.dtype, **blocks)
     lse_row = torch.empty(B, dtype=torch.float32, device=q.device)
     pos = torch.empty(B, dtype=torch.float32, device=q.device)
-    _row_lse_kernel[(triton.cdiv(B, cfg["BLOCK_M"]),)](
-        q, q.stride(0), t, t.stride(0), labels, tau, lse_row, pos, B, N, D, **cfg)
-    lse_col = None
-    if symmetric:
-        lse_col = torch.empty(N, dtype=torch.float32, device=q.device)
-        _col_lse_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-            q, q.stride(0), t, t.stride(0), labels, tau, lse_col, B, N, D, **cfg)
+    lse_col = torch.empty(N, dtype=torch.float32, device=q.device) if symmetric else None
+    with device_guard(q):
+        _row_lse_kernel[(triton.cdiv(B, cfg["BLOCK_M"]),)](
+            q, q.stride(0), t, t.stride(0), labels, tau, lse_row, pos, B, N, D, **cfg)
+        if symmetric:
+            _col_lse_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+                q, q.stride(0), t, t.stride(0), labels, tau, lse_col, B, N, D, **cfg)
     return lse_row, pos, lse_col
 
 
@@ -251,14 +252,17 @@ def info_nce_backward(q, t, labels, tau, lse_row, lse_col, count, coef, symmetri
     if need_dq or need_dtau:
         dq = torch.zeros(B, D, dtype=torch.float32, device=q.device)
         gs = torch.empty(B, dtype=torch.float32, device=q.device)
-        _dq_kernel[(triton.cdiv(B, cfg["BLOCK_M"]),)](
-            q, q.stride(0), t, t.stride(0), labels, tau, coef, lse_row, lse_col, count,
-            dq, dq.stride(0), gs, B, N, D, SYMMETRIC=symmetric, **cfg)
     if need_dt:
         dt = torch.zeros(N, D, dtype=torch.float32, device=q.device)
-        _dt_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-            q, q.stride(0), t, t.stride(0), labels, tau, coef, lse_row, lse_col, count,
-            dt, dt.stride(0), B, N, D, SYMMETRIC=symmetric, **cfg)
+    with device_guard(q):
+        if dq is not None:
+            _dq_kernel[(triton.cdiv(B, cfg["BLOCK_M"]),)](
+                q, q.stride(0), t, t.stride(0), labels, tau, coef, lse_row, lse_col, count,
+                dq, dq.stride(0), gs, B, N, D, SYMMETRIC=symmetric, **cfg)
+        if dt is not None:
+            _dt_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+                q, q.stride(0), t, t.stride(0), labels, tau, coef, lse_row, lse_col, count,
+                dt, dt.stride(0), B, N, D, SYMMETRIC=symmetric, **cfg)
     return (dq if need_dq else None), dt, (gs if need_dtau else None)
 
 

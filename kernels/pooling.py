@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_pool
+from .constants import EPS
 from .dispatch import ENV_POOL_CHUNK, chunk_from_env, resolve_backend
 
-EPS = 1e-12  # F.normalize's default, so all three paths agree on tiny vectors too
 DEFAULT_POOL_CHUNK = 256
 
 

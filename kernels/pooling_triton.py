@@ -6,7 +6,8 @@
 
 Layers as in Liger-Kernel: `_pool_fwd_kernel` / `_pool_bwd_kernel` (Triton), the launchers
 `pool_forward` / `pool_backward`, and the autograd.Function `PoolTriton`. Inputs are assumed
-validated (tte_kernels.pool does that); this module imports triton at import time.
+validated (tte_kernels.pool does that); this module imports triton at import time. Every launch
+runs under `device_guard` (constants.py): on the tensor's GPU, with no CUDA call for CPU tensors.
 
 One program owns one row b and the whole embedding dim (BLOCK_D = next power of two >= D), so
 the norm is a register reduction and the row is written once; mean pooling walks T in tiles of
@@ -19,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pooling import EPS
+from .constants import EPS, device_guard
 
 MAX_BLOCK_D = 1 << 16  # beyond this a row no longer fits one program's registers
 
@@ -118,13 +119,14 @@ def pool_forward(hidden: torch.Tensor, positions: torch.Tensor | None, mask: tor
     mask_f = mask.to(torch.float32).contiguous() if is_mean else y  # placeholder pointer when unused
     pos = positions.contiguous() if not is_mean else norm
     block_t, block_d, num_warps = _blocks(D)
-    _pool_fwd_kernel[(B,)](
-        hidden, hidden.stride(0), hidden.stride(1),
-        pos, mask_f, mask_f.stride(0) if is_mean else 0,
-        y, y.stride(0), norm,
-        T, D, EPS,
-        IS_MEAN=is_mean, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
-    )
+    with device_guard(hidden):
+        _pool_fwd_kernel[(B,)](
+            hidden, hidden.stride(0), hidden.stride(1),
+            pos, mask_f, mask_f.stride(0) if is_mean else 0,
+            y, y.stride(0), norm,
+            T, D, EPS,
+            IS_MEAN=is_mean, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
+        )
     return y, norm, (mask_f if is_mean else None)
 
 
@@ -135,13 +137,14 @@ def pool_backward(dy, y, norm, positions, mask_f, shape, dtype) -> torch.Tensor:
     dy = dy.float().contiguous()
     dh = (torch.empty if is_mean else torch.zeros)(shape, dtype=dtype, device=dy.device)
     block_t, block_d, num_warps = _blocks(D)
-    _pool_bwd_kernel[(B,)](
-        dy, dy.stride(0), y, y.stride(0), norm,
-        positions if not is_mean else norm, mask_f if is_mean else y, mask_f.stride(0) if is_mean else 0,
-        dh, dh.stride(0), dh.stride(1),
-        T, D, EPS,
-        IS_MEAN=is_mean, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
-    )
+    with device_guard(dy):
+        _pool_bwd_kernel[(B,)](
+            dy, dy.stride(0), y, y.stride(0), norm,
+            positions if not is_mean else norm, mask_f if is_mean else y, mask_f.stride(0) if is_mean else 0,
+            dh, dh.stride(0), dh.stride(1),
+            T, D, EPS,
+            IS_MEAN=is_mean, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps,
+        )
     return dh
 
 

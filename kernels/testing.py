@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .checks import IGNORE_INDEX
+from .constants import IGNORE_INDEX
 
 ATOL32, RTOL32 = 1e-5, 1e-4  # the fp32 acceptance tolerance
 

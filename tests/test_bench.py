@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unified_tte import UnifiedTTE
-from unified_tte.tools.bench import MODES, PeakMemory, _Runner, _trim, bench_main, current_memory_mb, prompt_of_length
+from unified_tte.tools.bench import MODES, _Runner, bench_main, parse_args, prompt_of_length, resolve_device
 from unified_tte.model.zoo import tiny_llama, tiny_qwen2vl
 
 
@@ -41,13 +41,27 @@ def test_runner_decodes_exactly_the_trace_length_and_times_every_phase(mode):
         assert a.data_ptr() != runner.embedder.stack.lm.embed_tokens.weight.data_ptr()
 
 
-def test_peak_memory_sees_a_torch_allocation():
-    _trim()
-    baseline = current_memory_mb("cpu")
-    with PeakMemory("cpu", baseline) as mem:
-        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        del x
-    assert 60 <= mem.peak_mb <= 200
+# The memory probe (PeakMemory) is tte_kernels.measure's, held in tests/test_measure.py.
+
+
+def test_on_a_gpu_machine_the_bench_defaults_to_cuda_in_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = parse_args(["--quick"])
+    resolve_device(args)
+    assert (args.device, args.dtype) == ("cuda", "bf16")
+    args = parse_args(["--quick", "--dtype", "fp16"])
+    resolve_device(args)
+    assert (args.device, args.dtype) == ("cuda", "fp16")
+
+
+def test_without_a_gpu_the_bench_defaults_to_cpu_in_fp32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = parse_args(["--quick"])
+    resolve_device(args)
+    assert (args.device, args.dtype) == ("cpu", "fp32")
+    args = parse_args(["--quick", "--device", "cuda:1"])  # asked for: kept, with the GPU's dtype
+    resolve_device(args)
+    assert (args.device, args.dtype) == ("cuda:1", "bf16")
 
 
 def test_quick_bench_writes_jsonl_table_and_plot(tmp_path, capsys):

@@ -7,7 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tte_kernels.bench import markdown
+import pytest
+import torch
+
+from tte_kernels import bench
+from tte_kernels.bench import build_parser, markdown, memory_method, resolve
+from tte_kernels.measure import WorkerError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,3 +45,37 @@ def test_bench_table_reports_failed_cases_and_ratios():
     table = markdown(rows)
     assert "| 0.125 | 1.50 | 1.50 |" in table  # paired: median of 1.5, 0.5, 2.0
     assert "error: killed" in table
+
+
+def test_on_a_gpu_machine_auto_benchmarks_triton_in_bf16_up_to_32768(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve(build_parser().parse_args([])) == ("cuda", [1024, 4096, 16384, 32768], ["ref", "triton"], "bfloat16")
+    args = build_parser().parse_args(["--device", "cuda", "--sizes", "64", "--dtype", "float16"])
+    assert resolve(args) == ("cuda", [64], ["ref", "triton"], "float16")
+    assert memory_method("cuda", "cuda.max_memory_allocated").startswith(
+        "torch.cuda.max_memory_allocated above memory_allocated")
+
+
+def test_without_a_gpu_auto_benchmarks_chunked_and_cuda_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve(build_parser().parse_args([])) == ("cpu", [1024, 4096, 16384], ["ref", "chunked"], "float32")
+    with pytest.raises(SystemExit) as err:
+        bench.main(["--device", "cuda"])
+    assert err.value.code == 2 and "torch sees no GPU" in capsys.readouterr().err
+
+
+def test_a_failed_case_becomes_an_error_row_and_the_child_pins_the_mmap_threshold(monkeypatch):
+    seen = {}
+
+    def fail(module, spec, timeout=None, **options):
+        seen.update(module=module, timeout=timeout, **options)
+        raise WorkerError(options["name"], "was killed (exit -9, out of memory?)", "MemoryError\n")
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setattr(bench, "run_in_fresh_process", fail)
+    spec = dict(size=16, dim=4, backend="ref", dtype="float32")
+    row = bench._spawn(spec, 5.0)
+    assert row == {"op": "info_nce_fwd_bwd", "backend": "ref", "B": 16, "N": 16, "D": 4, "dtype": "float32",
+                   "error": "was killed (exit -9, out of memory?): MemoryError"}
+    assert seen == {"module": "tte_kernels.bench", "timeout": 5.0, "name": "ref",
+                    "env": {"MALLOC_MMAP_THRESHOLD_": "65536"}}

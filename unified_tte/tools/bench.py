@@ -22,6 +22,8 @@ How it is measured:
   embed is `embed_from_state` (unified) or the embedder's `embed` (two-model); end to end is
   think + embed under one timer. One warm-up run per case, then `--repeats` timed runs: p50/p90.
   On CUDA every timer edge calls `torch.cuda.synchronize()`.
+- The measuring tools (fresh-process workers, peak memory, percentiles, the machine's name) are
+  tte_kernels.measure, shared with train_bench and the kernel benchmark.
 - Each mode runs in its own fresh subprocess (all alive at once, idle while another runs); per case
   every mode warms up, then the timed repeats alternate between modes, so drifts in machine load
   (a shared machine) hit every mode alike. Worker stderr goes to OUT/worker_<mode>.log.
@@ -39,101 +41,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import gc
 import json
-import os
-import platform
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from tte_kernels.measure import (PeakMemory, Worker, current_memory_mb, default_device, is_cuda, machine_name,
+                                 read_commands, reply, summary, sync, trim)
 
 MODES = ("activated", "top_k", "two_model")
 GRID = dict(query_lens=[64, 256, 1024], trace_lens=[16, 64, 128], batch_sizes=[1, 8])
 QUICK = dict(backbone="tiny", query_lens=[64], trace_lens=[16], batch_sizes=[1], repeats=2, threads=1)
 PHASES = ("prefill", "decode", "embed", "e2e")
-
-
-# ---------------------------------------------------------------------------------------- memory
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _hwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise OSError("VmHWM not in /proc/self/status")
-
-
-def _trim() -> None:
-    gc.collect()
-    try:  # glibc keeps freed heap mapped; hand it back so RSS reflects what is live
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakMemory:
-    """Peak memory of a code block in MB above a fixed baseline (see the module docstring)."""
-
-    def __init__(self, device: str, baseline_mb: float):
-        self.device, self.baseline = device, baseline_mb
-        self.method = "cuda.max_memory_allocated" if device == "cuda" else self._cpu_method()
-        self._stop = self._thread = None
-        self._peak = 0.0
-
-    @staticmethod
-    def _cpu_method() -> str:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return "VmHWM after clear_refs"
-        except OSError:
-            return "RSS sampled every 1 ms"
-
-    def __enter__(self):
-        _trim()
-        if self.device == "cuda":
-            import torch
-            torch.cuda.reset_peak_memory_stats()
-        elif self.method.startswith("VmHWM"):
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the high-water mark to the current RSS
-        else:
-            self._peak = _rss_mb()
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self._peak = max(self._peak, _rss_mb())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        if self.device == "cuda":
-            import torch
-            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20 - self.baseline
-        elif self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self.peak_mb = max(self._peak, _rss_mb()) - self.baseline
-        else:
-            self.peak_mb = _hwm_mb() - self.baseline
-        return False
-
-
-def current_memory_mb(device: str) -> float:
-    if device == "cuda":
-        import torch
-        return torch.cuda.memory_allocated() / 2**20
-    return _rss_mb()
 
 
 # ---------------------------------------------------------------------------------------- inputs
@@ -159,28 +78,6 @@ def prompt_of_length(tte, n_tokens: int):
 
 
 # ---------------------------------------------------------------------------------------- worker
-def _percentiles(values: list[float]) -> tuple[float, float]:
-    import numpy as np
-    return float(np.percentile(values, 50)), float(np.percentile(values, 90))
-
-
-def machine_name(device: str | None = None) -> str:
-    """The GPU's name, or "N-core <CPU model>": what a reported figure was measured on."""
-    if device is None:
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        import torch
-        return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or "CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{os.cpu_count()}-core {cpu}"
-
-
 class _Runner:
     """One mode's models and its timed think -> embed step."""
 
@@ -206,22 +103,17 @@ class _Runner:
         self.prefill_s = 0.0
         self._start = 0.0
 
-    def _sync(self):
-        if self.device == "cuda":
-            import torch
-            torch.cuda.synchronize()
-
     def _prefill_done(self) -> None:
-        self._sync()
+        sync(self.device)
         self.prefill_s = time.perf_counter() - self._start
 
     def step(self, inputs, trace_len: int) -> dict[str, float]:
         """One think -> embed that decodes exactly `trace_len` tokens per row; seconds per phase."""
-        self._sync()
+        sync(self.device)
         start = self._start = time.perf_counter()
         out = self.tte.think(inputs, max_new_tokens=trace_len, min_new_tokens=trace_len,
                              on_prefill=self._prefill_done)
-        self._sync()
+        sync(self.device)
         thought = time.perf_counter()
         traces = out.traces
         if self.embedder is None:
@@ -229,20 +121,13 @@ class _Runner:
         else:
             del out  # the embedder does not use the reasoner's cache: free it first
             emb = self.embedder.embed(inputs, traces)
-        self._sync()
+        sync(self.device)
         end = time.perf_counter()
         lengths = {len(t.token_ids) for t in traces}
         if lengths != {trace_len} or emb.shape[0] != len(inputs):
             raise RuntimeError(f"{self.mode}: decoded trace lengths {lengths}, wanted {trace_len}")
         return {"prefill": self.prefill_s, "decode": thought - start - self.prefill_s,
                 "embed": end - thought, "e2e": end - start}
-
-
-PROTOCOL = "@@bench "  # prefix of the worker's reply lines; anything else on its stdout is ignored
-
-
-def _reply(obj: dict) -> None:
-    print(PROTOCOL + json.dumps(obj), flush=True)
 
 
 def run_worker(job: dict, commands=None) -> None:
@@ -264,103 +149,68 @@ def run_worker(job: dict, commands=None) -> None:
     if job.get("threads"):
         torch.set_num_threads(job["threads"])
     device = job["device"]
-    _trim()
+    trim()
     baseline = current_memory_mb(device)
     runner = _Runner(job["mode"], job["backbone"], job["dtype"], device, job.get("embed_layers"))
-    _trim()
-    _reply({"backbone": job["backbone"], "backbone_name": runner.name, "mode": job["mode"],
+    trim()
+    reply({"backbone": job["backbone"], "backbone_name": runner.name, "mode": job["mode"],
             "device": device, "device_name": machine_name(device), "dtype": job["dtype"],
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "baseline_mb": baseline,
             "weights_mb": current_memory_mb(device) - baseline})
     mem = inputs = None
-    for line in commands if commands is not None else sys.stdin:
-        command = json.loads(line)
+    for command in read_commands(commands):
         with torch.no_grad():
             if command["cmd"] == "begin":
                 trace_len = command["trace_len"]
                 inputs = [prompt_of_length(runner.tte, command["query_len"])] * command["batch"]
                 mem = PeakMemory(device, baseline).__enter__()
                 runner.step(inputs, trace_len)  # warm-up (allocator, kernels, caches)
-                _reply({"ok": True})
+                reply({"ok": True})
             elif command["cmd"] == "step":
-                _reply({k: v * 1000 for k, v in runner.step(inputs, trace_len).items()})
+                reply({k: v * 1000 for k, v in runner.step(inputs, trace_len).items()})
             elif command["cmd"] == "end":
                 mem.__exit__(None, None, None)
-                _reply({"peak_mem_mb": mem.peak_mb, "mem_method": mem.method})
+                reply({"peak_mem_mb": mem.peak_mb, "mem_method": mem.method})
             elif command["cmd"] == "quit":
                 return
-
-
-class _Worker:
-    """The parent's handle on one mode's worker process."""
-
-    def __init__(self, job: dict, log_dir: Path):
-        self.mode = job["mode"]
-        self.log = log_dir / f"worker_{self.mode}.log"
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "unified_tte.tools.bench", "--worker", json.dumps(job)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True, env=env)
-        self.meta = self.read()
-
-    def read(self) -> dict:
-        for line in self.proc.stdout:
-            if line.startswith(PROTOCOL):
-                return json.loads(line[len(PROTOCOL):])
-        self.proc.wait()
-        tail = self.log.read_text()[-3000:]
-        raise RuntimeError(f"the {self.mode} worker exited ({self.proc.returncode}); "
-                           f"the end of {self.log}:\n{tail}")
-
-    def send(self, **command) -> None:
-        self.proc.stdin.write(json.dumps(command) + "\n")
-        self.proc.stdin.flush()
-
-    def ask(self, **command) -> dict:
-        self.send(**command)
-        return self.read()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.send(cmd="quit")
-                self.proc.wait(timeout=30)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
 
 
 def run_modes(args, out: Path) -> list[dict]:
     """One fresh process per mode, all alive at once; each case's warm-ups and timed repeats run
     round-robin over the modes so slow drifts in machine load hit every mode alike."""
-    workers = []
+    workers: dict[str, Worker] = {}
+    meta: dict[str, dict] = {}
     try:
         for mode in args.modes:
             print(f"[bench] starting {mode} ({args.backbone} on {args.device})", file=sys.stderr, flush=True)
-            workers.append(_Worker({"mode": mode, "backbone": args.backbone, "device": args.device,
-                                    "dtype": args.dtype, "threads": args.threads,
-                                    "embed_layers": args.embed_layers}, out))
+            job = {"mode": mode, "backbone": args.backbone, "device": args.device, "dtype": args.dtype,
+                   "threads": args.threads, "embed_layers": args.embed_layers}
+            workers[mode] = Worker("unified_tte.tools.bench", job, name=mode, log=out / f"worker_{mode}.log",
+                                   env={"TOKENIZERS_PARALLELISM": "false"})
+            meta[mode] = workers[mode].read()
         rows = []
         for batch in args.batch_sizes:
             for query_len in args.query_lens:
                 for trace_len in args.trace_lens:
                     case = {"batch": batch, "query_len": query_len, "trace_len": trace_len}
                     print(f"[bench] B={batch} Q={query_len} T={trace_len}", file=sys.stderr, flush=True)
-                    for w in workers:
+                    for w in workers.values():
                         w.ask(cmd="begin", **case)
-                    times = {w.mode: {p: [] for p in PHASES} for w in workers}
+                    times = {mode: {p: [] for p in PHASES} for mode in workers}
                     for _ in range(args.repeats):
-                        for w in workers:
+                        for mode, w in workers.items():
                             for phase, ms in w.ask(cmd="step").items():
-                                times[w.mode][phase].append(ms)
-                    for w in workers:
-                        row = {**w.meta, **case, "repeats": args.repeats, **w.ask(cmd="end")}
+                                times[mode][phase].append(ms)
+                    for mode, w in workers.items():
+                        row = {**meta[mode], **case, "repeats": args.repeats, **w.ask(cmd="end")}
                         for phase in PHASES:
-                            row[f"{phase}_p50_ms"], row[f"{phase}_p90_ms"] = _percentiles(times[w.mode][phase])
+                            spread = summary(times[mode][phase])
+                            row[f"{phase}_p50_ms"], row[f"{phase}_p90_ms"] = spread["p50"], spread["p90"]
                         rows.append(row)
         return rows
     finally:
-        for w in workers:
+        for w in workers.values():
             w.close()
 
 
@@ -479,15 +329,19 @@ def parse_args(argv):
     return args
 
 
+def resolve_device(args) -> None:
+    """Fill in what was left to the machine: --device is cuda when torch sees a GPU, --dtype bf16
+    on CUDA and fp32 on CPU."""
+    args.device = args.device or default_device()
+    args.dtype = args.dtype or ("bf16" if is_cuda(args.device) else "fp32")
+
+
 def bench_main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         run_worker(json.loads(args.worker))
         return 0
-    if args.device is None:
-        import torch
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    resolve_device(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:

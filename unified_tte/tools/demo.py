@@ -299,5 +299,5 @@ def demo_main(argv=None) -> int:
 
 
 def _machine() -> str:
-    from .bench import machine_name
+    from tte_kernels.measure import machine_name
     return machine_name()

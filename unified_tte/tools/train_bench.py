@@ -1,9 +1,9 @@
 """Embed-stage training throughput and memory: the unified model (activated / top_k) against the
 two-model baseline's embedder, at the same batch, through the same training step.
 
-    python -m unified_tte.train_bench                          # SmolLM2-135M real weights, CPU
-    python -m unified_tte.train_bench --backbone tiny --quick  # seconds; a smoke test
-    python -m unified_tte.train_bench --variants activated two-model --batch 16 --json out.json
+    python -m unified_tte.tools.train_bench                          # SmolLM2-135M real weights, CPU
+    python -m unified_tte.tools.train_bench --backbone tiny --quick  # seconds; a smoke test
+    python -m unified_tte.tools.train_bench --variants activated two-model --batch 16 --json out.json
 
 What runs is `train.embed_backward` + the optimizer step of a DeepSpeed engine (one rank,
 recipes/deepspeed/zero2.json), exactly the embed stage of `tte train`:
@@ -14,21 +14,26 @@ recipes/deepspeed/zero2.json), exactly the embed stage of `tte train`:
 * two-model: `UnifiedTTE.separate_embedder`, the baseline's embedder: one LoRA over every layer
   and position re-encodes query + trace with grad.
 
-Each variant runs in its own process (fresh peak memory), variants interleaved round by round,
-the best round kept (the machine may be shared). Samples/s counts query rows per second (each
-with its positive and hard negative); peak memory is the process's peak RSS on CPU, over the
-RSS once model and engine are built ("training peak"), or CUDA's max allocated on GPU.
+Each variant runs in its own fresh process (tte_kernels.measure.run_in_fresh_process, without
+the launcher's RANK / WORLD_SIZE / ... so it is one rank of its own), variants interleaved round
+by round, the best round kept (the machine may be shared). Samples/s counts query rows per second
+(each with its positive and hard negative). Peak memory (tte_kernels.measure.PeakMemory) is taken
+over the timed and warm-up steps: on CPU the peak RSS over the RSS once model and engine are built
+("training peak"), on GPU CUDA's max allocated, weights included.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
+from tte_kernels.measure import (PeakMemory, WorkerError, current_memory_mb, default_device, is_cuda, machine_name,
+                                 reply, run_in_fresh_process, sync, trim)
+
 VARIANTS = ("activated", "top_k", "two-model")
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # kept from the child
 
 
 def bench_rows(n: int, query_words: int, seed: int = 0):
@@ -54,19 +59,31 @@ def bench_rows(n: int, query_words: int, seed: int = 0):
     return rows
 
 
-def _rss_gb() -> float:
-    import psutil
+def train_device():
+    """(device, dtype) the worker trains in: cuda in bf16 when torch sees a GPU (as `tte train`
+    runs there), else cpu in fp32."""
+    import torch
 
-    return psutil.Process().memory_info().rss / 2 ** 30
-
-
-def _peak_gb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    device = default_device()
+    return device, torch.bfloat16 if is_cuda(device) else torch.float32
 
 
-def worker(args) -> dict:
+def memory_baseline_mb(device) -> float:
+    """What the peak is reported above: the RSS once model and engine are built on CPU (the
+    process's own footprint would swamp the training peak), nothing on CUDA (max allocated counts
+    only tensors, so the weights stay in)."""
+    return 0.0 if is_cuda(device) else current_memory_mb(device)
+
+
+def memory_report(mem: PeakMemory) -> dict:
+    """The result's memory fields from a finished PeakMemory, in GB."""
+    out = {"peak_memory_gb": mem.peak_mb / 1024, "memory_method": mem.method}
+    if not is_cuda(mem.device):
+        out["peak_rss_gb"] = (mem.peak_mb + mem.baseline) / 1024
+    return out
+
+
+def worker(job: dict) -> dict:
     """One variant in this process: build, warm up, time `steps` embed-stage steps."""
     import torch
 
@@ -74,51 +91,46 @@ def worker(args) -> dict:
     from ..model import UnifiedTTE
     from ..train.recipe import load_deepspeed_json, recipe_from_dict
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(job["threads"])
     T.init_distributed()
-    d = T.Dist(0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    device, dtype = train_device()
+    d = T.Dist(0, 1, 0, torch.device(device))
     ds_path = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "deepspeed", "zero2.json")
     recipe = recipe_from_dict({
-        "backbone": args.backbone, "deepspeed": ds_path,
+        "backbone": job["backbone"], "deepspeed": ds_path,
         "model": {"lora_r": 16, "lora_alpha": 64},
-        "embed": {"batch_size": args.batch, "gradcache_chunk": args.chunk, "lr": 1e-5,
+        "embed": {"batch_size": job["batch"], "gradcache_chunk": job["chunk"], "lr": 1e-5,
                   "hard_negatives": True, "use_traces": True},
     }, "bench")
-    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    backbone = T.load_backbone(args.backbone, dtype)
-    if args.variant == "two-model":
+    backbone = T.load_backbone(job["backbone"], dtype)
+    if job["variant"] == "two-model":
         tte = UnifiedTTE.separate_embedder(backbone, lora_r=16, lora_alpha=64)
     else:
-        tte = UnifiedTTE(backbone, mode=args.variant, lora_r=16, lora_alpha=64)
+        tte = UnifiedTTE(backbone, mode=job["variant"], lora_r=16, lora_alpha=64)
     recipe.model = tte.config
     engine = T.make_engine(recipe, "embed", tte, load_deepspeed_json(ds_path), world=1,
-                           bf16=d.device.type == "cuda")
-    rows = bench_rows(args.batch * (args.steps + args.warmup), args.query_words)
-    batches = [rows[i * args.batch:(i + 1) * args.batch] for i in range(args.steps + args.warmup)]
-    base_rss = _rss_gb()
-    if d.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+                           bf16=dtype == torch.bfloat16)
+    batch, steps, warmup = job["batch"], job["steps"], job["warmup"]
+    rows = bench_rows(batch * (steps + warmup), job["query_words"])
+    batches = [rows[i * batch:(i + 1) * batch] for i in range(steps + warmup)]
+    trim()
     times, tokens = [], 0
-    for k, batch in enumerate(batches):
-        t0 = time.perf_counter()
-        _, n_tokens, _ = T.embed_backward(engine, batch, args.chunk, 0.02)
-        engine.step()
-        if d.device.type == "cuda":
-            torch.cuda.synchronize()
-        if k >= args.warmup:
-            times.append(time.perf_counter() - t0)
-            tokens += n_tokens
+    with PeakMemory(d.device, memory_baseline_mb(d.device)) as mem:
+        for k, rows_k in enumerate(batches):
+            t0 = time.perf_counter()
+            _, n_tokens, _ = T.embed_backward(engine, rows_k, job["chunk"], 0.02)
+            engine.step()
+            sync(d.device)
+            if k >= warmup:
+                times.append(time.perf_counter() - t0)
+                tokens += n_tokens
     total = sum(times)
-    out = {"variant": args.variant, "backbone": backbone.name, "layers": tte.num_layers,
+    out = {"variant": job["variant"], "backbone": backbone.name, "layers": tte.num_layers,
            "trainable_params": sum(p.numel() for p in tte.peft_model.parameters() if p.requires_grad),
-           "batch": args.batch, "chunk": args.chunk, "steps": args.steps,
-           "samples_per_s": args.batch * len(times) / total, "tokens_per_s": tokens / total,
-           "step_s": total / len(times), "device": str(d.device), "threads": args.threads}
-    if d.device.type == "cuda":
-        out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    else:
-        out["peak_rss_gb"] = _peak_gb()
-        out["peak_memory_gb"] = out["peak_rss_gb"] - base_rss  # the training peak over the built model
+           "batch": batch, "chunk": job["chunk"], "steps": steps,
+           "samples_per_s": batch * len(times) / total, "tokens_per_s": tokens / total,
+           "step_s": total / len(times), "device": str(d.device), "threads": job["threads"],
+           **memory_report(mem)}
     engine.destroy()
     return out
 
@@ -126,12 +138,11 @@ def worker(args) -> dict:
 def machine() -> str:
     import torch
 
-    from .bench import machine_name
     return f"{machine_name()}, torch {torch.__version__}"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m unified_tte.train_bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m unified_tte.tools.train_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default="smollm2", help="smollm2 (real weights) | tiny | tiny-llama | a local folder")
     p.add_argument("--variants", nargs="+", default=["activated", "two-model"], choices=VARIANTS)
     p.add_argument("--batch", type=int, default=8, help="query rows per step (each with a positive and a hard negative)")
@@ -148,25 +159,20 @@ def main(argv=None) -> int:
     if args.quick:
         args.backbone, args.steps, args.warmup, args.query_words = "tiny", 2, 1, 20
     if args.worker:
-        args.variant = args.worker
-        print("RESULT " + json.dumps(worker(args)), flush=True)
+        reply(worker(json.loads(args.worker)))
         return 0
 
     results: dict[str, dict] = {}
     for _ in range(args.rounds):
         for variant in args.variants:
-            cmd = [sys.executable, "-m", "unified_tte.tools.train_bench", "--worker", variant,
-                   "--backbone", args.backbone, "--batch", str(args.batch), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--query-words", str(args.query_words),
-                   "--threads", str(args.threads)] + (["--chunk", str(args.chunk)] if args.chunk else [])
-            env = {k: v for k, v in os.environ.items()
-                   if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"train_bench: the {variant} worker failed (exit {proc.returncode})")
-            r = json.loads(lines[-1][7:])
+            job = {"variant": variant, "backbone": args.backbone, "batch": args.batch, "chunk": args.chunk,
+                   "steps": args.steps, "warmup": args.warmup, "query_words": args.query_words,
+                   "threads": args.threads}
+            try:
+                r = run_in_fresh_process("unified_tte.tools.train_bench", job, name=variant,
+                                         env=dict.fromkeys(DIST_ENV))
+            except WorkerError as exc:
+                raise SystemExit(f"train_bench: {exc}") from None
             if variant not in results or r["samples_per_s"] > results[variant]["samples_per_s"]:
                 results[variant] = r
     where = machine()
