@@ -1,4 +1,6 @@
 """The `tte` dispatcher: help, unknown commands, and the deepspeed launcher's --local_rank."""
+import os
+
 import pytest
 
 from unified_tte.cli import SUBCOMMANDS, main
@@ -54,6 +56,7 @@ def test_debug_prints_the_traceback_too(tmp_path, capsys, monkeypatch):
     assert main(["--debug", "eval", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("tte eval: error: ")
+    assert "TTE_DEBUG" not in os.environ   # --debug lasts for its command only
 
 
 def test_help_documents_the_exit_codes(capsys):

@@ -45,8 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     # The deepspeed launcher puts --local_rank=N before the subcommand; ranks come from the env.
     argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
     if "--debug" in argv[:1]:
-        argv = argv[1:]
-        os.environ[DEBUG_ENV] = "1"
+        previous = os.environ.get(DEBUG_ENV)
+        os.environ[DEBUG_ENV] = "1"   # the environment, so the command's child processes see it too
+        try:
+            return main(argv[1:])
+        finally:
+            if previous is None:
+                del os.environ[DEBUG_ENV]
+            else:
+                os.environ[DEBUG_ENV] = previous
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
