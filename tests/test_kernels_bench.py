@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_writes_json_lines_and_a_table_and_chunked_needs_less_memory(tmp_path):
     # N = 2048, chunks of 128 rows: the reference holds ~3 x 16 MiB of scores, the chunked path
     # ~2 x 1 MiB, both beside 2 x 0.5 MiB of gradients.
-    cmd = [sys.executable, "-m", "tte_kernels.bench", "--sizes", "2048", "--dim", "64", "--repeats", "2",
-           "--warmup", "0", "--chunk-size", "128", "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "tte_kernels.bench", "--device", "cpu", "--sizes", "2048", "--dim", "64",
+           "--repeats", "2", "--warmup", "0", "--chunk-size", "128", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "infonce.jsonl").read_text().splitlines()]
