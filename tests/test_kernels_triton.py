@@ -26,6 +26,7 @@ from tte_kernels import info_nce, info_nce_ref, pool, pool_ref, resolve_backend
 from tte_kernels.dispatch import interpret_mode
 from tte_kernels.testing import (
     INFONCE_CASES, assert_close32, assert_within_budget, infonce_grads, infonce_inputs, pool_grads, pool_inputs,
+    tau_grad_atol,
 )
 
 pytestmark = pytest.mark.slow
@@ -97,7 +98,10 @@ def test_triton_info_nce_matches_reference_fp32(case, learnable_tau):
     tau = torch.tensor(0.02, device=DEVICE) if learnable_tau else 0.02
     expected = infonce_grads(info_nce_ref, q, t, labels, tau, case.symmetric)
     got = infonce_grads(_triton_loss, q, t, labels, tau, case.symmetric)
-    assert_close32(got, expected, where=f"{case.name}: ")
+    # dtau sums terms that cancel: fp32 rounding of those terms is the tolerance (seen on an
+    # H200: 2.2e-4 on the single-row case, whose exact gradient is 0).
+    assert_close32(got, expected, where=f"{case.name}: ",
+                   atol={"dtau": tau_grad_atol(q, t, labels, tau, case.symmetric)})
 
 
 @pytest.mark.parametrize("case", [c for c in INFONCE_CASES if c.name in ("padding_rows_symmetric", "hard_negatives")],
