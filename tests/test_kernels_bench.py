@@ -17,6 +17,7 @@ from tte_kernels.measure import WorkerError
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # benchmark workers in child processes
 def test_bench_writes_json_lines_and_a_table_and_chunked_needs_less_memory(tmp_path):
     # N = 2048, chunks of 128 rows: the reference holds ~3 x 16 MiB of scores, the chunked path
     # ~2 x 1 MiB, both beside 2 x 0.5 MiB of gradients.

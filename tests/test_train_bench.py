@@ -8,6 +8,7 @@ from tte_kernels.measure import PeakMemory, WorkerError, current_memory_mb
 from unified_tte.tools import train_bench
 
 
+@pytest.mark.slow  # benchmark workers in child processes
 def test_train_bench_quick_prints_both_variants_and_their_ratio(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert train_bench.main(["--quick", "--variants", "activated", "two-model", "--threads", "1",

@@ -49,6 +49,8 @@ from pathlib import Path
 from tte_kernels.measure import (PeakMemory, Worker, current_memory_mb, default_device, is_cuda, machine_name,
                                  read_commands, reply, summary, sync, trim)
 
+from ..errors import RunError, command, require
+
 MODES = ("activated", "top_k", "two_model")
 GRID = dict(query_lens=[64, 256, 1024], trace_lens=[16, 64, 128], batch_sizes=[1, 8])
 QUICK = dict(backbone="tiny", query_lens=[64], trace_lens=[16], batch_sizes=[1], repeats=2, threads=1)
@@ -326,6 +328,12 @@ def parse_args(argv):
     bad = sorted(set(args.modes) - set(MODES))
     if bad:
         p.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+    for name in ("query_lens", "trace_lens", "batch_sizes"):
+        if not getattr(args, name) or min(getattr(args, name)) < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive integers, got {getattr(args, name)}")
+    for name in ("repeats", "threads", "embed_layers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
 
 
@@ -336,19 +344,20 @@ def resolve_device(args) -> None:
     args.dtype = args.dtype or ("bf16" if is_cuda(args.device) else "fp32")
 
 
+@command("bench")
 def bench_main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         run_worker(json.loads(args.worker))
         return 0
+    require("matplotlib", "bench", "tte bench (its plot)")  # before minutes of measuring, not after
     resolve_device(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
         rows = run_modes(args, out)
-    except RuntimeError as exc:
-        print(f"tte bench: {exc}", file=sys.stderr)
-        return 1
+    except RuntimeError as exc:  # a worker died: its log's tail is in the message
+        raise RunError(str(exc)) from exc
     add_ratios(rows)
     with open(out / "results.jsonl", "w") as f:
         for r in rows:
