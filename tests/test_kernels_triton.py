@@ -25,10 +25,10 @@ import torch
 from tte_kernels import info_nce, info_nce_ref, pool, pool_ref, resolve_backend
 from tte_kernels.dispatch import interpret_mode
 from tte_kernels.testing import (
-
-pytestmark = pytest.mark.slow
     INFONCE_CASES, assert_close32, assert_within_budget, infonce_grads, infonce_inputs, pool_grads, pool_inputs,
 )
+
+pytestmark = pytest.mark.slow
 
 INTERPRETED = interpret_mode()
 DIRECT = INTERPRETED or torch.cuda.is_available()
