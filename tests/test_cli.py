@@ -54,7 +54,10 @@ def test_bad_input_is_one_line_with_the_prefix_and_exit_code_2(command, tmp_path
 
 
 def test_debug_prints_the_traceback_too(tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("TTE_DEBUG", raising=False)
+    # --debug sets TTE_DEBUG=1 in this process's environment. setenv (not delenv, which records
+    # nothing when the variable is unset) makes monkeypatch restore it afterwards; else every
+    # later test runs in debug mode and prints tracebacks.
+    monkeypatch.setenv("TTE_DEBUG", "0")
     assert main(["--debug", "eval", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("tte eval: error: ")
