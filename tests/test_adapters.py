@@ -36,7 +36,11 @@ def test_lora_init_depends_on_the_config_seed_only():
     a = UnifiedTTE(tiny_llama(), seed=3).adapter_params("think")
     torch.manual_seed(999)
     b = UnifiedTTE(tiny_llama(), seed=3).adapter_params("think")
+    assert a and a.keys() == b.keys()
     assert all(torch.equal(a[n], b[n]) for n in a)
+    # ... and it does depend on it: another seed draws other weights (LoRA A is random, B is zero).
+    c = UnifiedTTE(tiny_llama(), seed=4).adapter_params("think")
+    assert any(not torch.equal(a[n], c[n]) for n in a)
 
 
 def test_dora_is_refused_with_a_clear_error():
@@ -79,9 +83,12 @@ def test_min_new_tokens_decodes_like_hf_generate():
 
 def test_on_prefill_runs_once_between_the_prompt_and_the_first_token():
     tte = UnifiedTTE(tiny_llama())
-    calls = []
-    tte.think([TTEInput("hello")], max_new_tokens=3, on_prefill=lambda: calls.append(tte.engine))
-    assert len(calls) == 1
+    events = []
+    prefill, decode = tte.engine.prefill, tte.engine.decode   # spies that call through
+    tte.engine.prefill = lambda *a, **k: events.append("prefill") or prefill(*a, **k)
+    tte.engine.decode = lambda *a, **k: events.append("decode") or decode(*a, **k)
+    tte.think([TTEInput("hello")], max_new_tokens=3, on_prefill=lambda: events.append("on_prefill"))
+    assert events == ["prefill", "on_prefill", "decode"]
     with pytest.raises(ValueError, match="min_new_tokens"):
         tte.think([TTEInput("hello")], max_new_tokens=3, min_new_tokens=4)
 

@@ -73,7 +73,11 @@ GRAPH = {name: imports_of(path, name) for name, path in MODULES.items()}
 
 
 def test_every_module_belongs_to_a_layer():
-    assert all(area(name) for name in MODULES)
+    """Only the package root is the facade: any other module that falls through to the root's
+    entry (the highest layer, allowed to import anything) must be given its own layer above."""
+    assert "unified_tte" in MODULES
+    strays = sorted(name for name in MODULES if area(name) == "unified_tte" and name != "unified_tte")
+    assert not strays, f"modules in no layer of LAYERS: {strays}"
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

@@ -75,6 +75,7 @@ def test_set_trainable_selects_exactly_one_adapter():
     assert params and all(".embed." in n for n in names)
     assert names == set(tte.adapter_params("embed"))
     assert not tte.set_trainable(None)
+    assert not any(p.requires_grad for p in tte.peft_model.parameters())  # not only an empty list returned
 
 
 def test_unopenable_image_names_the_item_and_path(tmp_path):

@@ -57,7 +57,9 @@ def test_train_rows_from_parquet_match_jsonl(tmp_path, image_root):
     pq.write_table(_table(TRAIN), tmp_path / "cls.parquet")
     rows = load_train_rows(tmp_path / "cls.parquet", image_root)
     jsonl = load_train_rows(_write_jsonl(tmp_path / "cls.jsonl", TRAIN), image_root)
-    assert [r.qry for r in rows] == [r.qry for r in jsonl]
+    # The whole row: a reader that lost a column (e.g. the hard negatives) would keep qry intact.
+    assert [(r.qry, r.pos, r.neg, r.task, r.trace) for r in rows] == \
+        [(r.qry, r.pos, r.neg, r.task, r.trace) for r in jsonl]
     assert rows[0].id == "cls:0" and rows[1].id == "row-b"   # parquet: 0-based row index
 
 

@@ -103,8 +103,12 @@ def test_candidate_key_dedupes_equal_pixels_and_paths_not_objects(tmp_path):
     assert candidate_key(TTEInput("x", [a]), memo) == candidate_key(TTEInput("x", [b]), memo)
     assert candidate_key(TTEInput("x", [a]), memo) != candidate_key(TTEInput("x", [c]), memo)
     assert candidate_key(TTEInput("x", [a]), memo) != candidate_key(TTEInput("y", [a]), memo)
-    p = str(tmp_path / "i.png")
-    assert candidate_key(TTEInput("", [p]), memo) == candidate_key(TTEInput("", [p]), memo)
+    # Equal paths held in two different string objects (one object twice would also match a key
+    # taken from the object's identity), and another path keys differently.
+    p, same_path = str(tmp_path / "i.png"), str(tmp_path / "i.png")
+    assert p is not same_path
+    assert candidate_key(TTEInput("", [p]), memo) == candidate_key(TTEInput("", [same_path]), memo)
+    assert candidate_key(TTEInput("", [p]), memo) != candidate_key(TTEInput("", [str(tmp_path / "j.png")]), memo)
 
 
 class TableEmbedder:
@@ -178,14 +182,21 @@ def test_eval_main_reports_an_unknown_task_without_loading_the_model(monkeypatch
 
 
 
-def test_eval_main_loads_a_training_run_folder(tmp_path, capsys):
+def test_eval_main_loads_a_training_run_folder(tmp_path, capsys, monkeypatch):
     """`tte eval RUN_DIR`: the run's adapters on its recorded backbone, through the loader that
     export uses; the resume checkpoints DeepSpeed leaves in the run are not touched."""
     from unified_tte import UnifiedTTE
     from unified_tte.model import adapters
     from unified_tte.model.zoo import tiny_qwen2vl
+    from unified_tte.testing import randomize_adapters, solid_image
 
     tte = UnifiedTTE(tiny_qwen2vl(), mode="activated")
+    # Trained weights: a fresh LoRA (B = 0, A from the config seed) is what a loader that skipped
+    # the run's adapters would build too.
+    randomize_adapters(tte, std=0.1, seed=5)
+    loaded = []
+    real_load = evaluate_mod._load_model   # a spy: the real loader runs
+    monkeypatch.setattr(evaluate_mod, "_load_model", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
     run = tmp_path / "run"
     for name in tte.embed_adapters:
         adapters.save_adapter(tte.peft_model, name, run / name)
@@ -199,3 +210,6 @@ def test_eval_main_loads_a_training_run_folder(tmp_path, capsys):
     assert rc == 0, captured.err
     assert "| digits/classify | I2T | no | 4 |" in captured.out
     assert json.loads(out.read_text())["tasks"]["digits/classify"]["n"] == 4
+    (model,) = loaded
+    x, traces = [TTEInput("Which digit?", [solid_image(56, 56)]), TTEInput("seven")], ["<think>a</think> b"] * 2
+    assert torch.equal(model.embed(x, traces), tte.embed(x, traces))

@@ -113,9 +113,17 @@ def test_think_decodes_the_same_tokens_as_generate(builder, batch):
 def test_sampling_is_reproducible_with_a_seed():
     tte = make(tiny_llama, "activated")
     inputs = text_batch()
-    a = tte.think(inputs, max_new_tokens=6, do_sample=True, temperature=1.5, seed=3).traces
-    b = tte.think(inputs, max_new_tokens=6, do_sample=True, temperature=1.5, seed=3).traces
-    assert [t.token_ids for t in a] == [t.token_ids for t in b]
+
+    def sampled(seed):
+        traces = tte.think(inputs, max_new_tokens=6, do_sample=True, temperature=1.5, seed=seed).traces
+        return [t.token_ids for t in traces]
+
+    a = sampled(3)
+    torch.manual_seed(1234)  # the global RNG plays no part
+    assert sampled(3) == a
+    # Two equal greedy decodes would pass the line above too: it really samples, seeded.
+    assert a != [t.token_ids for t in tte.think(inputs, max_new_tokens=6).traces]
+    assert sampled(4) != a
 
 
 def test_think_none_uses_the_backbone_as_reasoner():

@@ -3,8 +3,11 @@ equals its plain twin, dropout re-runs are exact, resume is exact, a non-finite 
 run and keeps the last good checkpoint, the run folder has the layout export reads."""
 import json
 import math
+import random
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,6 +38,17 @@ def tiny_recipe(run_dir, **sections):
         else:
             raw[key] = value
     return recipe_from_dict(raw, "test recipe")
+
+
+def forget_process_caches():
+    """Clear the package's in-process caches (e.g. the batch order's permutations), so that a
+    second run in this process starts from what a run in a fresh process, a real resume, has;
+    else the two runs share cached objects and cannot differ by them."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith("unified_tte"):
+            for obj in list(vars(module).values()):
+                if callable(getattr(obj, "cache_clear", None)):
+                    obj.cache_clear()
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +99,16 @@ def test_gradcache_gives_the_gradients_of_the_unchunked_batch(tmp_path, rows, mo
 def test_gradcache_rerun_reproduces_dropout_masks(tmp_path, rows, monkeypatch):
     """With LoRA dropout on, each chunk's re-run with grad sees the same dropout masks as its
     pass without grad, so the cached gradients belong to the embeddings being backpropagated."""
-    outputs = []
+    outputs, dropout_on = [], []
     forward = T.StageModule.forward
 
     def recording(self, kind, *args, **kwargs):
         out = forward(self, kind, *args, **kwargs)
         if kind == "from_state":
             outputs.append(out.detach().clone())
+            # Equal passes prove nothing if no mask is drawn: the embed LoRA's dropout must be on here.
+            dropout_on.append(any(m.training and m.p > 0 for n, m in self.tte.peft_model.named_modules()
+                                  if n.endswith("lora_dropout.embed")))
         return out
 
     monkeypatch.setattr(T.StageModule, "forward", recording)
@@ -99,7 +116,7 @@ def test_gradcache_rerun_reproduces_dropout_masks(tmp_path, rows, monkeypatch):
     _, grads, ok = embed_grads(recipe, rows[:6], chunk=3, dropout=0.3)
     assert ok
     first, second = outputs[:4], outputs[4:]  # 2 chunks x (queries, targets), twice
-    assert len(second) == 4
+    assert len(second) == 4 and dropout_on == [True] * 8
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # ... and dropout is really on: the same chunk without the RNG restore differs.
@@ -118,8 +135,10 @@ def read_metrics(run_dir):
 def test_resume_is_exact_and_the_run_folder_has_the_export_layout(tmp_path):
     # think: steps 1-2, embed: steps 3-6 (GradCache chunks of 3, 3, 2)
     straight = T.train(tiny_recipe(tmp_path / "straight"))
+    forget_process_caches()
     first = T.train(tiny_recipe(tmp_path / "resumed", stop_after=3))
     assert first["stopped"] and [s for s, _ in first["losses"]["embed"]] == [3]
+    forget_process_caches()
     second = T.train(tiny_recipe(tmp_path / "resumed"), resume=True)
     assert not second["stopped"]
 
@@ -249,7 +268,15 @@ def test_batches_depend_on_the_step_only_and_cover_each_epoch_once():
     n, batch = 50, 8  # 6 full batches an epoch, 2 rows dropped
     epoch = [i for s in range(6) for i in T.batch_indices(n, batch, seed=3, stage_index=1, step=s)]
     assert len(set(epoch)) == 48
-    assert T.batch_indices(n, batch, 3, 1, 4) == T.batch_indices(n, batch, 3, 1, 4)
+    # The same step again as a fresh process (a resumed run) computes it: no cache, other global RNG states.
+    again = []
+    for seed in (1, 2):
+        forget_process_caches()
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        again.append(T.batch_indices(n, batch, 3, 1, 4))
+    assert again[0] == again[1] == epoch[32:40]
     assert T.batch_indices(n, batch, 3, 1, 6) != T.batch_indices(n, batch, 3, 1, 0)  # a new epoch order
 
 
