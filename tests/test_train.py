@@ -294,3 +294,18 @@ def test_bad_batch_shapes_and_data_fail_before_any_work(tmp_path, monkeypatch):
         rows.write_text(json.dumps({"qry": "a cat", "pos_text": "a photo of a cat"}) + "\n")
         T.train(tiny_recipe(tmp_path, data={"train": [str(rows)]}, stages=["embed"],
                             embed={"use_traces": False}))
+
+
+def test_resume_refuses_a_recipe_that_changes_what_the_run_is(tmp_path):
+    T.train(tiny_recipe(tmp_path, stages=["think"], checkpoint_every=1, think={"steps": 3}, stop_after=1))
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(T.TrainError, match=r"--resume: backbone was 'tiny' .* is 'tiny-llama' now"):
+        T.train(tiny_recipe(tmp_path, backbone="tiny-llama", stages=["think"], checkpoint_every=1,
+                            think={"steps": 3}), resume=True)
+    with pytest.raises(T.TrainError, match=r"model was .*'lora_r': 16.* is .*'lora_r': 8"):
+        T.train(tiny_recipe(tmp_path, stages=["think"], checkpoint_every=1, think={"steps": 3},
+                            model={"lora_r": 8}), resume=True)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    # what may change on resume, changes: a longer schedule
+    result = T.train(tiny_recipe(tmp_path, stages=["think"], checkpoint_every=1, think={"steps": 4}), resume=True)
+    assert [s for s, _ in result["losses"]["think"]] == [2, 3, 4]

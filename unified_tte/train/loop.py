@@ -63,6 +63,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.records import read_yaml_mapping
 from ..errors import NonFiniteLoss, TrainError, command
 from ..model import TTEConfig, UnifiedTTE, zoo
 from .batches import batch_indices, load_rows, stage_rows
@@ -89,6 +90,32 @@ def build_model(recipe: Recipe, dtype: torch.dtype) -> UnifiedTTE:
     return UnifiedTTE(load_backbone(recipe.backbone, dtype), TTEConfig(**recipe.model.to_dict()))
 
 
+# What a run's checkpoints are made of: resuming under other values would load weights into a
+# model they do not fit (or silently train another model). Schedules, data and logging may change.
+IDENTITY_KEYS = ("backbone", "stages", "model", "think.method", "seed")
+
+
+def check_resumable(recipe: Recipe, run_dir: Path) -> None:
+    """Refuse --resume when the recipe changes what the run's checkpoints are made of."""
+    saved_file = run_dir / "recipe.yaml"
+    if not saved_file.is_file():
+        return
+    saved = read_yaml_mapping(saved_file, TrainError, "run recipe")
+    now = recipe.to_dict()
+
+    def get(d, key):
+        for part in key.split("."):
+            d = d.get(part) if isinstance(d, dict) else None
+        return d
+
+    changed = [(k, get(saved, k), get(now, k)) for k in IDENTITY_KEYS if get(saved, k) != get(now, k)]
+    if changed:
+        key, old, new = changed[0]
+        raise TrainError(f"--resume: {key} was {old!r} in {saved_file} and is {new!r} now; a run "
+                         f"resumes with the {', '.join(IDENTITY_KEYS)} it started with. Use another "
+                         f"run_dir for a new run (changed: {[c[0] for c in changed]}).")
+
+
 def train(recipe: Recipe, resume: bool = False) -> dict:
     """Run the recipe's stages. Returns {"run_dir", "losses": {stage: [(step, loss), ...]},
     "stopped": True if stop_after ended the run early}."""
@@ -110,6 +137,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
                          "--resume to continue that run, or set another run_dir.")
     state = None
     if resume and found:
+        check_resumable(recipe, run_dir)
         state = json.loads((found[-1][1] / "trainer_state.json").read_text())
     bf16 = uses_bf16(recipe, d.device)
     dtype = torch.bfloat16 if bf16 else torch.float32
