@@ -92,8 +92,12 @@ def check_attention(implementation: str, device: torch.device | str | None = Non
         raise UnsupportedBackbone(f"flash_attention_2 runs on CUDA only, not on {torch.device(device).type}; "
                                   "use sdpa there.")
     if dtype is not None and dtype not in HALF_DTYPES:
-        raise UnsupportedBackbone(f"flash_attention_2 runs in bf16 or fp16 only, not {dtype}; load the "
-                                  "backbone with dtype=torch.bfloat16, or use sdpa.")
+        raise UnsupportedBackbone(_flash_half_only(dtype))
+
+
+def _flash_half_only(dtype: torch.dtype) -> str:
+    return (f"flash_attention_2 runs in bf16 or fp16 only, not {dtype}; load the backbone with "
+            "dtype=torch.bfloat16 (or cast the model), or use sdpa.")
 
 
 def set_attention(model: torch.nn.Module, implementation: str) -> None:
@@ -256,7 +260,7 @@ class DecoderStack:
 
         stop = self.num_layers if stop is None else stop
         if self.attn_implementation == "flash_attention_2" and hidden.dtype not in HALF_DTYPES:
-            check_attention("flash_attention_2", dtype=hidden.dtype)  # a model cast to fp32 later
+            raise UnsupportedBackbone(_flash_half_only(hidden.dtype))  # e.g. a model cast to fp32 later
         mask_kwargs = {"config": self.config, "inputs_embeds": hidden, "attention_mask": attention_mask,
                        self._mask_cache_kw: cache}
         if self._mask_needs_cache_position:  # older transformers
