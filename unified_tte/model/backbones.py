@@ -132,7 +132,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | None 
     if model_type in VISION_LANGUAGE_TYPES:
         from transformers import AutoModelForImageTextToText
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-        image_processor = _image_processor(path)
+        image_processor = load_image_processor(path)
     else:
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -141,13 +141,22 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | None 
     return Backbone(model.eval(), tokenizer, image_processor, path.name)
 
 
-def _image_processor(path: Path):
+def load_image_processor(path: Path):
     try:  # needs torchvision on some installs (the GPU machine has it)
         from transformers import AutoImageProcessor
         return AutoImageProcessor.from_pretrained(path, local_files_only=True)
     except Exception:  # noqa: BLE001 - any failure here means: use the PIL processor
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
         return Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
+
+
+def set_max_pixels(image_processor, max_pixels: int) -> None:
+    """Cap an image at `max_pixels` (Qwen2-VL's processor resizes bigger ones down, aspect kept)."""
+    image_processor.size["longest_edge"] = int(max_pixels)
+
+
+def max_pixels_of(image_processor) -> int:
+    return int(image_processor.size["longest_edge"])
 
 
 def weight_hash(model: torch.nn.Module) -> str:

@@ -97,7 +97,8 @@ def build_tokenizer(special_tokens=QWEN_SPECIAL_TOKENS, vocab_size: int = 512,
 
 
 def tiny_qwen2vl(seed: int = 0, num_layers: int = 4, hidden_size: int = 64, vocab_size: int = 512,
-                 min_pixels: int = 28 * 28, max_pixels: int = 112 * 112, attn_implementation: str = "sdpa"):
+                 min_pixels: int = 28 * 28, max_pixels: int = 112 * 112, attn_implementation: str = "sdpa",
+                 dtype: torch.dtype | None = None, device: str | torch.device | None = None):
     """A random Qwen2-VL (4 layers, hidden 64, 2-block vision tower) with tokenizer and image processor.
 
     Images are resized to multiples of 28 px between `min_pixels` and `max_pixels`, so a 56x56
@@ -113,11 +114,13 @@ def tiny_qwen2vl(seed: int = 0, num_layers: int = 4, hidden_size: int = 64, voca
     vision = dict(depth=2, embed_dim=32, hidden_size=hidden_size, num_heads=2, mlp_ratio=2,
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     return qwen_vl("qwen2_vl", text, vision, name="tiny-qwen2vl", seed=seed, tokenizer_vocab=vocab_size,
-                   min_pixels=min_pixels, max_pixels=max_pixels, attn_implementation=attn_implementation)
+                   min_pixels=min_pixels, max_pixels=max_pixels, attn_implementation=attn_implementation,
+                   dtype=dtype, device=device)
 
 
 def tiny_qwen25vl(seed: int = 0, num_layers: int = 4, hidden_size: int = 64, vocab_size: int = 512,
-                  min_pixels: int = 28 * 28, max_pixels: int = 112 * 112, attn_implementation: str = "sdpa"):
+                  min_pixels: int = 28 * 28, max_pixels: int = 112 * 112, attn_implementation: str = "sdpa",
+                  dtype: torch.dtype | None = None, device: str | torch.device | None = None):
     """A random Qwen2.5-VL (4 layers, hidden 64) whose 4-block vision tower has what sets 2.5 apart:
     window attention (56 px windows, so a 112 px image has 2 x 2 windows) in blocks 0 and 2, full
     attention in blocks 1 and 3, SwiGLU MLPs and RMSNorm."""
@@ -131,7 +134,8 @@ def tiny_qwen25vl(seed: int = 0, num_layers: int = 4, hidden_size: int = 64, voc
                   window_size=56, fullatt_block_indexes=[1, 3], hidden_act="silu", tokens_per_second=2,
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     return qwen_vl("qwen2_5_vl", text, vision, name="tiny-qwen25vl", seed=seed, tokenizer_vocab=vocab_size,
-                   min_pixels=min_pixels, max_pixels=max_pixels, attn_implementation=attn_implementation)
+                   min_pixels=min_pixels, max_pixels=max_pixels, attn_implementation=attn_implementation,
+                   dtype=dtype, device=device)
 
 
 # ------------------------------------------------------------------------------------ real shapes
@@ -267,7 +271,8 @@ def _seeded_model(model_cls, config, seed: int, dtype, device, attn_implementati
 
 
 def tiny_llama(seed: int = 0, num_layers: int = 4, hidden_size: int = 64, vocab_size: int = 512,
-               attn_implementation: str = "sdpa"):
+               attn_implementation: str = "sdpa", dtype: torch.dtype | None = None,
+               device: str | torch.device | None = None):
     """A random Llama (4 layers, hidden 64) with a ChatML-style tokenizer; text only."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -283,7 +288,7 @@ def tiny_llama(seed: int = 0, num_layers: int = 4, hidden_size: int = 64, vocab_
         bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
-    model = _seeded_model(LlamaForCausalLM, config, seed, None, None, attn_implementation)
+    model = _seeded_model(LlamaForCausalLM, config, seed, dtype, device, attn_implementation)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     return Backbone(model=model, tokenizer=tokenizer, image_processor=None, name="tiny-llama")

@@ -3,6 +3,7 @@
     tte bench --quick                                   # one tiny case, seconds (smoke test)
     tte bench --backbone smollm2 --query-lens 512 --trace-lens 64 --batch-sizes 1
     tte bench --backbone smollm2                        # grid: query 64/256/1024 x trace 16/64/128 x batch 1/8
+    tte bench --backbone qwen2vl-2b-shape --dtype bf16 --decode graph   # on a GPU: the CUDA-graph decode
 
 Writes `--out` (default bench_out/): results.jsonl (one line per mode x case), table.md, bench.png.
 
@@ -25,6 +26,13 @@ How it is measured:
 - Each mode runs in its own fresh subprocess (all alive at once, idle while another runs); per case
   every mode warms up, then the timed repeats alternate between modes, so drifts in machine load
   (a shared machine) hit every mode alike. Worker stderr goes to OUT/worker_<mode>.log.
+- Decode speed: decode tokens/s = B x (T - 1) / decode time (the T - 1 one-token steps). The
+  same for Hugging Face `generate` on the reasoner (base + think LoRA, the same prompts, exactly T
+  new tokens): generate(T) minus generate(1) (which is the prefill and the first token), p50 over
+  `--repeats`, timed in the first mode's process; `vs generate` is the ratio. The memory-bandwidth
+  bound is B x (copy bandwidth / bytes of the text stack's weights): every decode step reads
+  every weight once; copy bandwidth = bytes read + written per second of a large tensor copy on
+  the device. `--decode` picks the think loop (model/engine.py: eager, static, graph, auto).
 - No mode sees another's memory. Peak memory is reported
   above that process's own baseline after imports (torch, transformers, peft, unified_tte), so the
   model weights are counted. CPU: the kernel's resident high-water mark (VmHWM) is reset
@@ -184,15 +192,15 @@ def machine_name(device: str | None = None) -> str:
 class _Runner:
     """One mode's models and its timed think -> embed step."""
 
-    def __init__(self, mode: str, spec: str, dtype: str, device: str, embed_layers: int | None):
+    def __init__(self, mode: str, spec: str, dtype: str, device: str, embed_layers: int | None,
+                 decode: str = "auto"):
         import torch
 
         from ..model import UnifiedTTE
         from ..model.zoo import load as load_reasoner
 
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-        backbone = load_reasoner(spec)
-        backbone.model.to(device=device, dtype=torch_dtype)
+        backbone = load_reasoner(spec, dtype=torch_dtype, device=device)
         self.mode, self.device, self.name = mode, device, backbone.name
         self.embedder = None
         if mode == "two_model":
@@ -203,6 +211,7 @@ class _Runner:
         else:
             kwargs = {"embed_layers": embed_layers} if mode == "top_k" and embed_layers else {}
             self.tte = UnifiedTTE(backbone, mode=mode, **kwargs).eval()
+        self.tte.engine.decode_mode = decode
         self.prefill_s = 0.0
         self._start = 0.0
 
@@ -234,8 +243,61 @@ class _Runner:
         lengths = {len(t.token_ids) for t in traces}
         if lengths != {trace_len} or emb.shape[0] != len(inputs):
             raise RuntimeError(f"{self.mode}: decoded trace lengths {lengths}, wanted {trace_len}")
+        self.decode_loop = self.tte.engine.last_decode_mode
         return {"prefill": self.prefill_s, "decode": thought - start - self.prefill_s,
                 "embed": end - thought, "e2e": end - start}
+
+    def generate_s(self, inputs, new_tokens: int) -> float:
+        """Seconds of one Hugging Face `generate` of exactly `new_tokens` tokens per row on the
+        reasoner (base + think LoRA), from the prompts `think` encodes."""
+        import torch
+
+        from ..model.inputs import left_pad
+
+        tte = self.tte
+        prompts = tte.encoder.encode(inputs, reserve=new_tokens + 1 + len(tte.invocation_ids))
+        ids, mask = (x.to(self.device) for x in left_pad([p.ids for p in prompts], tte.pad_id))
+        self._sync()
+        start = time.perf_counter()
+        with torch.no_grad(), tte.switch.use(tte.think_adapters):
+            out = tte.peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=tte.pad_id)
+        self._sync()
+        if out.shape[1] - ids.shape[1] != new_tokens:
+            raise RuntimeError(f"generate made {out.shape[1] - ids.shape[1]} tokens, wanted {new_tokens}")
+        return time.perf_counter() - start
+
+
+def copy_bandwidth_gb_s(device: str, mbytes: int | None = None) -> float:
+    """Bytes read + written per second (GB/s) of the best of 5 copies of a large tensor."""
+    import torch
+
+    mbytes = mbytes or (1024 if device == "cuda" else 256)  # well past the caches
+    src = torch.ones(mbytes * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def decode_weight_bytes(tte) -> int:
+    """Bytes of what one decode step reads: the text stack, its norm and head (tied counted once)
+    and the active LoRA weights."""
+    modules = [tte.stack.lm, tte.stack.lm_head]
+    seen = {}
+    for m in modules:
+        for name, p in m.named_parameters():
+            if "lora_" in name and ".think." not in name:
+                continue
+            seen[p.data_ptr()] = p.numel() * p.element_size()
+    return sum(seen.values())
 
 
 PROTOCOL = "@@bench "  # prefix of the worker's reply lines; anything else on its stdout is ignored
@@ -250,6 +312,7 @@ def run_worker(job: dict, commands=None) -> None:
 
         {"cmd": "begin", "batch": B, "query_len": Q, "trace_len": T}  build inputs, reset the peak, warm up
         {"cmd": "step"}                                               one timed think -> embed
+        {"cmd": "generate", "repeats": R}                             HF generate's decode time (ms, p50)
         {"cmd": "end"}                                                peak memory of the case
         {"cmd": "quit"}
 
@@ -266,13 +329,16 @@ def run_worker(job: dict, commands=None) -> None:
     device = job["device"]
     _trim()
     baseline = current_memory_mb(device)
-    runner = _Runner(job["mode"], job["backbone"], job["dtype"], device, job.get("embed_layers"))
+    runner = _Runner(job["mode"], job["backbone"], job["dtype"], device, job.get("embed_layers"),
+                     job.get("decode", "auto"))
     _trim()
     _reply({"backbone": job["backbone"], "backbone_name": runner.name, "mode": job["mode"],
             "device": device, "device_name": machine_name(device), "dtype": job["dtype"],
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "baseline_mb": baseline,
-            "weights_mb": current_memory_mb(device) - baseline})
+            "weights_mb": current_memory_mb(device) - baseline, "decode": job.get("decode", "auto"),
+            "decode_weights_mb": decode_weight_bytes(runner.tte) / 2**20,
+            "copy_bandwidth_gb_s": copy_bandwidth_gb_s(device)})
     mem = inputs = None
     for line in commands if commands is not None else sys.stdin:
         command = json.loads(line)
@@ -285,9 +351,14 @@ def run_worker(job: dict, commands=None) -> None:
                 _reply({"ok": True})
             elif command["cmd"] == "step":
                 _reply({k: v * 1000 for k, v in runner.step(inputs, trace_len).items()})
+            elif command["cmd"] == "generate":
+                full = [runner.generate_s(inputs, trace_len) for _ in range(command["repeats"])]
+                first = [runner.generate_s(inputs, 1) for _ in range(command["repeats"])]
+                _reply({"generate_decode_ms": (_percentiles(full)[0] - _percentiles(first)[0]) * 1000})
             elif command["cmd"] == "end":
                 mem.__exit__(None, None, None)
-                _reply({"peak_mem_mb": mem.peak_mb, "mem_method": mem.method})
+                _reply({"peak_mem_mb": mem.peak_mb, "mem_method": mem.method,
+                        "decode_loop": getattr(runner, "decode_loop", None)})
             elif command["cmd"] == "quit":
                 return
 
@@ -339,7 +410,7 @@ def run_modes(args, out: Path) -> list[dict]:
             print(f"[bench] starting {mode} ({args.backbone} on {args.device})", file=sys.stderr, flush=True)
             workers.append(_Worker({"mode": mode, "backbone": args.backbone, "device": args.device,
                                     "dtype": args.dtype, "threads": args.threads,
-                                    "embed_layers": args.embed_layers}, out))
+                                    "embed_layers": args.embed_layers, "decode": args.decode}, out))
         rows = []
         for batch in args.batch_sizes:
             for query_len in args.query_lens:
@@ -353,11 +424,14 @@ def run_modes(args, out: Path) -> list[dict]:
                         for w in workers:
                             for phase, ms in w.ask(cmd="step").items():
                                 times[w.mode][phase].append(ms)
+                    generate = {}
+                    if args.generate and trace_len > 1:
+                        generate = workers[0].ask(cmd="generate", repeats=args.repeats)
                     for w in workers:
-                        row = {**w.meta, **case, "repeats": args.repeats, **w.ask(cmd="end")}
+                        row = {**w.meta, **case, "repeats": args.repeats, **w.ask(cmd="end"), **generate}
                         for phase in PHASES:
                             row[f"{phase}_p50_ms"], row[f"{phase}_p90_ms"] = _percentiles(times[w.mode][phase])
-                        rows.append(row)
+                        rows.append(add_decode_speed(row))
         return rows
     finally:
         for w in workers:
@@ -365,6 +439,20 @@ def run_modes(args, out: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------- report
+def add_decode_speed(row: dict) -> dict:
+    """Decode tokens/s (one-token steps), against HF generate and the memory-bandwidth bound."""
+    steps = row["batch"] * (row["trace_len"] - 1)
+    row["decode_tok_s"] = steps / (row["decode_p50_ms"] / 1000) if steps and row["decode_p50_ms"] > 0 else None
+    gen = row.get("generate_decode_ms")
+    row["generate_tok_s"] = steps / (gen / 1000) if steps and gen and gen > 0 else None
+    row["decode_vs_generate"] = (row["decode_tok_s"] / row["generate_tok_s"]
+                                 if row["decode_tok_s"] and row["generate_tok_s"] else None)
+    bound = row["batch"] * row["copy_bandwidth_gb_s"] * 1e9 / (row["decode_weights_mb"] * 2**20)
+    row["bandwidth_bound_tok_s"] = bound
+    row["decode_vs_bound"] = row["decode_tok_s"] / bound if row["decode_tok_s"] else None
+    return row
+
+
 def add_ratios(rows: list[dict]) -> list[dict]:
     """Each row's embed / end-to-end / peak memory as a fraction of two_model on the same case."""
     key = lambda r: (r["backbone"], r["device"], r["batch"], r["query_len"], r["trace_len"])  # noqa: E731
@@ -385,7 +473,7 @@ def markdown_table(rows: list[dict]) -> str:
             f"warm-up; peak memory above the process baseline after imports ({r0['mem_method']}); "
             "ratios are p50 (and peak) against two_model on the same case.\n\n")
     cols = ["mode", "B", "Q", "T", "prefill ms", "decode ms", "embed ms", "end-to-end ms", "peak MB",
-            "embed / 2m", "e2e / 2m", "mem / 2m"]
+            "embed / 2m", "e2e / 2m", "mem / 2m", "decode tok/s", "vs generate", "of bound"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     fmt = lambda r, p: f"{r[p + '_p50_ms']:.1f} / {r[p + '_p90_ms']:.1f}"  # noqa: E731
     ratio = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
@@ -395,8 +483,19 @@ def markdown_table(rows: list[dict]) -> str:
             r["mode"], str(r["batch"]), str(r["query_len"]), str(r["trace_len"]),
             fmt(r, "prefill"), fmt(r, "decode"), fmt(r, "embed"), fmt(r, "e2e"), f"{r['peak_mem_mb']:.0f}",
             ratio(r["embed_vs_two_model"]), ratio(r["e2e_vs_two_model"]), ratio(r["mem_vs_two_model"]),
+            "—" if not r.get("decode_tok_s") else f"{r['decode_tok_s']:.1f}",
+            ratio(r.get("decode_vs_generate")), ratio(r.get("decode_vs_bound")),
         ]) + " |")
-    return head + "\n".join(lines) + "\n"
+    decode = (f"\nDecode: the `{r0.get('decode_loop') or r0.get('decode')}` loop; tok/s = B x (T - 1) one-token steps "
+              f"per second of decode; `vs generate`: against Hugging Face generate on the same reasoner "
+              f"({_fmt_tok_s(r0.get('generate_tok_s'))} tok/s for the first case); `of bound`: against B x "
+              f"{r0['copy_bandwidth_gb_s']:.1f} GB/s copy bandwidth / {r0['decode_weights_mb']:.0f} MB of weights "
+              "read per step.\n")
+    return head + "\n".join(lines) + "\n" + decode
+
+
+def _fmt_tok_s(value) -> str:
+    return "—" if not value else f"{value:.1f}"
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -462,6 +561,11 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's). On a shared machine use 1: with more threads "
                         "than free cores every parallel region waits on a descheduled thread")
+    p.add_argument("--decode", choices=("auto", "eager", "static", "graph"), default="auto",
+                   help="think's decode loop: eager (a growing cache), static (preallocated cache), graph "
+                        "(static + CUDA-graph replay, CUDA only), auto (graph on CUDA, else eager)")
+    p.add_argument("--no-generate", dest="generate", action="store_false",
+                   help="skip timing Hugging Face generate (the decode tok/s comparison)")
     p.add_argument("--out", default="bench_out", help="folder for results.jsonl, table.md, bench.png")
     p.add_argument("--quick", action="store_true",
                    help="one small case on the tiny model (query 64, trace 16, batch 1, 2 repeats, 1 thread)")

@@ -62,6 +62,7 @@ import torch
 
 from ..errors import NonFiniteLoss, TrainError, command
 from ..model import TTEConfig, UnifiedTTE, zoo
+from ..model.backbones import set_max_pixels
 from .batches import batch_indices, load_rows, stage_rows
 from .checkpointing import checkpoints, load_stage_weights, save_checkpoint, save_stage, write_run_files
 from .distributed import Dist, all_reduce, init_distributed, require_deepspeed
@@ -77,7 +78,10 @@ def load_backbone(spec: str, dtype: torch.dtype):
 
 
 def build_model(recipe: Recipe, dtype: torch.dtype) -> UnifiedTTE:
-    return UnifiedTTE(load_backbone(recipe.backbone, dtype), TTEConfig(**recipe.model.to_dict()))
+    backbone = load_backbone(recipe.backbone, dtype)
+    if recipe.data.max_pixels is not None and backbone.image_processor is not None:
+        set_max_pixels(backbone.image_processor, recipe.data.max_pixels)
+    return UnifiedTTE(backbone, TTEConfig(**recipe.model.to_dict()))
 
 
 def train(recipe: Recipe, resume: bool = False) -> dict:

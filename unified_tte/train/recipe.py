@@ -60,6 +60,10 @@ class DataConfig:
     """Skip rows with bad fields or missing images instead of stopping at the first."""
     max_rows: int | None = None
     """Use at most this many train rows (after loading; for smoke runs)."""
+    max_pixels: int | None = None
+    """Largest image in pixels: Qwen2-VL resizes bigger ones down to it, keeping the aspect ratio
+    (28 x 28 px per image token, so 1003520 = 1280 tokens, VLM2Vec's cap). null: the backbone's
+    image processor's own cap. `tte plan` sizes image tokens from it."""
     digits: DigitsData = field(default_factory=DigitsData)
 
 
@@ -396,6 +400,8 @@ def validate(recipe: Recipe, source: str) -> None:
         fail("stop_after", "must be >= 1 or null.")
     if isinstance(recipe.data.train, list) and not recipe.data.train:
         fail("data.train", "name at least one train file, or use digits.")
+    if recipe.data.max_pixels is not None and recipe.data.max_pixels < 28 * 28:
+        fail("data.max_pixels", f"must be >= 784 (one 28 x 28 px image token) or null, got {recipe.data.max_pixels}.")
     if isinstance(recipe.data.train, str) and recipe.data.train != "digits":
         recipe.data.train = [recipe.data.train]
 
