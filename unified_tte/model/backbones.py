@@ -64,13 +64,14 @@ def attention_implementation(requested: str | None = None, device: torch.device 
     """The attention implementation for a model that runs on `device` in `dtype`.
 
     `requested` None or "auto": flash-attention 2 when flash-attn is installed and the model runs
-    on CUDA in bf16/fp16, SDPA otherwise. A named one is checked (`check_attention`) and returned.
+    on CUDA in bf16/fp16 (or in the checkpoint's own dtype, `dtype` None), SDPA otherwise. A named
+    one is checked (`check_attention`) and returned.
     Every implementation gives the same fast-path results (tests/test_attention.py, tests/gpu/).
     """
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     if requested in (None, "auto"):
-        if device.type == "cuda" and dtype in HALF_DTYPES and flash_attention_installed():
+        if device.type == "cuda" and (dtype is None or dtype in HALF_DTYPES) and flash_attention_installed():
             return "flash_attention_2"
         return "sdpa"
     check_attention(requested, device, dtype)

@@ -26,13 +26,10 @@ How it is measured:
 - Each mode runs in its own fresh subprocess (all alive at once, idle while another runs); per case
   every mode warms up, then the timed repeats alternate between modes, so drifts in machine load
   (a shared machine) hit every mode alike. Worker stderr goes to OUT/worker_<mode>.log.
-- Decode speed: decode tokens/s = B x (T - 1) / decode time (the T - 1 one-token steps). The
-  same for Hugging Face `generate` on the reasoner (base + think LoRA, the same prompts, exactly T
-  new tokens): generate(T) minus generate(1) (which is the prefill and the first token), p50 over
-  `--repeats`, timed in the first mode's process; `vs generate` is the ratio. The memory-bandwidth
-  bound is B x (copy bandwidth / bytes of the text stack's weights): every decode step reads
-  every weight once; copy bandwidth = bytes read + written per second of a large tensor copy on
-  the device. `--decode` picks the think loop (model/engine.py: eager, static, graph, auto).
+- Decode speed (tools/decode_speed.py): tokens/s of the T - 1 one-token steps, against Hugging
+  Face `generate` on the same reasoner and prompts (timed in the first mode's process, medians
+  over `--repeats`) and against the memory-bandwidth bound (B x copy bandwidth / bytes of weights
+  a step reads). `--decode` picks the think loop (model/engine.py: eager, static, graph, auto).
 - No mode sees another's memory. Peak memory is reported
   above that process's own baseline after imports (torch, transformers, peft, unified_tte), so the
   model weights are counted. CPU: the kernel's resident high-water mark (VmHWM) is reset
@@ -57,6 +54,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from .decode_speed import add_decode_speed, copy_bandwidth_gb_s, decode_note, decode_weight_bytes, generate_decode_ms
 
 MODES = ("activated", "top_k", "two_model")
 GRID = dict(query_lens=[64, 256, 1024], trace_lens=[16, 64, 128], batch_sizes=[1, 8])
@@ -247,58 +246,6 @@ class _Runner:
         return {"prefill": self.prefill_s, "decode": thought - start - self.prefill_s,
                 "embed": end - thought, "e2e": end - start}
 
-    def generate_s(self, inputs, new_tokens: int) -> float:
-        """Seconds of one Hugging Face `generate` of exactly `new_tokens` tokens per row on the
-        reasoner (base + think LoRA), from the prompts `think` encodes."""
-        import torch
-
-        from ..model.inputs import left_pad
-
-        tte = self.tte
-        prompts = tte.encoder.encode(inputs, reserve=new_tokens + 1 + len(tte.invocation_ids))
-        ids, mask = (x.to(self.device) for x in left_pad([p.ids for p in prompts], tte.pad_id))
-        self._sync()
-        start = time.perf_counter()
-        with torch.no_grad(), tte.switch.use(tte.think_adapters):
-            out = tte.peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=tte.pad_id)
-        self._sync()
-        if out.shape[1] - ids.shape[1] != new_tokens:
-            raise RuntimeError(f"generate made {out.shape[1] - ids.shape[1]} tokens, wanted {new_tokens}")
-        return time.perf_counter() - start
-
-
-def copy_bandwidth_gb_s(device: str, mbytes: int | None = None) -> float:
-    """Bytes read + written per second (GB/s) of the best of 5 copies of a large tensor."""
-    import torch
-
-    mbytes = mbytes or (1024 if device == "cuda" else 256)  # well past the caches
-    src = torch.ones(mbytes * 2**20 // 4, device=device)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(5):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        dst.copy_(src)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.numel() * 4 / best / 1e9
-
-
-def decode_weight_bytes(tte) -> int:
-    """Bytes of what one decode step reads: the text stack, its norm and head (tied counted once)
-    and the active LoRA weights."""
-    modules = [tte.stack.lm, tte.stack.lm_head]
-    seen = {}
-    for m in modules:
-        for name, p in m.named_parameters():
-            if "lora_" in name and ".think." not in name:
-                continue
-            seen[p.data_ptr()] = p.numel() * p.element_size()
-    return sum(seen.values())
-
 
 PROTOCOL = "@@bench "  # prefix of the worker's reply lines; anything else on its stdout is ignored
 
@@ -337,7 +284,7 @@ def run_worker(job: dict, commands=None) -> None:
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "baseline_mb": baseline,
             "weights_mb": current_memory_mb(device) - baseline, "decode": job.get("decode", "auto"),
-            "decode_weights_mb": decode_weight_bytes(runner.tte) / 2**20,
+            "decode_weights_bytes": decode_weight_bytes(runner.tte),
             "copy_bandwidth_gb_s": copy_bandwidth_gb_s(device)})
     mem = inputs = None
     for line in commands if commands is not None else sys.stdin:
@@ -352,9 +299,7 @@ def run_worker(job: dict, commands=None) -> None:
             elif command["cmd"] == "step":
                 _reply({k: v * 1000 for k, v in runner.step(inputs, trace_len).items()})
             elif command["cmd"] == "generate":
-                full = [runner.generate_s(inputs, trace_len) for _ in range(command["repeats"])]
-                first = [runner.generate_s(inputs, 1) for _ in range(command["repeats"])]
-                _reply({"generate_decode_ms": (_percentiles(full)[0] - _percentiles(first)[0]) * 1000})
+                _reply(generate_decode_ms(runner.tte, inputs, trace_len, command["repeats"], device))
             elif command["cmd"] == "end":
                 mem.__exit__(None, None, None)
                 _reply({"peak_mem_mb": mem.peak_mb, "mem_method": mem.method,
@@ -439,20 +384,6 @@ def run_modes(args, out: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------- report
-def add_decode_speed(row: dict) -> dict:
-    """Decode tokens/s (one-token steps), against HF generate and the memory-bandwidth bound."""
-    steps = row["batch"] * (row["trace_len"] - 1)
-    row["decode_tok_s"] = steps / (row["decode_p50_ms"] / 1000) if steps and row["decode_p50_ms"] > 0 else None
-    gen = row.get("generate_decode_ms")
-    row["generate_tok_s"] = steps / (gen / 1000) if steps and gen and gen > 0 else None
-    row["decode_vs_generate"] = (row["decode_tok_s"] / row["generate_tok_s"]
-                                 if row["decode_tok_s"] and row["generate_tok_s"] else None)
-    bound = row["batch"] * row["copy_bandwidth_gb_s"] * 1e9 / (row["decode_weights_mb"] * 2**20)
-    row["bandwidth_bound_tok_s"] = bound
-    row["decode_vs_bound"] = row["decode_tok_s"] / bound if row["decode_tok_s"] else None
-    return row
-
-
 def add_ratios(rows: list[dict]) -> list[dict]:
     """Each row's embed / end-to-end / peak memory as a fraction of two_model on the same case."""
     key = lambda r: (r["backbone"], r["device"], r["batch"], r["query_len"], r["trace_len"])  # noqa: E731
@@ -486,16 +417,7 @@ def markdown_table(rows: list[dict]) -> str:
             "—" if not r.get("decode_tok_s") else f"{r['decode_tok_s']:.1f}",
             ratio(r.get("decode_vs_generate")), ratio(r.get("decode_vs_bound")),
         ]) + " |")
-    decode = (f"\nDecode: the `{r0.get('decode_loop') or r0.get('decode')}` loop; tok/s = B x (T - 1) one-token steps "
-              f"per second of decode; `vs generate`: against Hugging Face generate on the same reasoner "
-              f"({_fmt_tok_s(r0.get('generate_tok_s'))} tok/s for the first case); `of bound`: against B x "
-              f"{r0['copy_bandwidth_gb_s']:.1f} GB/s copy bandwidth / {r0['decode_weights_mb']:.0f} MB of weights "
-              "read per step.\n")
-    return head + "\n".join(lines) + "\n" + decode
-
-
-def _fmt_tok_s(value) -> str:
-    return "—" if not value else f"{value:.1f}"
+    return head + "\n".join(lines) + "\n" + decode_note(r0)
 
 
 def plot(rows: list[dict], path: Path) -> None:
