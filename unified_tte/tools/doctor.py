@@ -227,16 +227,20 @@ def forward_checks(device: str) -> list[Check]:
         return f"min cosine {float(cosine.min()):.5f} >= 0.999 ({tte.engine.last_decode_mode} decode)"
     checks.append(_timed(f"forward: fast path == recompute ({precision})", fast_equals_recompute))
 
-    if device == "cuda" and tte.stack.attn_implementation in ("eager", "sdpa"):
+    if device == "cuda":
         def graph_equals_eager():
+            # fp32, where the two loops agree bit for bit in practice; in bf16 CUDA's attention
+            # kernels split the static cache differently and a near-tie may pick another token.
+            exact = UnifiedTTE(zoo.load("tiny", dtype=torch.float32, device=device, attn_implementation="sdpa"),
+                               mode="activated")
+            exact.to(device)
             tokens = {}
             for mode in ("eager", "graph"):
-                tte.engine.decode_mode = mode
-                tokens[mode] = [t.token_ids for t in tte.think(inputs, max_new_tokens=12).traces]
-                assert tte.engine.last_decode_mode == mode, f"{mode} decode did not run"
-            tte.engine.decode_mode = "auto"
+                exact.engine.decode_mode = mode
+                tokens[mode] = [t.token_ids for t in exact.think(inputs, max_new_tokens=12).traces]
+                assert exact.engine.last_decode_mode == mode, f"the {mode} loop did not run"
             assert tokens["graph"] == tokens["eager"], "CUDA-graph decode chose other tokens than the eager loop"
-            return "12 tokens per row, identical"
+            return "12 tokens per row, identical (fp32)"
         checks.append(_timed("decode: CUDA graph == eager loop", graph_equals_eager))
     return checks
 

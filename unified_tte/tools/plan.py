@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -92,6 +93,7 @@ class Shape:
     vision_mlp: int = 0
 
 
+@functools.lru_cache(maxsize=8)
 def shape_of(spec: str) -> Shape:
     """The Shape of a backbone spec (built-in name or folder), built on the meta device."""
     import torch
