@@ -46,8 +46,8 @@ def test_static_cache_decode_equals_the_eager_loop(builder, mode):
     assert all(torch.equal(x, y) for x, y in zip(a.positions, b.positions)) and len(a.positions) == len(b.positions)
     assert a.cache.get_seq_length() == b.cache.get_seq_length() == a.attention_mask.shape[1]
     if mode == "top_k":
-        assert torch.cat(a.residuals, 1).shape == torch.cat(b.residuals, 1).shape
-        assert (torch.cat(a.residuals, 1) - torch.cat(b.residuals, 1)).abs().max() <= 1e-5
+        # the unnormalised residual stream (magnitudes ~100): fp32 agreement relative to its size
+        torch.testing.assert_close(torch.cat(b.residuals, 1), torch.cat(a.residuals, 1), rtol=1e-5, atol=1e-4)
     emb_eager, emb_static = eager_tte.embed_from_state(a), static_tte.embed_from_state(b)
     assert (emb_eager - emb_static).abs().max() <= 1e-5
     traces = static.traces
@@ -71,3 +71,29 @@ def test_decode_modes_are_checked():
     tte.engine.decode_mode = "auto"
     tte.think([TTEInput("x")], max_new_tokens=3)
     assert tte.engine.last_decode_mode == "eager"  # auto on CPU: the eager loop
+
+
+def test_auto_falls_back_to_the_eager_loop_when_the_graph_capture_fails(monkeypatch):
+    """auto asks for the CUDA graph (simulated here on CPU); a capture that fails warns once and
+    decodes eagerly, the same tokens; an explicit decode_mode="graph" raises instead."""
+    from unified_tte.model import engine as engine_module
+
+    def broken(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    _, eager = decode(tiny_llama, "activated", "eager")
+    tte = UnifiedTTE(tiny_llama(), mode="activated", embed_layers=2)
+    randomize_adapters(tte, std=0.15, seed=1)
+    tte.stop_ids = {tte.eos_id, tte.think(inputs_for(tiny_llama), max_new_tokens=8).traces[0].token_ids[3]}
+    monkeypatch.setattr(engine_module.StaticDecoder, "_capture", broken)
+    monkeypatch.setattr(engine_module.Engine, "_static_decode_mode",
+                        lambda self, state: "eager" if self._graph_failed else "graph")
+    tte.engine.decode_mode = "auto"
+    with pytest.warns(RuntimeWarning, match="capturing the decode step as a CUDA graph failed"):
+        out = tte.think(inputs_for(tiny_llama), max_new_tokens=9)
+    assert tte.engine.last_decode_mode == "eager" and tte.engine._graph_failed
+    assert [t.token_ids for t in out.traces] == [t.token_ids for t in eager.traces]
+    tte.engine.decode_mode = "graph"
+    tte.engine._graph_failed = False
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        tte.think(inputs_for(tiny_llama), max_new_tokens=9)

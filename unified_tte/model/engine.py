@@ -17,12 +17,14 @@ Decode loops (`decode_mode`), the same tokens and the same state afterwards:
   each step runs a fixed-shape one-token forward against them (`StaticDecoder`).
 - `graph`: `static` with the one-token step captured once per decode as a CUDA graph and replayed,
   which removes per-token Python and kernel-launch overhead (CUDA only).
-- `auto` (default): `graph` on CUDA when the backbone runs eager or SDPA attention, else `eager`.
+- `auto` (default): `graph` on CUDA when the backbone runs eager or SDPA attention, else `eager`;
+  should capturing the graph fail, a warning says why and this engine decodes eagerly from then on.
 Token equality: tests/test_decode.py (eager == static, CPU) and tests/gpu/ (eager == graph).
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -75,6 +77,7 @@ class Engine:
         self.stack, self.pad_id, self.capture_at = stack, pad_id, capture_at
         self.decode_mode = decode_mode
         self.last_decode_mode = None  # what the last decode actually ran (auto resolved)
+        self._graph_failed = False    # auto: a capture failed once; decode eagerly from then on
 
     @property
     def device(self) -> torch.device:
@@ -200,7 +203,7 @@ class Engine:
         cuda = self.device.type == "cuda"
         plain_attention = self.stack.attn_implementation in ("eager", "sdpa")
         if mode == "auto":
-            return "graph" if cuda and plain_attention else "eager"
+            return "graph" if cuda and plain_attention and not self._graph_failed else "eager"
         if mode != "eager" and not plain_attention:
             raise ValueError(f"decode_mode={mode!r} builds its own attention mask and supports eager and "
                              f"sdpa attention only, not {self.stack.attn_implementation}; use eager (or auto)")
@@ -215,8 +218,15 @@ class Engine:
         if mode != "eager" and steps > 0:
             static = self.stack.static_cache(state.cache, steps)
             if static is not None:  # else the cache is not one the static loop can take over
-                decoder = StaticDecoder(self.stack, static, state, steps, self.capture_at,
-                                        graph=mode == "graph")
+                try:
+                    decoder = StaticDecoder(self.stack, static, state, steps, self.capture_at,
+                                            graph=mode == "graph")
+                except Exception as exc:  # noqa: BLE001 - auto falls back; an explicit mode raises
+                    if self.decode_mode != "auto":
+                        raise
+                    self._graph_failed = True
+                    warnings.warn(f"capturing the decode step as a CUDA graph failed ({type(exc).__name__}: "
+                                  f"{exc}); decoding with the eager loop", RuntimeWarning, stacklevel=3)
         self.last_decode_mode = mode if decoder is not None else "eager"
         return decoder
 
