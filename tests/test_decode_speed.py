@@ -6,7 +6,7 @@ import pytest
 
 from unified_tte import TTEInput, UnifiedTTE
 from unified_tte.model.zoo import tiny_llama
-from unified_tte.tools.decode_speed import add_decode_speed, decode_weight_bytes, generate_decode_ms
+from unified_tte.tools.decode_speed import add_decode_speed, decode_weight_bytes, generate_decode_ms, generate_times_ms
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,7 +27,10 @@ def test_decode_speed_columns_follow_their_definitions():
 def test_generate_timing_and_the_bytes_a_decode_step_reads():
     tte = UnifiedTTE(tiny_llama())
     inputs = [TTEInput("the number seven"), TTEInput("three")]
-    assert generate_decode_ms(tte, inputs, new_tokens=4, repeats=1, device="cpu")["generate_decode_ms"] > 0
+    pair = generate_times_ms(tte, inputs, new_tokens=6, device="cpu")  # raises unless 6 tokens came out
+    assert pair["full"] > 0 and pair["first"] > 0
+    pairs = [{"full": 10.0, "first": 2.0}, {"full": 14.0, "first": 4.0}, {"full": 12.0, "first": 3.0}]
+    assert generate_decode_ms(pairs)["generate_decode_ms"] == 9.0  # median(T) - median(1)
     embed_lora = sum(p.numel() * 4 for p in tte.adapter_params("embed").values())
     everything = sum(p.numel() * 4 for p in tte.peft_model.parameters())
     assert embed_lora > 0 and decode_weight_bytes(tte) == everything - embed_lora  # untied Llama, no vision

@@ -27,9 +27,9 @@ How it is measured:
   every mode warms up, then the timed repeats alternate between modes, so drifts in machine load
   (a shared machine) hit every mode alike. Worker stderr goes to OUT/worker_<mode>.log.
 - Decode speed (tools/decode_speed.py): tokens/s of the T - 1 one-token steps, against Hugging
-  Face `generate` on the same reasoner and prompts (timed in the first mode's process, medians
-  over `--repeats`) and against the memory-bandwidth bound (B x copy bandwidth / bytes of weights
-  a step reads). `--decode` picks the think loop (model/engine.py: eager, static, graph, auto).
+  Face `generate` on the same reasoner and prompts (timed in the first mode's process once per
+  round of the repeats, medians) and against the memory-bandwidth bound (B x copy bandwidth /
+  bytes of weights a step reads). `--decode` picks the think loop (model/engine.py: eager, static, graph, auto).
 - No mode sees another's memory. Peak memory is reported
   above that process's own baseline after imports (torch, transformers, peft, unified_tte), so the
   model weights are counted. CPU: the kernel's resident high-water mark (VmHWM) is reset
@@ -55,7 +55,8 @@ import threading
 import time
 from pathlib import Path
 
-from .decode_speed import add_decode_speed, copy_bandwidth_gb_s, decode_note, decode_weight_bytes, generate_decode_ms
+from .decode_speed import (add_decode_speed, copy_bandwidth_gb_s, decode_note, decode_weight_bytes, generate_decode_ms,
+                           generate_times_ms)
 
 MODES = ("activated", "top_k", "two_model")
 GRID = dict(query_lens=[64, 256, 1024], trace_lens=[16, 64, 128], batch_sizes=[1, 8])
@@ -259,7 +260,7 @@ def run_worker(job: dict, commands=None) -> None:
 
         {"cmd": "begin", "batch": B, "query_len": Q, "trace_len": T}  build inputs, reset the peak, warm up
         {"cmd": "step"}                                               one timed think -> embed
-        {"cmd": "generate", "repeats": R}                             HF generate's decode time (ms, p50)
+        {"cmd": "generate"}                                           HF generate(T) and generate(1), ms
         {"cmd": "end"}                                                peak memory of the case
         {"cmd": "quit"}
 
@@ -299,7 +300,7 @@ def run_worker(job: dict, commands=None) -> None:
             elif command["cmd"] == "step":
                 _reply({k: v * 1000 for k, v in runner.step(inputs, trace_len).items()})
             elif command["cmd"] == "generate":
-                _reply(generate_decode_ms(runner.tte, inputs, trace_len, command["repeats"], device))
+                _reply(generate_times_ms(runner.tte, inputs, trace_len, device))
             elif command["cmd"] == "end":
                 mem.__exit__(None, None, None)
                 _reply({"peak_mem_mb": mem.peak_mb, "mem_method": mem.method,
@@ -365,13 +366,14 @@ def run_modes(args, out: Path) -> list[dict]:
                     for w in workers:
                         w.ask(cmd="begin", **case)
                     times = {w.mode: {p: [] for p in PHASES} for w in workers}
+                    pairs = []
                     for _ in range(args.repeats):
                         for w in workers:
                             for phase, ms in w.ask(cmd="step").items():
                                 times[w.mode][phase].append(ms)
-                    generate = {}
-                    if args.generate and trace_len > 1:
-                        generate = workers[0].ask(cmd="generate", repeats=args.repeats)
+                        if args.generate and trace_len > 1:
+                            pairs.append(workers[0].ask(cmd="generate"))
+                    generate = generate_decode_ms(pairs) if pairs else {}
                     for w in workers:
                         row = {**w.meta, **case, "repeats": args.repeats, **w.ask(cmd="end"), **generate}
                         for phase in PHASES:

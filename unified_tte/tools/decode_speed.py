@@ -1,14 +1,15 @@
 """Decode speed for `tte bench`: tokens/s of the think loop against Hugging Face `generate` on the
 same reasoner, and against the memory-bandwidth bound of a decode step.
 
-    ms = generate_decode_ms(tte, inputs, new_tokens=64, repeats=3, device="cpu")
+    pairs = [generate_times_ms(tte, inputs, new_tokens=64, device="cpu") for _ in range(3)]
+    ms = generate_decode_ms(pairs)["generate_decode_ms"]
     row = add_decode_speed(row)          # decode_tok_s, generate_tok_s, decode_vs_generate, ...
 
 Definitions (the bench's docstring states them for its table):
 - decode tokens/s = B x (T - 1) / decode time: the T - 1 one-token steps after the prefill.
 - generate: the reasoner (base + think LoRA) decoding exactly T tokens from the same prompts;
   its decode time is generate(T) minus generate(1) (the latter is the prefill and first token),
-  medians over the repeats.
+  medians over the repeats, each pair timed in a round of the bench's repeats.
 - bound: every decode step reads every weight of the text stack once, so B x (copy bandwidth /
   weight bytes) tokens/s is the most a memory-bound step can do; copy bandwidth is bytes read +
   written per second of the best of 5 copies of a large tensor on the device.
@@ -45,11 +46,18 @@ def generate_s(tte, inputs, new_tokens: int, device: str) -> float:
     return time.perf_counter() - start
 
 
-def generate_decode_ms(tte, inputs, new_tokens: int, repeats: int, device: str) -> dict:
-    """{"generate_decode_ms": median generate(T) - median generate(1), in ms}."""
-    full = statistics.median(generate_s(tte, inputs, new_tokens, device) for _ in range(repeats))
-    first = statistics.median(generate_s(tte, inputs, 1, device) for _ in range(repeats))
-    return {"generate_decode_ms": (full - first) * 1000}
+def generate_times_ms(tte, inputs, new_tokens: int, device: str) -> dict:
+    """One generate(T) and one generate(1), in ms; the bench times a pair in every round of its
+    repeats, so generate sees the same stretches of machine load as the think loop."""
+    return {"full": generate_s(tte, inputs, new_tokens, device) * 1000,
+            "first": generate_s(tte, inputs, 1, device) * 1000}
+
+
+def generate_decode_ms(pairs: list[dict]) -> dict:
+    """{"generate_decode_ms": median generate(T) - median generate(1)} over the timed pairs."""
+    full = statistics.median(p["full"] for p in pairs)
+    first = statistics.median(p["first"] for p in pairs)
+    return {"generate_decode_ms": full - first}
 
 
 def copy_bandwidth_gb_s(device: str, mbytes: int | None = None) -> float:
