@@ -52,6 +52,18 @@ def test_the_knob_the_plan_names_makes_the_stage_fit(tmp_path, capsys):
     assert kept(after) * 1024 // 32 == kept(before)  # the whole rank's batch -> one chunk of 32 rows
 
 
+def test_knobs_that_keep_the_results_come_first_and_combine(tmp_path, capsys):
+    _, r = run_plan(tmp_path, capsys, "recipes/qwen2vl_7b.yaml", "--gpus", "8", "--gpu-mem", "40",
+                    "deepspeed=recipes/deepspeed/zero2.json")
+    (line,) = [a for a in r["advice"] if a.startswith("embed")]
+    assert "Turn embed.gradcache_keep_prefix=false" in line and "then embed.gradcache_chunk=16" in line
+    assert line.endswith(": fits.") and "max_pixels" not in line  # changing the images is the last resort
+    _, after = run_plan(tmp_path, capsys, "recipes/qwen2vl_7b.yaml", "--gpus", "8", "--gpu-mem", "40",
+                        "deepspeed=recipes/deepspeed/zero2.json", "embed.gradcache_keep_prefix=false",
+                        "embed.gradcache_chunk=16")
+    assert after["stages"]["embed"]["fits"]
+
+
 def test_components_follow_the_recipe(tmp_path, capsys):
     """Weights: every parameter x 2 B under ZeRO-2 in bf16; activations grow with the micro-batch;
     more GPUs leave fewer rows (and KV caches) per GPU."""

@@ -4,8 +4,10 @@
     bb = backbones.load("/models/Qwen2-VL-2B-Instruct")   # a local Hugging Face checkpoint
     stack = backbones.DecoderStack(bb.model)               # embed, positions, layers, norm, head
 
-The built-in backbones (tiny, tiny-llama, smollm2) are in `zoo.py`; `zoo.load(spec)` takes a
-built-in name or a folder. This module is the one place that touches transformers' model and
+The built-in backbones (tiny models, SmolLM2, random weights in published shapes) are in
+`zoo.py`; `zoo.load(spec)` takes a built-in name or a folder. Attention: eager, sdpa or
+flash_attention_2 (`attention_implementation`, `set_attention`); every one gives the same fast
+path (tests/test_attention.py, tests/gpu/test_gpu_attention.py). This module is the one place that touches transformers' model and
 cache internals (decoder layers, rotary embedding, causal mask, cache layers).
 
 Supported model types are listed in `SUPPORTED_MODEL_TYPES`; anything else is refused up front
@@ -118,7 +120,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | None 
     if not config_file.is_file():
         raise UnsupportedBackbone(f"{config_file} not found: pass a local Hugging Face checkpoint folder "
                                   "(the hub is not used at run time) or a built-in name (tiny, tiny-llama, "
-                                  "smollm2).")
+                                  "smollm2, ...: unified_tte.model.zoo.BUILTIN).")
     model_type = json.loads(config_file.read_text()).get("model_type", "<missing>")
     check_supported(model_type, str(config_file))
     from transformers import AutoTokenizer

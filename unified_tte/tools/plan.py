@@ -410,44 +410,76 @@ def usable_bytes(setup: Setup) -> int:
 
 
 # ------------------------------------------------------------------------------------ knobs
-def knobs(recipe, shape: Shape, lengths: Lengths, setup: Setup, stage: str) -> list[tuple[str, int]]:
-    """Changes that shrink a stage, each with the stage's total after it, most effective first
-    among those that keep the recipe's results (batch sizes, lengths) unchanged."""
+@dataclass
+class Knob:
+    """One change to a run that shrinks a stage. `keeps_results`: the same batches, rows and
+    model; only memory and speed change (these are tried first)."""
+    label: str
+    apply: object                 # (recipe, setup, lengths) -> None, in place
+    keeps_results: bool = True
+
+
+def knobs(recipe, setup: Setup, lengths: Lengths, stage: str) -> list[Knob]:
+    """The knobs that apply to a stage in this state of the run."""
     out = []
-
-    def attempt(label, change_recipe=None, change_setup=None, change_lengths=None):
-        r, s, ln = copy.deepcopy(recipe), copy.deepcopy(setup), copy.deepcopy(lengths)
-        for fn, obj in ((change_recipe, r), (change_setup, s), (change_lengths, ln)):
-            if fn:
-                fn(obj)
-        out.append((label, plan_stage(r, shape, ln, s, stage).total))
-
-    ds_dir = Path(recipe.deepspeed).parent
     if stage == "embed":
         if recipe.embed.gradcache_keep_prefix:
-            attempt("embed.gradcache_keep_prefix=false",
-                    lambda r: setattr(r.embed, "gradcache_keep_prefix", False))
+            out.append(Knob("embed.gradcache_keep_prefix=false",
+                            lambda r, s, ln: setattr(r.embed, "gradcache_keep_prefix", False)))
         chunk = recipe.embed.gradcache_chunk or recipe.embed.batch_size // setup.world
         if chunk > 1:
-            attempt(f"embed.gradcache_chunk={max(1, chunk // 2)}",
-                    lambda r: setattr(r.embed, "gradcache_chunk", max(1, chunk // 2)))
+            out.append(Knob(f"embed.gradcache_chunk={max(1, chunk // 2)}",
+                            lambda r, s, ln, c=max(1, chunk // 2): setattr(r.embed, "gradcache_chunk", c)))
     else:
-        micro = recipe.think.micro_batch_size
-        local = recipe.think.batch_size // setup.world
-        if micro > 1:
-            half = max(d for d in range(1, micro // 2 + 1) if local % d == 0)
-            attempt(f"think.micro_batch_size={half}", lambda r: setattr(r.think, "micro_batch_size", half))
-    for name, stage_n in (("zero3.json", 3), ("zero3_offload.json", 3)):
+        micro, local = recipe.think.micro_batch_size, recipe.think.batch_size // setup.world
+        smaller = [d for d in range(1, micro) if local % d == 0 and d <= micro // 2]
+        if smaller:
+            out.append(Knob(f"think.micro_batch_size={smaller[-1]}",
+                            lambda r, s, ln, m=smaller[-1]: setattr(r.think, "micro_batch_size", m)))
+    ds_dir = Path(recipe.deepspeed).parent
+    for name in ("zero3.json", "zero3_offload.json"):
         path = ds_dir / name
-        if path.is_file() and (setup.zero != 3 or (name == "zero3_offload.json" and not setup.offload("param"))):
+        offloads = name == "zero3_offload.json"
+        if path.is_file() and (setup.zero != 3 or (offloads and not setup.offload("param"))):
             ds = json.loads(path.read_text())
-            attempt(f"deepspeed={path}", change_setup=lambda s, ds=ds, path=path: (
-                s.__setattr__("ds", ds), s.__setattr__("ds_name", str(path))))
+
+            def use(r, s, ln, ds=ds, path=path):
+                r.deepspeed, s.ds, s.ds_name = str(path), ds, str(path)
+            out.append(Knob(f"deepspeed={path}", use))
     if lengths.images and lengths.image_tokens > 256:
-        pixels = 256 * 28 * 28
-        attempt(f"data.max_pixels={pixels} (256 image tokens; changes what the model sees)",
-                change_lengths=lambda ln: setattr(ln, "image_tokens", 256))
-    return sorted(out, key=lambda kv: kv[1])
+        out.append(Knob(f"data.max_pixels={256 * 28 * 28} (256 image tokens: changes what the model sees)",
+                        lambda r, s, ln: setattr(ln, "image_tokens", 256), keeps_results=False))
+    return out
+
+
+def fitting_changes(recipe, shape: Shape, lengths: Lengths, setup: Setup, stage: str,
+                    steps: int = 6) -> list[tuple[str, int]]:
+    """Knobs to turn, one after another, each the one that shrinks the stage most (those that keep
+    the results first), until it fits or nothing helps. Returns [(label, total after it)]."""
+    state = (copy.deepcopy(recipe), copy.deepcopy(setup), copy.deepcopy(lengths))
+    current = plan_stage(*_args(state, shape), stage).total
+    chosen = []
+    for _ in range(steps):
+        tried = []
+        for knob in knobs(state[0], state[1], state[2], stage):
+            trial = copy.deepcopy(state)
+            knob.apply(*trial)
+            tried.append((not knob.keeps_results, plan_stage(*_args(trial, shape), stage).total, knob.label, trial))
+        helpful = [t for t in tried if t[1] < current]
+        if not helpful:
+            break
+        pool = [t for t in helpful if not t[0]] or helpful   # results-preserving knobs first
+        fits = [t for t in pool if t[1] <= usable_bytes(setup)]
+        _, current, label, state = min(fits or pool)
+        chosen.append((label, current))
+        if current <= usable_bytes(setup):
+            break
+    return chosen
+
+
+def _args(state, shape):
+    recipe, setup, lengths = state
+    return recipe, shape, lengths, setup
 
 
 # ------------------------------------------------------------------------------------ report
@@ -491,21 +523,19 @@ def render(recipe_path: str, shape: Shape, lengths: Lengths, setup: Setup, plans
 
 
 def advice(recipe, shape, lengths, setup, plans: list[StagePlan]) -> list[str]:
+    """For each stage that does not fit: the knobs to turn, in order, with the total after each."""
     out = []
     for p in plans:
-        if p.total <= usable_bytes(setup):
+        limit = usable_bytes(setup)
+        if p.total <= limit:
             continue
-        options = knobs(recipe, shape, lengths, setup, p.stage)
-        fitting = [(label, total) for label, total in options if total <= usable_bytes(setup)]
-        best = fitting[0] if fitting else (options[0] if options else None)
-        line = f"{p.stage} does not fit: {p.total / GIB:.1f} GiB > {usable_bytes(setup) / GIB:.1f} GiB usable."
-        if best:
-            line += (f" Turn {best[0]}: {best[1] / GIB:.1f} GiB"
-                     + (", fits." if best[1] <= usable_bytes(setup) else ", still too much; combine it with:"))
-            if not fitting:
-                line += " " + "; ".join(f"{label} ({total / GIB:.1f} GiB)" for label, total in options[1:4])
-        elif setup.device == "cuda":
-            line += " Use more GPUs (--gpus) or larger ones."
+        line = f"{p.stage} does not fit: {p.total / GIB:.2f} GiB > {limit / GIB:.2f} GiB usable."
+        changes = fitting_changes(recipe, shape, lengths, setup, p.stage)
+        if changes:
+            line += " Turn " + ", then ".join(f"{label} ({total / GIB:.2f} GiB)" for label, total in changes)
+            line += ": fits." if changes[-1][1] <= limit else ": still too much; use more or larger GPUs."
+        else:
+            line += " Use more GPUs (--gpus / --nodes) or larger ones."
         out.append(line)
     return out
 

@@ -137,7 +137,8 @@ class Recipe:
     run_dir: str = "runs/tte"
     """Where checkpoints, adapters, the resolved recipe and logs go."""
     backbone: str = "tiny"
-    """tiny | tiny-llama | smollm2 | a local Hugging Face checkpoint folder."""
+    """tiny | tiny-llama | smollm2 | qwen2vl-2b-shape (random weights, published shape; see
+    model/zoo.py) | a local Hugging Face checkpoint folder."""
     data: DataConfig = field(default_factory=DataConfig)
     deepspeed: str = "recipes/deepspeed/zero2.json"
     """DeepSpeed JSON: ZeRO stage, offload, communication (see recipes/deepspeed/)."""
