@@ -19,6 +19,10 @@ SITE=${TTE_GPU_SITE:-$(mktemp -d /tmp/tte_site.XXXXXX)}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 
 say() { echo "[gpu-check] $(date +%H:%M:%S) $*"; }
+mkdir -p "$SITE"
+# What the machine has before the wheels go in (env.txt shows it).
+"$PY" -m pip list --format=freeze > "$SITE/pip_list_before.txt" 2>/dev/null
+export TTE_PIP_BEFORE="$SITE/pip_list_before.txt"
 wheels=(tests/gpu/wheels/*.whl)
 if [ -e "${wheels[0]}" ]; then
   if "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "${wheels[@]}"; then

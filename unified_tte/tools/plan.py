@@ -75,6 +75,7 @@ class Shape:
     """What the plan needs of a model, read off its meta-device build."""
     name: str
     source: str
+    model_type: str
     is_vl: bool
     layers: int
     hidden: int
@@ -137,7 +138,8 @@ def shape_of(spec: str) -> Shape:
     vision_cfg = getattr(model.config, "vision_config", None)
     width = (getattr(vision_cfg, "embed_dim", None) or getattr(vision_cfg, "hidden_size", 0)) if vision_cfg else 0
     mlp = (getattr(vision_cfg, "intermediate_size", None) or width * getattr(vision_cfg, "mlp_ratio", 4)) if vision_cfg else 0
-    return Shape(name=backbone.name, source=source, is_vl=stack.is_vl, layers=stack.num_layers,
+    return Shape(name=backbone.name, source=source, model_type=stack.model_type, is_vl=stack.is_vl,
+                 layers=stack.num_layers,
                  hidden=cfg.hidden_size, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
                  head_dim=attn.head_dim, intermediate=cfg.intermediate_size, vocab=stack.lm_head.out_features,
                  params=sum(unique.values()), vision_params=vision_params,
@@ -626,10 +628,8 @@ def measure_worker(job: dict) -> None:
     recipe = load_recipe(job["recipe"], job["overrides"])
     stage = job["stage"]
     d = init_distributed()
-    from ..model import zoo
-    family = zoo.load(recipe.backbone, device="meta").model.config.model_type
     warm = copy.deepcopy(recipe)
-    warm.backbone = WARM_UP_BACKBONE.get(family, "tiny-llama")
+    warm.backbone = WARM_UP_BACKBONE.get(shape_of(recipe.backbone).model_type, "tiny-llama")
     warm.data.max_pixels = None
     warm.think.batch_size = warm.think.micro_batch_size = 1
     warm.embed.batch_size, warm.embed.gradcache_chunk = 2, 1
