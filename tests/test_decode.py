@@ -87,7 +87,7 @@ def test_auto_falls_back_to_the_eager_loop_when_the_graph_capture_fails(monkeypa
     tte.stop_ids = {tte.eos_id, tte.think(inputs_for(tiny_llama), max_new_tokens=8).traces[0].token_ids[3]}
     monkeypatch.setattr(engine_module.StaticDecoder, "_capture", broken)
     monkeypatch.setattr(engine_module.Engine, "_static_decode_mode",
-                        lambda self, state: "eager" if self._graph_failed else "graph")
+                        lambda self: "eager" if self._graph_failed else "graph")
     tte.engine.decode_mode = "auto"
     with pytest.warns(RuntimeWarning, match="capturing the decode step as a CUDA graph failed"):
         out = tte.think(inputs_for(tiny_llama), max_new_tokens=9)

@@ -317,12 +317,21 @@ class DecoderStack:
             vb.append(v)
         return StaticKV(kb, vb, length)
 
-    def write_back(self, static: "StaticKV", cache, length: int) -> None:
-        """Put the first `length` positions of the static buffers into the DynamicCache (copies:
-        the buffers may be reused by the next decode)."""
+    @staticmethod
+    def release(cache) -> None:
+        """Empty a DynamicCache whose contents a StaticKV now holds (one copy of the KV cache in
+        memory while decoding, not two); `write_back` fills it again."""
+        for layer in cache.layers:
+            b, h, _, d = layer.keys.shape
+            layer.keys = layer.keys.new_empty(b, h, 0, d)
+            layer.values = layer.values.new_empty(b, h, 0, layer.values.shape[-1])
+
+    @staticmethod
+    def write_back(static: "StaticKV", cache, length: int) -> None:
+        """Hand the first `length` positions of the static buffers to the DynamicCache (views: the
+        buffers belong to one decode and are not reused)."""
         for layer, k, v in zip(cache.layers, static.keys, static.values):
-            layer.keys = k[:, :, :length].clone()
-            layer.values = v[:, :, :length].clone()
+            layer.keys, layer.values = k[:, :, :length], v[:, :, :length]
 
     def static_step(self, ids, positions, mask, static: "StaticKV", capture_at: int | None = None,
                     residual_out=None, residual_index=None):

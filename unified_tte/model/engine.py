@@ -195,8 +195,8 @@ class Engine:
                 state.pending[row] = state.pending[row] + [eos_id]
         return traces, finished
 
-    def _static_decode_mode(self, state: ThinkState) -> str:
-        """The loop `decode_mode` asks for, resolved for this state (auto -> graph or eager)."""
+    def _static_decode_mode(self) -> str:
+        """The loop `decode_mode` asks for, resolved for this engine's device and attention."""
         mode = self.decode_mode
         if mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {mode!r}")
@@ -213,7 +213,7 @@ class Engine:
         return mode
 
     def _static_decoder(self, state: ThinkState, steps: int) -> "StaticDecoder | None":
-        mode = self._static_decode_mode(state)
+        mode = self._static_decode_mode()
         decoder = None
         if mode != "eager" and steps > 0:
             static = self.stack.static_cache(state.cache, steps)
@@ -221,6 +221,7 @@ class Engine:
                 try:
                     decoder = StaticDecoder(self.stack, static, state, steps, self.capture_at,
                                             graph=mode == "graph")
+                    self.stack.release(state.cache)  # the static buffers hold it until finish()
                 except Exception as exc:  # noqa: BLE001 - auto falls back; an explicit mode raises
                     if self.decode_mode != "auto":
                         raise

@@ -22,13 +22,13 @@ fp32 (CPU):
   16-bit gradients.
 - DeepSpeed buffers: ZeRO-1/2/3 allocate a gradient bucket of `reduce_bucket_size` elements (two
   with overlap_comm); on a CPU only the pages the gradients touch become resident.
-- think: what autograd keeps for backward per token and layer, (8 D + e (4 D + 2 D_kv + 4 I + 7 r))
-  bytes: both RMSNorm inputs in fp32, the normed inputs of the LoRA'd projections, q and the
-  repeated k / v that SDPA keeps (D_kv = D when the batch is padded, as training batches are),
-  the attention output, the gate, up, SiLU and product of the MLP, and the LoRA A outputs; times
-  micro_batch_size x tokens per row x layers; plus one layer's worth for the backward's working
-  set and the logits on the trace tokens (e for the head's output, 4 for its fp32 copy, 4 for the
-  saved log-softmax, 4 for its gradient, per vocabulary entry).
+- think: what autograd keeps for backward per token and layer, 8 D + e (4 D + 2 kv + 2 kv' + 4 I + 7 r)
+  bytes (kv = kv_heads x head_dim): both RMSNorm inputs in fp32, the normed inputs of the LoRA'd
+  projections, q, k, v, the attention output, the k / v SDPA keeps (kv' = D on CUDA, where
+  transformers repeats them to every head for a padded batch; kv on CPU), the gate, up, SiLU and
+  product of the MLP and the LoRA A outputs (measured with autograd's saved-tensor hooks); times
+  micro_batch_size x tokens per row x layers, plus the [B, 1, T, T] bool attention mask; and the
+  logits on the trace tokens, 12 B per vocabulary entry at the loss's backward.
 - embed (GradCache): the KV caches (2 x kv_heads x head_dim x e per token and layer below the
   embed split; top_k also keeps the residual entering layer L-K) of every query and target of
   the rank's batch when `gradcache_keep_prefix`, else of one chunk; the larger of a chunk's
@@ -562,7 +562,7 @@ def measure(recipe_path: str, overrides: list[str], lengths: Lengths, stages: li
     return out
 
 
-def _rows_of(tte, lengths: Lengths, n: int, with_images: bool) -> list:
+def _rows_of(lengths: Lengths, n: int, with_images: bool) -> list:
     """n TrainRows whose prompts, traces and targets have the planned token counts."""
     from PIL import Image
 
@@ -594,7 +594,7 @@ def _one_step(recipe, stage: str, lengths: Lengths, world: int, measure_from: fl
     tte = build_model(recipe, torch.float32)
     engine = make_engine(recipe, stage, tte, load_deepspeed_json(recipe.deepspeed), world, bf16=False)
     local, micro, _ = stage_shape(recipe, stage, world)
-    rows = _rows_of(tte, lengths, local, with_images=tte.stack.is_vl)
+    rows = _rows_of(lengths, local, with_images=tte.stack.is_vl)
     mem = PeakMemory("cpu", measure_from) if measure_from is not None else None
     if mem is not None:
         mem.__enter__()
@@ -633,18 +633,14 @@ def measure_worker(job: dict) -> None:
     warm.data.max_pixels = None
     warm.think.batch_size = warm.think.micro_batch_size = 1
     warm.embed.batch_size, warm.embed.gradcache_chunk = 2, 1
-    _one_step(warm, stage, Lengths(text=8, trace=4, images=1, image_tokens=4, invocation=lengths_inv(recipe)),
-              d.world)
+    _one_step(warm, stage, Lengths(text=8, trace=4, images=1, image_tokens=4,
+                                   invocation=len(recipe.model.invocation)), d.world)
     gc.collect()
     _trim()
     baseline = current_memory_mb("cpu")
     mem = _one_step(recipe, stage, Lengths(**job["lengths"]), d.world, measure_from=baseline)
     print("@@plan " + json.dumps({"stage": stage, "peak_bytes": int(mem.peak_mb * 2**20), "method": mem.method}),
           flush=True)
-
-
-def lengths_inv(recipe) -> int:
-    return len(recipe.model.invocation)
 
 
 # ------------------------------------------------------------------------------------ command line
