@@ -35,6 +35,8 @@ BAD_INPUT = {
     "eval": lambda tmp: [str(tmp / "no_such_checkpoint")],
     "export": lambda tmp: [str(tmp / "no_such_run"), "--out", str(tmp / "ck")],
     "bench": lambda tmp: ["--modes", "activated,bogus"],
+    "doctor": lambda tmp: ["--json", str(tmp / "no_such_folder" / "doctor.json")],
+    "plan": lambda tmp: [str(tmp / "missing.yaml"), "--gpus", "8"],
 }
 
 

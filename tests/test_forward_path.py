@@ -5,7 +5,7 @@ import torch
 
 from unified_tte import TTEInput, UnifiedTTE
 from unified_tte.model.inputs import left_pad, stack_images
-from unified_tte.model.zoo import tiny_llama, tiny_qwen2vl
+from unified_tte.model.zoo import tiny_llama, tiny_qwen2vl, tiny_qwen25vl
 from unified_tte.testing import randomize_adapters, solid_image, until_stop
 
 TOL = 1e-5
@@ -20,6 +20,13 @@ def vl_batch():
                  [solid_image(84, 56, (20, 160, 40)), solid_image(56, 56, (10, 10, 200))]),
         TTEInput("no image"),
     ]
+
+
+def vl_windows_batch():
+    # For Qwen2.5-VL: a 112 x 84 image spans several 56 px attention windows of its vision tower.
+    return [TTEInput("Which digit is shown?", [solid_image(112, 84)]),
+            TTEInput("Describe the picture in a few careful words.", [solid_image(56, 56, (10, 10, 200))]),
+            TTEInput("no image")]
 
 
 def text_batch():
@@ -44,6 +51,8 @@ CASES = [
     pytest.param(tiny_qwen2vl, vl_batch, "activated", "last", ("<|embed|>",), id="qwen2vl-activated"),
     pytest.param(tiny_qwen2vl, vl_batch, "top_k", "last", ("<|embed|>",), id="qwen2vl-top_k"),
     pytest.param(tiny_qwen2vl, vl_batch, "activated", "mean", ("<|embed|>", "<|embed2|>"), id="qwen2vl-activated-mean2"),
+    pytest.param(tiny_qwen25vl, vl_windows_batch, "activated", "last", ("<|embed|>",), id="qwen25vl-activated"),
+    pytest.param(tiny_qwen25vl, vl_windows_batch, "top_k", "mean", ("<|embed|>", "<|embed2|>"), id="qwen25vl-top_k-mean2"),
     pytest.param(tiny_llama, text_batch, "activated", "last", ("<|embed|>",), id="llama-activated"),
     pytest.param(tiny_llama, text_batch, "top_k", "mean", ("<|embed|>", "<|embed2|>"), id="llama-top_k-mean2"),
 ]
@@ -86,8 +95,8 @@ def test_the_embedding_depends_on_the_trace_and_the_embed_adapter():
     assert (tte.embed(inputs, ["<think>three</think> three"]) - a).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("builder,batch", [(tiny_qwen2vl, vl_batch), (tiny_llama, text_batch)],
-                         ids=["qwen2vl", "llama"])
+@pytest.mark.parametrize("builder,batch", [(tiny_qwen2vl, vl_batch), (tiny_qwen25vl, vl_windows_batch),
+                                           (tiny_llama, text_batch)], ids=["qwen2vl", "qwen25vl", "llama"])
 def test_think_decodes_the_same_tokens_as_generate(builder, batch):
     tte = make(builder, "activated")
     inputs = batch()

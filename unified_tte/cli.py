@@ -5,7 +5,9 @@
     tte traces --model M --data D --out traces.jsonl
     tte eval CHECKPOINT_OR_RUN_DIR --tasks digits
     tte export RUN_DIR --out checkpoints/NAME [--dtype bf16] [--merge-think]
-    tte bench [--backbone tiny|smollm2]
+    tte bench [--backbone tiny|smollm2] [--decode auto|eager|static|graph]
+    tte doctor [--device cpu|cuda]     versions, devices, self-test; exit 1 names what failed
+    tte plan RECIPE.yaml --gpus 8      per-GPU memory of each stage, and whether it fits
 
 Each subcommand's `--help` lists its options. Modules are imported only when their subcommand
 runs, so `tte --help` is instant and a command whose optional dependencies are missing says
@@ -26,6 +28,8 @@ SUBCOMMANDS = {
     "eval": ("unified_tte.eval.evaluate", "eval_main", "evaluate a checkpoint or run folder on registered tasks"),
     "export": ("unified_tte.export", "export_main", "export a run to a compact safetensors checkpoint"),
     "bench": ("unified_tte.tools.bench", "bench_main", "latency and memory: unified vs two-model"),
+    "doctor": ("unified_tte.tools.doctor", "doctor_main", "versions, devices and a self-test: run it first on a new machine"),
+    "plan": ("unified_tte.tools.plan", "plan_main", "per-GPU memory of a recipe's stages before you book GPUs"),
 }
 
 

@@ -4,8 +4,10 @@
     bb = backbones.load("/models/Qwen2-VL-2B-Instruct")   # a local Hugging Face checkpoint
     stack = backbones.DecoderStack(bb.model)               # embed, positions, layers, norm, head
 
-The built-in backbones (tiny, tiny-llama, smollm2) are in `zoo.py`; `zoo.load(spec)` takes a
-built-in name or a folder. This module is the one place that touches transformers' model and
+The built-in backbones (tiny models, SmolLM2, random weights in published shapes) are in
+`zoo.py`; `zoo.load(spec)` takes a built-in name or a folder. Attention: eager, sdpa or
+flash_attention_2 (`attention_implementation`, `set_attention`); every one gives the same fast
+path (tests/test_attention.py, tests/gpu/test_gpu_attention.py). This module is the one place that touches transformers' model and
 cache internals (decoder layers, rotary embedding, causal mask, cache layers).
 
 Supported model types are listed in `SUPPORTED_MODEL_TYPES`; anything else is refused up front
@@ -51,26 +53,80 @@ def check_supported(model_type: str, where: str = "") -> None:
             f"supported types: {', '.join(SUPPORTED_MODEL_TYPES)}.")
 
 
-def attention_implementation() -> str:
-    """flash-attention 2 when installed and on CUDA, SDPA otherwise."""
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def load(path: str | Path, dtype: torch.dtype | None = None, device: str | None = None) -> Backbone:
-    """Load a local checkpoint folder (config.json + safetensors) with its tokenizer/processor."""
+def flash_attention_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def attention_implementation(requested: str | None = None, device: torch.device | str | None = None,
+                             dtype: torch.dtype | None = None) -> str:
+    """The attention implementation for a model that runs on `device` in `dtype`.
+
+    `requested` None or "auto": flash-attention 2 when flash-attn is installed and the model runs
+    on CUDA in bf16/fp16 (or in the checkpoint's own dtype, `dtype` None), SDPA otherwise. A named
+    one is checked (`check_attention`) and returned.
+    Every implementation gives the same fast-path results (tests/test_attention.py, tests/gpu/).
+    """
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if requested in (None, "auto"):
+        if device.type == "cuda" and (dtype is None or dtype in HALF_DTYPES) and flash_attention_installed():
+            return "flash_attention_2"
+        return "sdpa"
+    check_attention(requested, device, dtype)
+    return requested
+
+
+def check_attention(implementation: str, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> None:
+    """Refuse an attention implementation that cannot run here, with what to do instead."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise UnsupportedBackbone(f"attention implementation {implementation!r} is not supported; use one of "
+                                  f"{', '.join(ATTENTION_IMPLEMENTATIONS)} (or auto).")
+    if implementation != "flash_attention_2":
+        return
+    if not flash_attention_installed():
+        raise UnsupportedBackbone("flash_attention_2 needs the flash-attn package, which is not installed: "
+                                  "pip install 'unified_tte[gpu]' on a CUDA machine, or use sdpa.")
+    if device is not None and torch.device(device).type != "cuda":
+        raise UnsupportedBackbone(f"flash_attention_2 runs on CUDA only, not on {torch.device(device).type}; "
+                                  "use sdpa there.")
+    if dtype is not None and dtype not in HALF_DTYPES:
+        raise UnsupportedBackbone(_flash_half_only(dtype))
+
+
+def _flash_half_only(dtype: torch.dtype) -> str:
+    return (f"flash_attention_2 runs in bf16 or fp16 only, not {dtype}; load the backbone with "
+            "dtype=torch.bfloat16 (or cast the model), or use sdpa.")
+
+
+def set_attention(model: torch.nn.Module, implementation: str) -> None:
+    """Switch a loaded model (every sub-model: text stack and vision tower) to `implementation`,
+    checked against where its weights are and their dtype."""
+    weight = next(model.parameters())
+    check_attention(implementation, weight.device, weight.dtype)
+    model.set_attn_implementation(implementation)
+
+
+def load(path: str | Path, dtype: torch.dtype | None = None, device: str | None = None,
+         attn_implementation: str | None = None) -> Backbone:
+    """Load a local checkpoint folder (config.json + safetensors) with its tokenizer/processor.
+    `attn_implementation`: see `attention_implementation` (default: auto)."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise UnsupportedBackbone(f"{config_file} not found: pass a local Hugging Face checkpoint folder "
                                   "(the hub is not used at run time) or a built-in name (tiny, tiny-llama, "
-                                  "smollm2).")
+                                  "smollm2, ...: unified_tte.model.zoo.BUILTIN).")
     model_type = json.loads(config_file.read_text()).get("model_type", "<missing>")
     check_supported(model_type, str(config_file))
     from transformers import AutoTokenizer
 
-    kwargs = dict(attn_implementation=attention_implementation(), local_files_only=True)
+    attn = attention_implementation(attn_implementation, device, dtype)
+    kwargs = dict(attn_implementation=attn, local_files_only=True)
     if dtype is not None:
         kwargs["dtype"] = dtype
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -79,7 +135,7 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | None 
     if model_type in VISION_LANGUAGE_TYPES:
         from transformers import AutoModelForImageTextToText
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-        image_processor = _image_processor(path)
+        image_processor = load_image_processor(path)
     else:
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -88,13 +144,22 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | None 
     return Backbone(model.eval(), tokenizer, image_processor, path.name)
 
 
-def _image_processor(path: Path):
+def load_image_processor(path: Path):
     try:  # needs torchvision on some installs (the GPU machine has it)
         from transformers import AutoImageProcessor
         return AutoImageProcessor.from_pretrained(path, local_files_only=True)
     except Exception:  # noqa: BLE001 - any failure here means: use the PIL processor
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
         return Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
+
+
+def set_max_pixels(image_processor, max_pixels: int) -> None:
+    """Cap an image at `max_pixels` (Qwen2-VL's processor resizes bigger ones down, aspect kept)."""
+    image_processor.size["longest_edge"] = int(max_pixels)
+
+
+def max_pixels_of(image_processor) -> int:
+    return int(image_processor.size["longest_edge"])
 
 
 def weight_hash(model: torch.nn.Module) -> str:
@@ -140,6 +205,10 @@ class DecoderStack:
     @property
     def dtype(self):
         return self.lm.embed_tokens.weight.dtype
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.config._attn_implementation
 
     @property
     def device(self):
@@ -189,10 +258,21 @@ class DecoderStack:
 
         `attention_mask` is the 2D 0/1 mask over cached + new tokens. With a cache, new keys are
         appended to it. Returns (hidden after layer stop-1, residual entering `capture_at`).
+
+        The 2D mask may have holes (a row that stopped decoding feeds masked pads) and the new
+        tokens are left-padded per chunk; every implementation gets what it needs from it through
+        transformers' own mask functions: eager / sdpa a 4D mask, flash-attention 2 the 2D mask,
+        from which it unpads keys (holes included) and the new queries (the last t columns,
+        which is right because chunks are left-padded) and runs the varlen kernel with the causal
+        diagonal aligned bottom-right (flash-attn >= 2.1). Positions are ours (M-RoPE included),
+        never recomputed from the mask. tests/test_attention.py holds eager == sdpa == flash-
+        attention 2's contract on CPU, tests/gpu/ the real kernels.
         """
         from transformers.masking_utils import create_causal_mask
 
         stop = self.num_layers if stop is None else stop
+        if self.attn_implementation == "flash_attention_2" and hidden.dtype not in HALF_DTYPES:
+            raise UnsupportedBackbone(_flash_half_only(hidden.dtype))  # e.g. a model cast to fp32 later
         mask_kwargs = {"config": self.config, "inputs_embeds": hidden, "attention_mask": attention_mask,
                        self._mask_cache_kw: cache}
         if self._mask_needs_cache_position:  # older transformers
@@ -212,6 +292,89 @@ class DecoderStack:
         if capture_at == stop:
             captured = hidden
         return hidden, captured
+
+
+    # ------------------------------------------------------------------ static cache (decode)
+    def static_cache(self, cache, extra: int) -> "StaticKV | None":
+        """Copy a DynamicCache whose every layer holds the same T0 positions into preallocated
+        buffers with room for `extra` more ([B, kv_heads, T0 + extra, head_dim] per layer); None
+        when the cache is not like that (a layer never run, e.g. top_k's prefix)."""
+        layers = list(getattr(cache, "layers", []))
+        keys = [getattr(layer, "keys", None) for layer in layers]
+        if len(layers) != self.num_layers or any(k is None or k.dim() != 4 for k in keys):
+            return None
+        length = keys[0].shape[-2]
+        if any(k.shape[-2] != length for k in keys):
+            return None
+        kb, vb = [], []
+        for layer in layers:
+            b, h, _, d = layer.keys.shape
+            k = layer.keys.new_zeros(b, h, length + extra, d)
+            v = layer.values.new_zeros(b, h, length + extra, layer.values.shape[-1])
+            k[:, :, :length] = layer.keys
+            v[:, :, :length] = layer.values
+            kb.append(k)
+            vb.append(v)
+        return StaticKV(kb, vb, length)
+
+    @staticmethod
+    def release(cache) -> None:
+        """Empty a DynamicCache whose contents a StaticKV now holds (one copy of the KV cache in
+        memory while decoding, not two); `write_back` fills it again."""
+        for layer in cache.layers:
+            b, h, _, d = layer.keys.shape
+            layer.keys = layer.keys.new_empty(b, h, 0, d)
+            layer.values = layer.values.new_empty(b, h, 0, layer.values.shape[-1])
+
+    @staticmethod
+    def write_back(static: "StaticKV", cache, length: int) -> None:
+        """Hand the first `length` positions of the static buffers to the DynamicCache (views: the
+        buffers belong to one decode and are not reused)."""
+        for layer, k, v in zip(cache.layers, static.keys, static.values):
+            layer.keys, layer.values = k[:, :, :length], v[:, :, :length]
+
+    def static_step(self, ids, positions, mask, static: "StaticKV", capture_at: int | None = None,
+                    residual_out=None, residual_index=None):
+        """One token per row ([B, 1] ids) through every layer against a static cache: its K/V
+        go to slot `static.write_pos`, attention reads the whole buffer under `mask` ([B, T_max]
+        bool, False for pads and slots not written yet). Every shape is fixed, so a CUDA graph
+        can replay it. The residual entering `capture_at` is written into `residual_out`
+        ([B, steps, D]) at `residual_index`. Returns the hidden state after the last layer.
+
+        eager / sdpa only: the 4D mask is built here (bool for sdpa, additive for eager)."""
+        hidden = self.lm.embed_tokens(ids)
+        position_embeddings = self.rotary(hidden, positions)
+        mask4d = mask[:, None, None, :]
+        if self.attn_implementation == "eager":
+            zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+            mask4d = torch.where(mask4d, zero, torch.finfo(hidden.dtype).min)
+        for index, layer in enumerate(self.layers):
+            if index == capture_at:
+                residual_out.index_copy_(1, residual_index, hidden)
+            hidden = layer(hidden, attention_mask=mask4d, position_embeddings=position_embeddings,
+                           position_ids=None, use_cache=True, **{self._cache_kw: static})
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+        return hidden
+
+
+class StaticKV:
+    """Preallocated keys and values per layer. `update` (what a transformers attention layer calls
+    on its cache) writes the new token at `write_pos`, a device tensor, so a captured CUDA graph
+    writes to the slot the tensor holds at replay; it returns the whole buffers."""
+
+    def __init__(self, keys: list, values: list, length: int):
+        self.keys, self.values = keys, values
+        self.write_pos = torch.tensor([length], dtype=torch.long, device=keys[0].device)
+
+    @property
+    def max_length(self) -> int:
+        return self.keys[0].shape[-2]
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.keys[layer_idx].index_copy_(2, self.write_pos, key_states)
+        self.values[layer_idx].index_copy_(2, self.write_pos, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
 
 
 def _create_causal_mask():

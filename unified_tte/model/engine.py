@@ -4,21 +4,33 @@
     hidden, state = engine.prefill(prompts, tails, stop=L)
     ids, finished = engine.decode(state, hidden[:, -1], max_new_tokens=64, stop_ids={eos}, eos_id=eos)
     hidden = engine.feed(state, chunks, stop=L)          # append left-padded chunks to the cache
+    engine.decode_mode = "graph"                         # auto | eager | static | graph (see below)
 
 Which adapters are active is the caller's business (UnifiedTTE switches them around these calls);
 the engine only runs the decoder layers of a `DecoderStack` against a growing cache. A batch is
 left-padded: every row's newest token sits in the last column, so decode and the invocation step
 read `hidden[:, -1]` and the pooled positions are the last columns.
+
+Decode loops (`decode_mode`), the same tokens and the same state afterwards:
+- `eager`: each step feeds one token per row through `feed` (a growing DynamicCache): the plain twin.
+- `static`: the KV cache is copied once into preallocated buffers (`DecoderStack.static_cache`) and
+  each step runs a fixed-shape one-token forward against them (`StaticDecoder`).
+- `graph`: `static` with the one-token step captured once per decode as a CUDA graph and replayed,
+  which removes per-token Python and kernel-launch overhead (CUDA only).
+- `auto` (default): `graph` on CUDA when the backbone runs eager or SDPA attention, else `eager`;
+  should capturing the graph fail, a warning says why and this engine decodes eagerly from then on.
+Token equality: tests/test_decode.py (eager == static, CPU) and tests/gpu/ (eager == graph).
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from .backbones import DecoderStack, crop_cache
+from .backbones import DecoderStack, StaticKV, crop_cache
 from .inputs import EncodedPrompt, left_pad, stack_images
 
 
@@ -46,6 +58,9 @@ class ThinkState:
             del self.residuals[n_res:]
 
 
+DECODE_MODES = ("auto", "eager", "static", "graph")
+
+
 class Engine:
     """Runs a DecoderStack against a KV cache (see the module docstring).
 
@@ -54,10 +69,15 @@ class Engine:
         pad_id: the token left padding uses (masked out, never attended to).
         capture_at: keep the residual stream entering this layer for every fed token (top_k's
             L - K), so the top layers can re-run over the whole sequence later; None keeps none.
+        decode_mode: which decode loop runs (module docstring); settable later.
     """
 
-    def __init__(self, stack: DecoderStack, pad_id: int, capture_at: int | None = None):
+    def __init__(self, stack: DecoderStack, pad_id: int, capture_at: int | None = None,
+                 decode_mode: str = "auto"):
         self.stack, self.pad_id, self.capture_at = stack, pad_id, capture_at
+        self.decode_mode = decode_mode
+        self.last_decode_mode = None  # what the last decode actually ran (auto resolved)
+        self._graph_failed = False    # auto: a capture failed once; decode eagerly from then on
 
     @property
     def device(self) -> torch.device:
@@ -88,18 +108,20 @@ class Engine:
     def feed(self, state: ThinkState, chunks: Sequence[Sequence[int]], stop: int) -> torch.Tensor:
         """Append left-padded token chunks (one per row; an empty chunk is a masked pad) to the
         state's cache through layers [0, stop). Returns their hidden states [B, t, D]."""
-        ids, chunk_mask = self._to_device(*left_pad(chunks, self.pad_id))
-        real_index = state.real_len.view(-1, 1) + chunk_mask.cumsum(1) - 1
-        positions = self.stack.text_positions(real_index.clamp(min=0), state.delta)
+        ids, chunk_mask, positions = self._chunk_inputs(state, chunks)
         state.attention_mask = torch.cat([state.attention_mask, chunk_mask], 1)
         hidden, residual = self.stack.run_layers(self.stack.embed_inputs(ids), state.attention_mask,
                                                  positions, state.cache, 0, stop,
                                                  capture_at=self.capture_at)
-        state.positions.append(positions)
-        state.real_len = state.real_len + chunk_mask.sum(1)
-        if self.capture_at is not None:
-            state.residuals.append(residual)
+        _advance(state, chunk_mask, positions, residual)
         return hidden
+
+    def _chunk_inputs(self, state: ThinkState, chunks):
+        """Left-padded ids, their 0/1 mask and their positions (continuing each row's text)."""
+        ids, chunk_mask = self._to_device(*left_pad(chunks, self.pad_id))
+        real_index = state.real_len.view(-1, 1) + chunk_mask.cumsum(1) - 1
+        return ids, chunk_mask, self.stack.text_positions(real_index.clamp(min=0), state.delta)
+
 
     @contextlib.contextmanager
     def preserved(self, state: ThinkState):
@@ -142,6 +164,7 @@ class Engine:
         batch = last.shape[0]
         traces: list[list[int]] = [[] for _ in range(batch)]
         finished = [False] * batch
+        stepper = self._static_decoder(state, max_new_tokens - 1)
         for step in range(max_new_tokens):
             suppress = sorted(stop_ids) if step < min_new_tokens else ()
             tokens = self.next_tokens(last, suppress=suppress, **sampling).tolist()
@@ -159,10 +182,130 @@ class Engine:
             if all(finished) or step == max_new_tokens - 1:
                 break
             # Rows that already stopped feed nothing: left_pad gives them a masked pad.
-            fed = self.feed(state, [p[:1] for p in state.pending], self.stack.num_layers)
+            chunks = [p[:1] for p in state.pending]
+            if stepper is None:
+                last = self.feed(state, chunks, self.stack.num_layers)[:, -1]
+            else:
+                last = stepper.step(state, *self._chunk_inputs(state, chunks))
             state.pending = [[] for _ in range(batch)]
-            last = fed[:, -1]
+        if stepper is not None:
+            stepper.finish(state)
         for row in range(batch):
             if not finished[row]:  # hit max_new_tokens: the last token is pending; close the turn
                 state.pending[row] = state.pending[row] + [eos_id]
         return traces, finished
+
+    def _static_decode_mode(self) -> str:
+        """The loop `decode_mode` asks for, resolved for this engine's device and attention."""
+        mode = self.decode_mode
+        if mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {mode!r}")
+        cuda = self.device.type == "cuda"
+        plain_attention = self.stack.attn_implementation in ("eager", "sdpa")
+        if mode == "auto":
+            return "graph" if cuda and plain_attention and not self._graph_failed else "eager"
+        if mode != "eager" and not plain_attention:
+            raise ValueError(f"decode_mode={mode!r} builds its own attention mask and supports eager and "
+                             f"sdpa attention only, not {self.stack.attn_implementation}; use eager (or auto)")
+        if mode == "graph" and not cuda:
+            raise ValueError("decode_mode='graph' captures a CUDA graph and needs the model on CUDA; "
+                             "use static (the same loop without the graph) or eager on CPU")
+        return mode
+
+    def _static_decoder(self, state: ThinkState, steps: int) -> "StaticDecoder | None":
+        mode = self._static_decode_mode()
+        decoder = None
+        if mode != "eager" and steps > 0:
+            static = self.stack.static_cache(state.cache, steps)
+            if static is not None:  # else the cache is not one the static loop can take over
+                try:
+                    decoder = StaticDecoder(self.stack, static, state, steps, self.capture_at,
+                                            graph=mode == "graph")
+                    self.stack.release(state.cache)  # the static buffers hold it until finish()
+                except Exception as exc:  # noqa: BLE001 - auto falls back; an explicit mode raises
+                    if self.decode_mode != "auto":
+                        raise
+                    self._graph_failed = True
+                    warnings.warn(f"capturing the decode step as a CUDA graph failed ({type(exc).__name__}: "
+                                  f"{exc}); decoding with the eager loop", RuntimeWarning, stacklevel=3)
+        self.last_decode_mode = mode if decoder is not None else "eager"
+        return decoder
+
+
+def _advance(state: ThinkState, chunk_mask, positions, residual) -> None:
+    """Record a fed chunk in the state (the cache itself was appended to by the layers)."""
+    state.positions.append(positions)
+    state.real_len = state.real_len + chunk_mask.sum(1)
+    if residual is not None:
+        state.residuals.append(residual)
+
+
+class StaticDecoder:
+    """Decode steps against a static KV cache (`decode_mode` static / graph): the inputs of the
+    one-token step live in fixed buffers that each step overwrites, so the step (with `graph`, a
+    captured CUDA graph of it) always sees the same tensors. The ThinkState is kept exactly as
+    `Engine.feed` keeps it (mask, positions, real lengths, top_k residuals); `finish` hands the
+    decoded keys and values back to its DynamicCache, so the embed step runs as after eager."""
+
+    def __init__(self, stack: DecoderStack, static: StaticKV, state: ThinkState, steps: int,
+                 capture_at: int | None, graph: bool):
+        self.stack, self.static, self.capture_at = stack, static, capture_at
+        self.start = state.attention_mask.shape[1]     # slot of the first decoded token
+        device = state.attention_mask.device
+        batch = state.attention_mask.shape[0]
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros_like(state.positions[-1][..., -1:])   # [B, 1] or [3, B, 1]
+        self.mask = torch.zeros(batch, static.max_length, dtype=torch.bool, device=device)
+        self.mask[:, :self.start] = state.attention_mask.bool()
+        self.residual_index = torch.zeros(1, dtype=torch.long, device=device)
+        self.residuals = None
+        if capture_at is not None:
+            width = state.residuals[-1].shape[-1]
+            self.residuals = torch.zeros(batch, steps, width, dtype=state.residuals[-1].dtype, device=device)
+        self.steps_done = 0
+        self.graph = self.out = None
+        if graph:
+            self._capture()
+
+    def _forward(self):
+        return self.stack.static_step(self.ids, self.positions, self.mask, self.static, self.capture_at,
+                                      self.residuals, self.residual_index)
+
+    def _capture(self) -> None:
+        # Warm-up on a side stream (cuBLAS handles, allocator) as torch.cuda.graphs asks; the
+        # warm-up writes into the first decode slot, which the first real step overwrites.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._forward()
+
+    def step(self, state: ThinkState, ids, chunk_mask, positions) -> torch.Tensor:
+        """One decode step ([B, 1] ids, mask and positions from Engine._chunk_inputs). Returns
+        the last hidden state [B, D]."""
+        slot = self.start + self.steps_done
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.mask[:, slot] = chunk_mask[:, 0].bool()
+        self.static.write_pos.fill_(slot)
+        self.residual_index.fill_(self.steps_done)
+        if self.graph is not None:
+            self.graph.replay()
+            hidden = self.out
+        else:
+            hidden = self._forward()
+        state.attention_mask = torch.cat([state.attention_mask, chunk_mask], 1)
+        residual = None
+        if self.capture_at is not None:
+            residual = self.residuals[:, self.steps_done:self.steps_done + 1].clone()
+        _advance(state, chunk_mask, positions, residual)
+        self.steps_done += 1
+        return hidden[:, -1].clone()
+
+    def finish(self, state: ThinkState) -> None:
+        """Hand the decoded keys and values to the state's DynamicCache."""
+        self.stack.write_back(self.static, state.cache, self.start + self.steps_done)

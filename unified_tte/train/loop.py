@@ -66,6 +66,7 @@ import torch
 from ..data.records import read_yaml_mapping
 from ..errors import NonFiniteLoss, TrainError, command
 from ..model import TTEConfig, UnifiedTTE, zoo
+from ..model.backbones import set_max_pixels
 from .batches import batch_indices, load_rows, stage_rows
 from .checkpointing import (checkpoints, discard, load_stage_weights, promote, save_checkpoint, save_stage,
                             write_run_files)
@@ -87,7 +88,10 @@ def uses_bf16(recipe: Recipe, device: torch.device) -> bool:
 
 
 def build_model(recipe: Recipe, dtype: torch.dtype) -> UnifiedTTE:
-    return UnifiedTTE(load_backbone(recipe.backbone, dtype), TTEConfig(**recipe.model.to_dict()))
+    backbone = load_backbone(recipe.backbone, dtype)
+    if recipe.data.max_pixels is not None and backbone.image_processor is not None:
+        set_max_pixels(backbone.image_processor, recipe.data.max_pixels)
+    return UnifiedTTE(backbone, TTEConfig(**recipe.model.to_dict()))
 
 
 # What a run's checkpoints are made of: resuming under other values would load weights into a

@@ -63,6 +63,10 @@ class DataConfig:
     """Skip rows with bad fields or missing images instead of stopping at the first."""
     max_rows: int | None = None
     """Use at most this many train rows (after loading; for smoke runs)."""
+    max_pixels: int | None = None
+    """Largest image in pixels: Qwen2-VL resizes bigger ones down to it, keeping the aspect ratio
+    (28 x 28 px per image token, so 1003520 = 1280 tokens, VLM2Vec's cap). null: the backbone's
+    image processor's own cap. `tte plan` sizes image tokens from it."""
     digits: DigitsData = field(default_factory=DigitsData)
 
 
@@ -136,7 +140,8 @@ class Recipe:
     run_dir: str = "runs/tte"
     """Where checkpoints, adapters, the resolved recipe and logs go."""
     backbone: str = "tiny"
-    """tiny | tiny-llama | smollm2 | a local Hugging Face checkpoint folder."""
+    """tiny | tiny-llama | smollm2 | qwen2vl-2b-shape (random weights, published shape; see
+    model/zoo.py) | a local Hugging Face checkpoint folder."""
     data: DataConfig = field(default_factory=DataConfig)
     deepspeed: str = "recipes/deepspeed/zero2.json"
     """DeepSpeed JSON: ZeRO stage, offload, communication (see recipes/deepspeed/)."""
@@ -413,6 +418,8 @@ def validate(recipe: Recipe, source: str) -> None:
         fail("stop_after", "must be >= 1 or null.")
     if isinstance(recipe.data.train, list) and not recipe.data.train:
         fail("data.train", "name at least one train file, or use digits.")
+    if recipe.data.max_pixels is not None and recipe.data.max_pixels < 28 * 28:
+        fail("data.max_pixels", f"must be >= 784 (one 28 x 28 px image token) or null, got {recipe.data.max_pixels}.")
     if isinstance(recipe.data.train, str) and recipe.data.train != "digits":
         recipe.data.train = [recipe.data.train]
 
