@@ -62,7 +62,7 @@ import torch
 
 from ..errors import NonFiniteLoss, TrainError, command
 from ..model import TTEConfig, UnifiedTTE, zoo
-from .batches import batch_indices, load_rows, stage_rows
+from .batches import load_rows, stage_rows, stage_sampler
 from .checkpointing import checkpoints, load_stage_weights, save_checkpoint, save_stage, write_run_files
 from .distributed import Dist, all_reduce, init_distributed, require_deepspeed
 from .engine import lr_lambda, make_engine, stage_shape
@@ -89,8 +89,9 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     rows = load_rows(recipe)
     per_stage = {s: stage_rows(recipe, s, rows) for s in recipe.stages}
     d = init_distributed()
-    for s in recipe.stages:
+    for i, s in enumerate(recipe.stages):
         stage_shape(recipe, s, d.world)  # batch shapes that do not split fail here
+        stage_sampler(recipe, s, i, per_stage[s])  # subsets that cannot fill a same-task batch too
         if len(per_stage[s]) < recipe.stage(s).batch_size:
             raise TrainError(f"{s}.batch_size={recipe.stage(s).batch_size} is more than the "
                              f"{len(per_stage[s])} rows the stage can use.")
@@ -207,11 +208,12 @@ class StageRun:
         local, micro, _ = stage_shape(recipe, stage, d.world)
         found = checkpoints(run_dir)
         last_good = found[-1][1] if found else None
+        sampler = stage_sampler(recipe, stage, self.index, self.rows)
         try:
             for s in range(self.start, spec.steps):
                 step = self.step_offset + s + 1
                 t0 = time.perf_counter()
-                idx = batch_indices(len(self.rows), spec.batch_size, recipe.seed, self.index, s)
+                idx = sampler.batch(s)
                 mine = [self.rows[i] for i in idx[d.rank * local:(d.rank + 1) * local]]
                 lr = engine.lr_scheduler.get_last_lr()[0]
                 loss, tokens, finite = self.backward(engine, mine, micro)
