@@ -231,7 +231,7 @@ def load_eval_task(path: str | os.PathLike, image_root: str | os.PathLike | None
         files = eval_files(path)
         root = Path(image_root) if image_root is not None else (files[0].parent.parent if is_shard(files[0])
                                                                 else files[0].parent)
-        name = name or (path.name if path.is_dir() or is_shard(path) else path.stem)
+        name = name or (path.name if path.is_dir() else subset_of(path))
         records = _records(files)
         first = next(records, None)
         if first is None:
@@ -353,16 +353,23 @@ def _visdoc_part(folder: Path, part: str) -> list[Path]:
     return found
 
 
-def _corpus_image(rec: dict, where: str, corpus_id: str, image_root: Path) -> str:
+def _corpus_image(rec: dict, where: str, corpus_id: str, image_root: Path, seen: dict) -> str:
     """A corpus page as a file path: the record's path, or its bytes written once to
-    image_root/<corpus-id>.png (as VLM2Vec stores them), or an image already there."""
+    image_root/<corpus-id>.png (as VLM2Vec stores them), or an image already there. Pages whose
+    bytes repeat an earlier page's share its file, so the evaluator sees one content."""
     image = rec.get("image")
     if isinstance(image, dict):
         if image.get("path") and (image_root / image["path"]).is_file():
             return str(image_root / image["path"])
         data = image.get("bytes")
         if data:
+            import hashlib
+
+            digest = hashlib.sha1(data).hexdigest()
+            if digest in seen:
+                return seen[digest]
             target = image_root / f"{corpus_id}.png"
+            seen[digest] = str(target)
             if not target.is_file():
                 from PIL import Image
                 image_root.mkdir(parents=True, exist_ok=True)
@@ -381,11 +388,12 @@ def _load_visdoc(folder: Path, image_root, name: str, group: str, qry_inst: str,
                  max_rows: int | None) -> EvalTask:
     root = Path(image_root) if image_root is not None else folder / "images"
     corpus: dict[str, TTEInput] = {}
+    seen: dict[str, str] = {}
     for where, _, _, rec in _records(_visdoc_part(folder, "corpus")):
         cid = rec.get("corpus-id")
         if cid is None:
             raise DataError(f"{where}: missing field 'corpus-id' (a visdoc corpus row).")
-        corpus[str(cid)] = TTEInput(clean_text(tgt_inst), [_corpus_image(rec, where, str(cid), root)])
+        corpus[str(cid)] = TTEInput(clean_text(tgt_inst), [_corpus_image(rec, where, str(cid), root, seen)])
     qrels: dict[str, dict[str, float]] = {}
     for where, _, _, rec in _records(_visdoc_part(folder, "qrels")):
         for fld in ("query-id", "corpus-id"):

@@ -79,7 +79,7 @@ class BatchSampler:
                  weights: dict[str, float] | None = None):
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
-        self.batch, self.seed, self.stage_index, self.batching = batch, seed, stage_index, batching
+        self.size, self.seed, self.stage_index, self.batching = batch, seed, stage_index, batching
         self.names = list(dict.fromkeys(subsets))
         self.members = [np.flatnonzero(np.asarray([s == name for s in subsets])) for name in self.names]
         self.plain = batching == "mixed" and not weights
@@ -121,19 +121,19 @@ class BatchSampler:
     def batch(self, step: int) -> list[int]:
         """Global row indices of global batch `step` (0-based)."""
         if self.plain:
-            per_epoch = self.n // self.batch
+            per_epoch = self.n // self.size
             if per_epoch == 0:
-                raise DataError(f"a global batch of {self.batch} rows needs at least that many rows; got {self.n}.")
+                raise DataError(f"a global batch of {self.size} rows needs at least that many rows; got {self.n}.")
             epoch, k = divmod(step, per_epoch)
-            return _permutation(self.n, self.seed, self.stage_index, -1, epoch)[
-                k * self.batch:(k + 1) * self.batch].tolist()
+            return _permutation(self.n, self.seed, self.stage_index, len(self.names), epoch)[
+                k * self.size:(k + 1) * self.size].tolist()
         if self.batching == "same_task":
             self._draws(step + 1)
             subset, before = int(self._choices[step]), int(self._position[step])
-            return [self._row(subset, before * self.batch + j) for j in range(self.batch)]
-        start = step * self.batch
-        self._draws(start + self.batch)
-        return [self._row(int(self._choices[d]), int(self._position[d])) for d in range(start, start + self.batch)]
+            return [self._row(subset, before * self.size + j) for j in range(self.size)]
+        start = step * self.size
+        self._draws(start + self.size)
+        return [self._row(int(self._choices[d]), int(self._position[d])) for d in range(start, start + self.size)]
 
     def subset_of_batch(self, step: int) -> str | None:
         """same_task: the subset global batch `step` is drawn from (None for mixed)."""
