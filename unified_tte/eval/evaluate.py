@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -120,9 +121,11 @@ class TaskPlan:
         self.query_keys = [_digest("query", candidate_key(r.query, memo)) for r in task.rows]
 
 
-def _embed_batches(jobs: list, batch_size: int, encode, ranks: Ranks, cache, bar) -> dict[int, tuple]:
+def _embed_batches(jobs: list, batch_size: int, encode, ranks: Ranks, cache, bar,
+                   reused: list) -> dict[int, tuple]:
     """Embed `jobs` ([(global index, key, input)]) by global batches dealt out to the ranks,
-    through the cache. Returns {global index: (vector, trace)} of this rank's batches."""
+    through the cache (items read back from it are counted in `reused[0]`). Returns {global
+    index: (vector, trace)} of this rank's batches."""
     batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
     out: dict[int, tuple] = {}
     for b in my_batches(len(batches), ranks):
@@ -131,6 +134,7 @@ def _embed_batches(jobs: list, batch_size: int, encode, ranks: Ranks, cache, bar
         hit = cache.get(keys) if cache is not None else {}
         if len(hit) == len(keys):
             vectors, traces = [hit[k][0] for k in keys], [hit[k][1] for k in keys]
+            reused[0] += len(keys)
         else:
             emb, traces = encode([x for _, _, x in batch])
             vectors = emb.float().cpu().numpy()
@@ -175,17 +179,18 @@ def evaluate_task(model, task: EvalTask, batch_size: int = 16, use_think: bool =
     total = len(task.rows) + len(plan.distinct)
     bar = tqdm(total=total, desc=task.name, unit="item", disable=not (progress and ranks.main),
                dynamic_ncols=True)
+    reused = [0]
     with torch.no_grad():
         queries = _embed_batches([(i, k, r.query) for i, (k, r) in enumerate(zip(plan.query_keys, task.rows))],
-                                 batch_size, encode_queries, ranks, cache, bar)
+                                 batch_size, encode_queries, ranks, cache, bar, reused)
         items = _embed_batches([(i, k, x) for i, (k, x) in enumerate(zip(plan.keys, plan.distinct))],
-                               batch_size, encode_items, ranks, cache, bar)
+                               batch_size, encode_items, ranks, cache, bar, reused)
     bar.close()
-    parts = gather((queries, items), ranks)
+    parts = gather((queries, items, reused[0]), ranks)
     if not ranks.main:
         return None
     q_all, c_all = {}, {}
-    for q, c in parts:
+    for q, c, _ in parts:
         q_all.update(q)
         c_all.update(c)
     if len(q_all) != len(task.rows) or len(c_all) != len(plan.distinct):
@@ -200,6 +205,8 @@ def evaluate_task(model, task: EvalTask, batch_size: int = 16, use_think: bool =
     out.update(group=task.modality_group, needs_reasoning=task.needs_reasoning,
                n_candidates=float(np.mean([len(r.candidates) or len(task.corpus or {}) for r in task.rows])),
                n_distinct_candidates=len(plan.distinct))
+    if cache is not None:
+        out["cached_items"] = sum(p[2] for p in parts)   # read back from the cache, not recomputed
     if task.modality:
         out.update(modality=task.modality, primary=task.primary)
     if use_think:
@@ -324,11 +331,17 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     model = _load_model(args.checkpoint, args.backbone)
     if ranks.device.type == "cuda":
         model.to(ranks.device)
+    barrier(ranks)                       # the timing starts when every rank has its model
+    start = time.perf_counter()
     results = evaluate_model(model, tasks, batch_size=args.batch_size,
                              use_think=not args.no_think, max_new_tokens=args.max_new_tokens,
                              progress=not args.no_progress, ranks=ranks, cache_dir=args.cache_dir)
     if not ranks.main:
         return 0
+    seconds = time.perf_counter() - start
+    items = sum(m["n"] + m["n_distinct_candidates"] for m in results["tasks"].values())
+    results["timing"] = {"seconds": seconds, "items": items, "items_per_s": items / seconds,
+                         "ranks": ranks.world}
     results["checkpoint"] = str(args.checkpoint)
     results["task_spec"] = args.tasks
     print(format_table(results))
