@@ -113,6 +113,15 @@ class UnifiedTTE(nn.Module):
         return cls(backbone, **{**overrides, "think": "none", "mode": "top_k", "embed_layers": L})
 
     @classmethod
+    def vlm2vec_embedder(cls, backbone: Backbone, lora_folder=None, **overrides) -> "UnifiedTTE":
+        """A VLM2Vec checkpoint as the two-model baseline's embedder, with its own prompt format
+        (prompt_format "vlm2vec": raw prompt, last-token pooling). `backbone` is the merged
+        model (zoo.load(folder)), or its base with `lora_folder` (a PEFT LoRA folder) merged in."""
+        if lora_folder is not None:
+            backbone.model = adapters.merge_lora_folder(backbone.model, lora_folder)
+        return cls.separate_embedder(backbone, **{**overrides, "prompt_format": "vlm2vec"})
+
+    @classmethod
     def separate_reasoner(cls, backbone: Backbone, **overrides) -> "UnifiedTTE":
         """The two-model baseline's reasoner: base + think LoRA and no embed adapter (it only
         decodes; `embed` on it is an error)."""
