@@ -43,9 +43,9 @@ def tte(args, ranks=1, timeout=300, **kw):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tiny run folder: random think and embed adapters on the built-in tiny backbone."""
-    from unified_tte.testing import write_tiny_run
+    from unified_tte.tools.eval_bench import tiny_run
 
-    return write_tiny_run(tmp_path_factory.mktemp("run"), seed=4)
+    return tiny_run(tmp_path_factory.mktemp("run"), seed=4)
 
 
 EVAL = ["--tasks", "digits/classify,digits/next_number", "--max-queries", "10", "--max-new-tokens", "4",

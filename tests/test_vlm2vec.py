@@ -61,7 +61,7 @@ def reference(model, backbone, items):
     return F.normalize(last.float(), dim=-1)
 
 
-def test_a_vlm2vec_lora_folder_embeds_as_the_reference_computes(tmp_path):
+def test_a_vlm2vec_lora_folder_embeds_as_the_reference_computes(tmp_path, one_torch_thread):
     live = vlm2vec_lora(tmp_path)
     want = reference(live, tiny_qwen2vl(seed=3), inputs())
     tte = UnifiedTTE.vlm2vec_embedder(tiny_qwen2vl(seed=3), lora_folder=tmp_path / "lora")

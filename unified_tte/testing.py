@@ -36,19 +36,3 @@ def until_stop(token_ids, stop_ids) -> list[int]:
         out.append(int(tok))
     return out
 
-
-def write_tiny_run(folder, seed: int = 0, std: float = 0.1, mode: str = "activated"):
-    """A run folder (think/ and embed/ adapters + tte_config.json) of the built-in tiny backbone
-    with random adapter weights: what `tte eval RUN_DIR` and `tte traces --model RUN_DIR` load."""
-    import json
-    from pathlib import Path
-
-    from .model import UnifiedTTE, adapters, zoo
-
-    folder = Path(folder)
-    tte = UnifiedTTE(zoo.tiny_qwen2vl(), mode=mode)
-    randomize_adapters(tte, std=std, seed=seed)
-    for name in tte.embed_adapters:
-        adapters.save_adapter(tte.peft_model, name, folder / name)
-    (folder / "tte_config.json").write_text(json.dumps({**tte.config.to_dict(), "backbone": "tiny"}))
-    return folder

@@ -391,6 +391,15 @@ def _load_reasoner(spec: str):
     return UnifiedTTE(zoo.load(spec), think="none")
 
 
+def set_pixels(model, max_pixels: int | None, min_pixels: int | None) -> None:
+    """Override a loaded model's image size range (`tte traces` / `tte eval` --max-pixels)."""
+    encoder = getattr(model, "encoder", None)
+    if encoder is not None and max_pixels is not None:
+        encoder.max_pixels = max_pixels
+    if encoder is not None and min_pixels is not None:
+        encoder.min_pixels = min_pixels
+
+
 def _load_rows(args) -> list:
     if args.data == "digits":
         return build_builtin("digits", seed=args.digits_seed, image_size=args.image_size,
@@ -420,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", choices=["ecr", "none"], default="ecr", help="'ecr': add the "
                    "task type's ECR prompt (instruct models); 'none': the bare query (a trained "
                    "think adapter)")
+    p.add_argument("--max-pixels", type=int, default=None, help="cap on image / frame size in pixels "
+                   "(default: the checkpoint's setting, else the processor's; VLM2Vec: 1003520 = 28*28*1280)")
+    p.add_argument("--min-pixels", type=int, default=None, help="lower bound of image / frame size")
     p.add_argument("--digits-seed", type=int, default=0, help="seed of the digits split")
     p.add_argument("--image-size", type=int, default=56, help="digits image size in pixels")
     p.add_argument("--no-progress", action="store_true")
@@ -433,6 +445,7 @@ def traces_main(argv: Sequence[str] | None = None) -> int:
     rows = _load_rows(args)
     ranks = init_ranks()
     reasoner = _load_reasoner(args.model)
+    set_pixels(reasoner, args.max_pixels, args.min_pixels)
     if ranks.device.type == "cuda":
         reasoner.to(ranks.device)
     stats = generate_traces(reasoner, rows, args.out, batch_size=args.batch_size,

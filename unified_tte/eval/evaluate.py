@@ -42,7 +42,7 @@ import numpy as np
 
 from ..data import EvalTask, resolve_tasks, validate_eval_task
 from ..data.ranks import Ranks, barrier, gather, init_ranks, my_batches
-from ..data.traces import check_ecr_shape
+from ..data.traces import check_ecr_shape, set_pixels
 from ..errors import DataError, command
 from ..model import UnifiedTTE, zoo
 from .cache import EmbeddingCache, model_key
@@ -311,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--digits-seed", type=int, default=None, help="digits split seed (default: "
                    "the registry's); must be the seed training used")
     p.add_argument("--image-size", type=int, default=None, help="digits image size")
+    p.add_argument("--max-pixels", type=int, default=None, help="cap on image / frame size in pixels "
+                   "(default: the checkpoint's setting; a registry entry's max_pixels still wins for its task)")
+    p.add_argument("--min-pixels", type=int, default=None, help="lower bound of image / frame size")
     p.add_argument("--data-root", default=None, help="the folder holding the MMEB releases the "
                    "mmeb_v1 / mmeb_v2 suites name (default: $TTE_MMEB_ROOT)")
     p.add_argument("--cache-dir", default=None, help="keep embeddings per (model, task, item) here; "
@@ -329,6 +332,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
                           data_root=args.data_root, **overrides)
     ranks = init_ranks()
     model = _load_model(args.checkpoint, args.backbone)
+    set_pixels(model, args.max_pixels, args.min_pixels)
     if ranks.device.type == "cuda":
         model.to(ranks.device)
     barrier(ranks)                       # the timing starts when every rank has its model

@@ -25,6 +25,26 @@ from pathlib import Path
 from .bench import machine_name
 
 
+def tiny_run(folder, seed: int = 0, std: float = 0.1) -> Path:
+    """A run folder (think/ and embed/ adapters + tte_config.json) of the built-in tiny backbone
+    with random adapter weights, as `tte eval RUN_DIR` / `tte traces --model RUN_DIR` load it."""
+    import torch
+
+    from ..model import UnifiedTTE, adapters, zoo
+
+    folder = Path(folder)
+    tte = UnifiedTTE(zoo.tiny_qwen2vl(), mode="activated")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in tte.peft_model.named_parameters():
+            if "lora_B" in name:   # a fresh LoRA has B = 0: no delta at all
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+    for name in tte.embed_adapters:
+        adapters.save_adapter(tte.peft_model, name, folder / name)
+    (folder / "tte_config.json").write_text(json.dumps({**tte.config.to_dict(), "backbone": "tiny"}))
+    return folder
+
+
 def _free_port() -> int:
     import socket
 
@@ -63,8 +83,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="eval_bench_"))
     run_dir = args.run
     if run_dir is None:
-        from ..testing import write_tiny_run
-        run_dir = write_tiny_run(work / "run", seed=1)
+        run_dir = tiny_run(work / "run", seed=1)
     runs = []
     for r in range(args.rounds):
         for ranks in (1, args.ranks):
