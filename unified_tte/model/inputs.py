@@ -221,19 +221,18 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-def stack_images(prompts: Sequence[EncodedPrompt]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Concatenate the pixel values and grids of a batch in item order (the model's expectation)."""
-    pv = [p.pixel_values for p in prompts if p.pixel_values is not None]
-    grids = [p.image_grid_thw for p in prompts if p.image_grid_thw is not None]
+def _stack(prompts: Sequence[EncodedPrompt], values: str, grids: str):
+    pv = [getattr(p, values) for p in prompts if getattr(p, values) is not None]
     if not pv:
         return None, None
-    return torch.cat(pv, 0), torch.cat(grids, 0)
+    return torch.cat(pv, 0), torch.cat([getattr(p, grids) for p in prompts if getattr(p, grids) is not None], 0)
+
+
+def stack_images(prompts: Sequence[EncodedPrompt]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Concatenate the pixel values and grids of a batch in item order (the model's expectation)."""
+    return _stack(prompts, "pixel_values", "image_grid_thw")
 
 
 def stack_videos(prompts: Sequence[EncodedPrompt]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """`stack_images` for the videos of a batch."""
-    pv = [p.pixel_values_videos for p in prompts if p.pixel_values_videos is not None]
-    grids = [p.video_grid_thw for p in prompts if p.video_grid_thw is not None]
-    if not pv:
-        return None, None
-    return torch.cat(pv, 0), torch.cat(grids, 0)
+    return _stack(prompts, "pixel_values_videos", "video_grid_thw")
