@@ -7,9 +7,10 @@ NCCL on GPU), interleaved round by round so both see the same machine load.
 Each run evaluates the digits tasks with thinking (`--max-new-tokens`) and reports the items
 (queries + distinct candidates) per second that `tte eval` measures between the moment every
 rank holds its model and the scores on rank 0 (model loading and process start excluded).
-Prints one line per run, then the median items/s per rank count and the ratio
-"N ranks / 1 rank"; writes everything as JSON to --out. On CPU each rank uses one thread
-(OMP_NUM_THREADS=1), so N ranks need N free cores for an N-fold rate.
+Prints one line per run (with the 1-minute load average before it: other processes on the
+cores), then the median items/s per rank count and the ratio "N ranks / 1 rank"; writes
+everything as JSON to --out. On CPU each rank uses one thread (OMP_NUM_THREADS=1), so N ranks
+need N free cores for an N-fold rate.
 """
 from __future__ import annotations
 
@@ -87,10 +88,12 @@ def main(argv=None) -> int:
     runs = []
     for r in range(args.rounds):
         for ranks in (1, args.ranks):
+            load = os.getloadavg()[0]
             timing = run_eval(run_dir, ranks, args, work / f"res_{r}_{ranks}.json")
+            timing["load_before"] = load   # 1-min load average: other users of the cores
             runs.append(timing)
             print(f"round {r + 1}: {ranks} rank(s): {timing['items']} items in {timing['seconds']:.1f} s = "
-                  f"{timing['items_per_s']:.2f} items/s", flush=True)
+                  f"{timing['items_per_s']:.2f} items/s (load average before: {load:.1f})", flush=True)
     rate = {n: statistics.median(t["items_per_s"] for t in runs if t["ranks"] == n) for n in (1, args.ranks)}
     speedup = rate[args.ranks] / rate[1]
     machine = machine_name()
