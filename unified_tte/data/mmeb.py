@@ -167,10 +167,10 @@ def detect_layout(columns, where: str) -> str:
                             f"{missing}; V2 image files have {', '.join(V2_IMAGE_COLUMNS)}.")
         return "v2-image"
     if {"qry_text", "tgt_text", "tgt_img_path", "qry_img_path"} & cols:
-        missing = [c for c in V1_COLUMNS if c not in cols and not (c == "tgt_img_path" and "tgt_text" in cols)
-                   and not (c == "qry_img_path" and "qry_text" in cols)]
-        if missing or "tgt_text" not in cols and "tgt_img_path" not in cols:
-            raise DataError(f"{where}: an MMEB-eval V1 file is missing column(s) {missing or ['tgt_text']}; "
+        missing = [a for a, b in (("qry_text", "qry_img_path"), ("tgt_text", "tgt_img_path"))
+                   if a not in cols and b not in cols]
+        if missing:   # a text-only or image-only side may leave out the other column
+            raise DataError(f"{where}: an MMEB-eval V1 file is missing column(s) {missing}; "
                             f"V1 files have {', '.join(V1_COLUMNS)}.")
         return "v1"
     video = [f for f in VIDEO_FIELDS if f in cols]
