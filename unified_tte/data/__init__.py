@@ -1,13 +1,15 @@
 """Data: the row schema, MMEB loaders, the task registry, the built-in digits task and ECR traces.
 
     from unified_tte.data import load_train_rows, resolve_tasks, load_traces
-    rows = load_train_rows("mmeb_train/ImageNet_1K.jsonl", image_root="mmeb_images/")
+    rows = load_train_rows("MMEB-train/")            # every subset folder (released layout)
     tasks = resolve_tasks("digits")                  # built-in tasks and registry YAML files
+    tasks = resolve_tasks("mmeb_v2", data_root="/data/MMEB-V2")   # the 78 MMEB-V2 tasks
     traces = load_traces("traces.jsonl")             # {id: "<think>...</think> answer"}
 
 Modules, lowest first: schema (TrainRow, EvalRow, EvalTask), records (reading .jsonl/.json/
-.parquet), mmeb (MMEB-train / MMEB-eval loaders), digits (the built-in task), registry (task
-names -> tasks), traces (ECR prompts, trace files, `tte traces`).
+.parquet), mmeb (MMEB-train, MMEB-eval V1 and MMEB-V2 loaders), sampling (per-subset caps and
+weights, same-task batches), digits (the built-in task), registry (task names and suites ->
+tasks), ranks (torchrun sharding), traces (ECR prompts, trace files, `tte traces`).
 """
 from ..errors import DataError
 from .mmeb import load_eval_task, load_train_rows, task_type_for, validate_eval_task

@@ -17,6 +17,27 @@ from ..errors import DataError
 
 # MMEB writes `<|image_1|>` into the text where the image goes (Phi-3-V markup).
 _IMAGE_PLACEHOLDER = re.compile(r"<\|image_\d+\|>\s*")
+# Hugging Face dataset shards: `original-00000-of-00001.parquet`, `test-00000-of-00002.parquet`.
+HF_SHARD = re.compile(r"^(?P<split>[\w.]+)-(?P<index>\d{5})-of-(?P<count>\d{5})$")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def is_shard(path: Path) -> bool:
+    """True for a Hugging Face shard file name (its subset is its folder, not its stem)."""
+    return HF_SHARD.match(Path(path).stem) is not None
+
+
+def subset_of(path: Path) -> str:
+    """The subset a data file holds: its folder for a Hugging Face shard
+    (`ImageNet_1K/original-00000-of-00001.parquet` -> "ImageNet_1K"), else its stem."""
+    path = Path(path)
+    return path.parent.name if is_shard(path) else path.stem
+
+
+def data_files(folder: Path) -> list[Path]:
+    """The data files directly in `folder`, shards in shard order."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
 
 def iter_records(path: str | os.PathLike, skipped: list[str] | None = None) -> Iterator[tuple[str, int, dict]]:
     """Yield `(where, number, record)` for each record of a .jsonl/.json/.parquet file.
@@ -97,9 +118,30 @@ def resolve_image(value: Any, image_root: Path, where: str, fld: str) -> list[st
     return [str(p)]
 
 
-def row_id(record: dict, path: Path, number: int) -> str:
+def row_id(record: dict, path: Path, number: int, subset: str | None = None) -> str:
+    """The row's own `id`, else "{subset}:{number}" (subset: the file stem, or the folder of a
+    Hugging Face shard, so ids stay distinct across subsets)."""
     rid = record.get("id")
-    return str(rid) if rid is not None and str(rid) != "" else f"{path.stem}:{number}"
+    return str(rid) if rid is not None and str(rid) != "" else f"{subset or subset_of(path)}:{number}"
+
+
+def resolve_frames(value: Any, frame_root: Path, where: str, fld: str) -> str:
+    """The folder of a video's frames (`frame_root/<value>`, a trailing video suffix dropped),
+    after checking it holds frame images."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{where}: field {fld!r} is empty; a video row names its video.")
+    p = Path(str(value))
+    if p.suffix.lower() in (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v"):
+        p = p.with_suffix("")
+    if not p.is_absolute():
+        p = frame_root / p
+    if not p.is_dir():
+        raise DataError(f"{where}: field {fld!r}: frame folder not found: {p}. MMEB-V2 keeps each "
+                        f"video's frames in <frame_root>/<video id>/; set the task's frame_root.")
+    if not any(f.suffix.lower() in FRAME_SUFFIXES for f in p.iterdir()):
+        raise DataError(f"{where}: field {fld!r}: video folder {p} holds no frames "
+                        f"({', '.join(FRAME_SUFFIXES)}); extract the frames or drop the row.")
+    return str(p)
 
 
 def image_root_of(path: Path, image_root) -> Path:

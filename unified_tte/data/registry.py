@@ -1,9 +1,13 @@
-"""The task registry: task names -> eval tasks, from registry YAML files (local MMEB-eval files)
-and the built-in generated tasks (`BUILTIN_TASKS`: name -> builder).
+"""The task registry: task names -> eval tasks, from registry YAML files (local MMEB files in
+any layout mmeb.py reads), the built-in generated tasks (`BUILTIN_TASKS`: name -> builder) and
+the MMEB suites (`SUITES`: every task of MMEB-eval V1 and MMEB-V2, read from a data root the user
+supplies; nothing is downloaded).
 
     from unified_tte.data.registry import resolve_tasks
     tasks = resolve_tasks("digits")                  # the built-in task, made in memory
     tasks = resolve_tasks("my_tasks.yaml")           # every task a user registry names
+    tasks = resolve_tasks("mmeb_v2", data_root="/data/MMEB-V2")          # all 78 MMEB-V2 tasks
+    tasks = resolve_tasks("mmeb_v2/video,mmeb_v1/DocVQA", data_root=...) # a modality or group, a task
 """
 from __future__ import annotations
 
@@ -19,6 +23,10 @@ from .records import read_yaml_mapping
 from .schema import EvalTask
 
 BUILTIN_TASK_DIR = Path(__file__).parent / "tasks"
+SUITE_DIR = Path(__file__).parent / "suites"
+# A suite name -> its registry YAML; its relative paths are taken from the data root.
+SUITES = {p.stem: p for p in sorted(SUITE_DIR.glob("*.yaml"))}
+DATA_ROOT_ENV = "TTE_MMEB_ROOT"
 # A built-in task name -> its builder: keyword options (from a registry entry or a recipe) in,
 # an object with `.train_rows` and `.eval_tasks` out. Eval sizes come in as `max_eval_per_task`.
 BUILTIN_TASKS = {"digits": digits.build_digits}
@@ -44,20 +52,30 @@ class TaskSpec:
     task_type: str | None = None
     builtin: str | None = None        # e.g. "digits": generated, see digits.py
     options: dict = field(default_factory=dict)   # passed to the builtin's builder
+    frame_root: Path | None = None    # video tasks: <frame_root>/<video id>/ holds the frames
+    qry_inst: str = ""                # instructions put before the query / target texts
+    tgt_inst: str = ""
+    labels: list[str] | None = None   # video classification: the class names (the corpus)
+    max_pixels: int | None = None     # cap on this task's images, e.g. document pages
+    modality: str | None = None       # MMEB-V2: image | video | visdoc
+    primary: str | None = None        # the metric MMEB-V2 averages (default by modality)
 
 
-_SPEC_KEYS = {"path", "image_root", "group", "needs_reasoning", "task_type", "builtin"}
+_SPEC_KEYS = {"path", "image_root", "group", "needs_reasoning", "task_type", "builtin", "frame_root",
+              "qry_inst", "tgt_inst", "labels", "max_pixels", "modality", "primary"}
 
 
-def load_registry(yaml_path: str | os.PathLike) -> dict[str, TaskSpec]:
+def load_registry(yaml_path: str | os.PathLike, data_root: str | os.PathLike | None = None) -> dict[str, TaskSpec]:
     """Read a task registry YAML: a mapping of task name to an entry.
 
     A file entry:    `{path: eval/x.jsonl, image_root: images/, group: I2T,
                        needs_reasoning: false, task_type: classification}`
     A built-in one:  `{builtin: digits, seed: 0, image_size: 56, ...}` (other keys are options
                       for the builder).
-    Relative `path` / `image_root` are taken from the YAML file's folder. `group` defaults to
-    "retrieval", `image_root` to the data file's folder.
+    More keys for MMEB-V2 files: `frame_root`, `qry_inst`, `tgt_inst`, `labels`, `max_pixels`,
+    `modality`, `primary` (see TaskSpec). Relative `path` / `image_root` / `frame_root` are taken
+    from `data_root`, else the YAML file's folder. `group` defaults to "retrieval", `image_root`
+    to the data file's folder.
     """
     yaml_path = Path(yaml_path)
     doc = read_yaml_mapping(yaml_path, DataError, "registry")
@@ -77,16 +95,26 @@ def load_registry(yaml_path: str | os.PathLike) -> dict[str, TaskSpec]:
         if unknown:
             raise DataError(f"{where}: unknown field(s) {sorted(unknown)}; known: "
                             f"{sorted(_SPEC_KEYS)}.")
-        base = yaml_path.parent
-        path = Path(entry["path"])
-        root = entry.get("image_root")
+        base = Path(data_root) if data_root is not None else yaml_path.parent
+
+        def local(key):
+            value = entry.get(key)
+            return None if value is None else (Path(value) if Path(value).is_absolute() else base / value)
+
+        labels = entry.get("labels")
+        if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+            raise DataError(f"{where}: 'labels' must be a list of class names.")
+        max_pixels = entry.get("max_pixels")
+        if max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels < 28 * 28):
+            raise DataError(f"{where}: 'max_pixels' must be an integer >= 784 (28*28), got {max_pixels!r}.")
         specs[str(name)] = TaskSpec(
-            name=str(name), path=path if path.is_absolute() else base / path,
-            image_root=None if root is None else (Path(root) if Path(root).is_absolute()
-                                                  else base / root),
+            name=str(name), path=local("path"), image_root=local("image_root"),
             group=str(entry.get("group", "retrieval")),
             needs_reasoning=bool(entry.get("needs_reasoning", False)),
-            task_type=entry.get("task_type"))
+            task_type=entry.get("task_type"), frame_root=local("frame_root"),
+            qry_inst=str(entry.get("qry_inst", "")), tgt_inst=str(entry.get("tgt_inst", "")),
+            labels=labels, max_pixels=max_pixels, modality=entry.get("modality"),
+            primary=entry.get("primary"))
     return specs
 
 
@@ -107,16 +135,32 @@ def build_tasks(spec: TaskSpec, max_rows: int | None = None, **overrides) -> lis
         return build_builtin(spec.builtin, **options).eval_tasks
     return [load_eval_task(spec.path, spec.image_root, name=spec.name, group=spec.group,
                            needs_reasoning=spec.needs_reasoning, task_type=spec.task_type,
-                           max_rows=max_rows)]
+                           max_rows=max_rows, frame_root=spec.frame_root, qry_inst=spec.qry_inst,
+                           tgt_inst=spec.tgt_inst, labels=spec.labels, max_pixels=spec.max_pixels,
+                           modality=spec.modality, primary=spec.primary)]
+
+
+def suite_specs(name: str, data_root: str | os.PathLike | None) -> dict[str, TaskSpec]:
+    """The tasks of an MMEB suite ("mmeb_v1", "mmeb_v2") under `data_root` (or $TTE_MMEB_ROOT)."""
+    root = data_root if data_root is not None else os.environ.get(DATA_ROOT_ENV)
+    if root is None:
+        raise DataError(f"suite {name!r} reads the released files from a data root: pass --data-root "
+                        f"(the folder the release was cloned into) or set ${DATA_ROOT_ENV}.")
+    if not Path(root).is_dir():
+        raise DataError(f"suite {name!r}: data root {root} is not a folder.")
+    return load_registry(SUITES[name], data_root=root)
 
 
 def resolve_tasks(names_or_yaml: str | os.PathLike | Sequence[str], registry: str | os.PathLike
-                  | None = None, max_rows: int | None = None, **builtin_overrides) -> list[EvalTask]:
+                  | None = None, max_rows: int | None = None, data_root: str | os.PathLike | None = None,
+                  **builtin_overrides) -> list[EvalTask]:
     """EvalTasks from task names and/or registry files.
 
     `names_or_yaml`: a list, or a comma-separated string, of items. An item is a registry YAML
     path (all its tasks), a task name from `registry` or from the built-in registries
-    ("digits": every digits sub-task), or "digits/<sub-task>" for one sub-task.
+    ("digits": every digits sub-task), or "digits/<sub-task>" for one sub-task, or an MMEB
+    suite: "mmeb_v1" / "mmeb_v2" (all its tasks), "mmeb_v2/<modality or group>", "mmeb_v2/<task>",
+    read under `data_root`.
     `max_rows` caps the queries per task; `builtin_overrides` go to built-in builders
     (e.g. `seed=1, image_size=28` for digits; eval must use the seed training used).
     """
@@ -129,7 +173,17 @@ def resolve_tasks(names_or_yaml: str | os.PathLike | Sequence[str], registry: st
         known.update(load_registry(registry))
     tasks: list[EvalTask] = []
     for item in items:
-        if item.endswith((".yaml", ".yml")):
+        suite, _, part = item.partition("/")
+        if suite in SUITES:
+            specs = suite_specs(suite, data_root)
+            chosen = [sp for sp in specs.values()
+                      if not part or part in (sp.name, sp.modality, sp.group)]
+            if not chosen:
+                raise DataError(f"{item!r}: no task, modality or group {part!r} in suite {suite!r}; "
+                                f"modalities: {sorted({sp.modality for sp in specs.values()})}.")
+            for spec in chosen:
+                tasks.extend(build_tasks(spec, max_rows))
+        elif item.endswith((".yaml", ".yml")):
             for spec in load_registry(item).values():
                 tasks.extend(build_tasks(spec, max_rows, **builtin_overrides))
         elif item in known:
@@ -142,8 +196,8 @@ def resolve_tasks(names_or_yaml: str | os.PathLike | Sequence[str], registry: st
                 raise DataError(f"unknown sub-task {item!r} of {parent!r}.")
             tasks.extend(found)
         else:
-            raise DataError(f"unknown task {item!r}. Known tasks: {sorted(known)}; or pass a "
-                            f"registry YAML (see unified_tte/data/tasks/digits.yaml for the schema).")
+            raise DataError(f"unknown task {item!r}. Known tasks: {sorted(known)}; suites: {sorted(SUITES)}; "
+                            f"or pass a registry YAML (see unified_tte/data/tasks/digits.yaml for the schema).")
     names = [t.name for t in tasks]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -26,24 +26,40 @@ class TrainRow:
 
 @dataclass
 class EvalRow:
-    """One eval query with its candidate list; `positive` indexes the correct candidate."""
+    """One eval query, ranked either against its own candidate list (`positive` indexes the
+    correct candidate) or, in a corpus task, against the task's whole corpus (`relevance`:
+    corpus id -> graded gain, several positives allowed; `candidates` is then empty)."""
     id: str
     query: TTEInput
     candidates: list[TTEInput]
     positive: int = 0
     meta: dict = field(default_factory=dict)
+    relevance: dict[str, float] | None = None
 
 
 @dataclass
 class EvalTask:
     """A named eval task. `modality_group` is what results are averaged over: a modality pair
     ("I2T", "T2I", "I2I", "T2T") or an MMEB meta-task ("classification", "vqa", "retrieval",
-    "grounding")."""
+    "grounding"). MMEB-V2 tasks also name their `modality` ("image", "video", "visdoc") and the
+    `primary` metric MMEB-V2 averages (Hit@1 for image and video, NDCG@5 for visdoc)."""
     name: str
     modality_group: str
     rows: list[EvalRow]
     needs_reasoning: bool = False
     task_type: str = "retrieval"      # picks the ECR prompt, see traces.ECR_PROMPTS
+    corpus: dict[str, TTEInput] | None = None   # corpus id -> item, for rows ranked by relevance
+    modality: str | None = None
+    primary: str = "hit@1"
+
+
+def row_fingerprint(*parts) -> str:
+    """A short content hash of a row's query as its file states it (task, text, media paths as
+    written): trace files record it, so a trace joins only to the row it was written for."""
+    import hashlib
+    import json
+
+    return hashlib.sha1(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
 
 
 class LoadedRows(list):

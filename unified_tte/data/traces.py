@@ -3,9 +3,23 @@
     tte traces --model tiny --data train.jsonl --image-root images/ --out traces.jsonl
     tte traces --model checkpoints/run1 --data digits --out digits_traces.jsonl --limit 200
 
+    torchrun --nproc_per_node 8 -m unified_tte.cli traces --model REASONER --data MMEB-train/ --out traces.jsonl
+
 `--model` is a checkpoint dir, a local Hugging Face model dir, or a built-in name (`tiny`,
 `smollm2`), resolved by `unified_tte.model.zoo.load`; anything with
-`think(inputs, max_new_tokens=, do_sample=) -> .traces` works from Python.
+`think(inputs, max_new_tokens=, do_sample=) -> .traces` works from Python. `--data` is an
+MMEB-train file, subset folder or folder of subsets (mmeb.py), or `digits`.
+
+Sharded (torchrun): rank r generates global batches r, r + world, ... into its own part file
+`OUT.rank<r>` (resumable like OUT); when every rank is done, rank 0 appends the parts' rows to
+OUT in row order and removes them. Ids already in OUT or in a part are skipped, so a run
+killed anywhere loses no finished batch, and no id is ever written twice.
+
+Provenance: rows loaded from MMEB files carry a content fingerprint of their query (task, text,
+image path as the file states them); each trace row records it as "fp", and `join_traces`
+refuses a trace whose id names a row with another fingerprint, or a trace file none of whose ids
+are rows of the data: a file written for another layout or dataset is an error, not a silent
+mismatch.
 
 The output file is append-only and resumable: ids already in it are skipped, each batch is
 flushed to disk as it finishes, and an id is never written twice. A run killed mid-write can
@@ -35,6 +49,7 @@ from ..model.checkpoint import CONFIG_FILE
 from ..model.inputs import TTEInput
 from .mmeb import load_train_rows, task_type_for
 from .records import iter_records
+from .ranks import Ranks, barrier, gather, init_ranks, my_batches
 from .registry import build_builtin
 from .schema import EvalRow, TrainRow
 
@@ -114,6 +129,58 @@ def load_traces(path: str | os.PathLike, valid_only: bool = False) -> dict[str, 
             continue
         out.setdefault(str(rec["id"]), rec["trace"])
     return out
+
+
+@dataclass
+class TraceRecord:
+    """One row of a trace file, with where it was read (for error messages)."""
+    trace: str
+    valid: bool
+    fingerprint: str | None
+    where: str
+
+
+def load_trace_records(path: str | os.PathLike) -> dict[str, TraceRecord]:
+    """`{id: TraceRecord}` from a traces JSONL file (the first row of an id wins)."""
+    out: dict[str, TraceRecord] = {}
+    for where, _, rec in iter_records(Path(path)):
+        if "id" not in rec or "trace" not in rec:
+            raise DataError(f"{where}: a trace row needs 'id' and 'trace' fields, got {sorted(rec)}.")
+        if not isinstance(rec["trace"], str):
+            raise DataError(f"{where}: field 'trace' must be a string.")
+        out.setdefault(str(rec["id"]), TraceRecord(rec["trace"], rec.get("valid") is not False,
+                                                   rec.get("fp"), where))
+    return out
+
+
+def join_traces(rows: Sequence[TrainRow], paths: Sequence[str | os.PathLike],
+                valid_only: bool = True, missing: str = "keep") -> list[TrainRow]:
+    """Attach the traces of `paths` (the first file naming an id wins) to `rows` by id, checking
+    that each trace file was written for these rows: DataError when none of a file's ids is a
+    row id, or when a trace's recorded fingerprint differs from its row's. `missing` as in
+    attach_traces; `valid_only` leaves out traces flagged valid=false."""
+    by_id = {r.id: r for r in rows}
+    traces: dict[str, str] = {}
+    for path in paths:
+        records = load_trace_records(path)
+        if records and not any(i in by_id for i in records):
+            sample_trace, sample_row = next(iter(records)), next(iter(by_id), None)
+            raise DataError(f"{path}: none of its {len(records)} trace ids is a row of the data (trace ids "
+                            f"look like {sample_trace!r}, row ids like {sample_row!r}): it was written for "
+                            f"other rows or another id layout. Regenerate it with `tte traces` for this data.")
+        for rid, rec in records.items():
+            row = by_id.get(rid)
+            if row is None or rid in traces:
+                continue
+            mine = row.meta.get("fingerprint") if isinstance(row.meta, dict) else None
+            if rec.fingerprint and mine and rec.fingerprint != mine:
+                raise DataError(f"{rec.where}: field 'fp': the trace for id {rid!r} was written for another "
+                                f"query than row {rid!r} ({row.meta.get('where', 'this data')}) has; the file "
+                                f"belongs to another dataset or layout. Regenerate it with `tte traces`.")
+            if valid_only and not rec.valid:
+                continue
+            traces[rid] = rec.trace
+    return attach_traces(rows, traces, missing=missing)
 
 
 def attach_traces(rows: Sequence[TrainRow], traces: dict[str, str],
@@ -202,10 +269,18 @@ def _query_of(row, task_type: str | None) -> tuple[str, TTEInput, str]:
     raise TypeError(f"expected TrainRow or EvalRow, got {type(row).__name__}")
 
 
+def _part(out_path: Path, rank: int) -> Path:
+    return out_path.with_name(f"{out_path.name}.rank{rank}")
+
+
+def _parts(out_path: Path) -> list[Path]:
+    return sorted(out_path.parent.glob(f"{out_path.name}.rank*"))
+
+
 def generate_traces(reasoner, rows: Sequence[TrainRow | EvalRow], out_path: str | os.PathLike,
                     batch_size: int = 8, max_new_tokens: int = 128, limit: int | None = None,
                     use_prompt: bool = True, task_type: str | None = None,
-                    progress: bool = True) -> TraceStats:
+                    progress: bool = True, ranks: Ranks | None = None) -> TraceStats:
     """Append ECR traces for `rows` to the JSONL file `out_path`, skipping ids already there.
 
     Args:
@@ -217,15 +292,25 @@ def generate_traces(reasoner, rows: Sequence[TrainRow | EvalRow], out_path: str 
         use_prompt: add the task type's ECR prompt after the query text (for instruct models);
             False sends the query as it is (a `think` adapter trained on bare queries).
         task_type: overrides the task type of every row (picks the prompt).
-    Returns: TraceStats. Decoding is greedy (deterministic).
+        ranks: the ranks of a torchrun launch (see the module docstring); every rank calls this
+            with the same rows.
+    Returns: TraceStats (rank 0's totals over all ranks). Decoding is greedy (deterministic).
     """
     from tqdm.auto import tqdm
 
+    ranks = ranks or Ranks()
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     stats = TraceStats()
-    done = _prepare_output(out_path, stats)
-    todo, seen = [], set()
+    if ranks.main:       # one writer repairs truncated tails before anyone reads
+        for f in [out_path] + _parts(out_path):
+            _prepare_output(f, stats if f == out_path else TraceStats())
+    barrier(ranks)
+    done = _prepare_output(out_path, TraceStats()) if out_path.exists() else set()
+    for f in _parts(out_path):
+        done |= _prepare_output(f, TraceStats())
+    barrier(ranks)       # every rank has read the same done set: the batches agree
+    todo, seen, fingerprints = [], set(), {}
     for row in rows:
         rid, query, ttype = _query_of(row, task_type)
         if rid in seen:
@@ -233,15 +318,19 @@ def generate_traces(reasoner, rows: Sequence[TrainRow | EvalRow], out_path: str 
         if limit is not None and len(seen) >= limit:
             break
         seen.add(rid)
+        fingerprints[rid] = row.meta.get("fingerprint") if isinstance(row.meta, dict) else None
         if rid in done:
             stats.skipped_existing += 1
         else:
             todo.append((rid, ecr_input(query, ttype) if use_prompt else query))
     stats.total = len(seen)
-    with open(out_path, "a", encoding="utf-8") as f, \
-            tqdm(total=len(todo), desc="traces", unit="row", disable=not progress) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    target = out_path if ranks.world == 1 else _part(out_path, ranks.rank)
+    with open(target, "a", encoding="utf-8") as f, \
+            tqdm(total=len(todo), desc="traces", unit="row", dynamic_ncols=True,
+                 disable=not (progress and ranks.main)) as bar:
+        for b in my_batches(len(batches), ranks):
+            batch = batches[b]
             out = reasoner.think([x for _, x in batch], max_new_tokens=max_new_tokens,
                                  do_sample=False)
             traces = list(getattr(out, "traces", out))
@@ -253,15 +342,42 @@ def generate_traces(reasoner, rows: Sequence[TrainRow | EvalRow], out_path: str 
                 text = normalize_trace(getattr(t, "text", t))
                 valid = check_ecr_shape(text)
                 stats.invalid += not valid
-                lines.append(json.dumps({"id": rid, "trace": text, "valid": valid},
-                                        ensure_ascii=False) + "\n")
+                record = {"id": rid, "trace": text, "valid": valid}
+                if fingerprints.get(rid):
+                    record["fp"] = fingerprints[rid]
+                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
             # One write per batch, then to disk: a crash loses at most the batch in flight.
             f.write("".join(lines))
             f.flush()
             os.fsync(f.fileno())
             stats.written += len(batch)
-            bar.update(len(batch))
+            bar.update(len(batch) * ranks.world)
+    if ranks.world > 1:
+        counts = gather((stats.written, stats.invalid), ranks)
+        barrier(ranks)
+        if ranks.main:
+            stats.written, stats.invalid = (sum(c[0] for c in counts), sum(c[1] for c in counts))
+            _merge_parts(out_path, [rid for rid, _ in todo])
+        barrier(ranks)
     return stats
+
+
+def _merge_parts(out_path: Path, order: list[str]) -> None:
+    """Append the part files' rows to OUT in `order` (ids already in OUT skipped), then remove
+    the parts. Safe to repeat after a crash: what reached OUT is skipped the next time."""
+    have = _prepare_output(out_path, TraceStats()) if out_path.exists() else set()
+    lines: dict[str, str] = {}
+    for part in _parts(out_path):
+        for line in part.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                rid = str(json.loads(line)["id"])
+                lines.setdefault(rid, line)
+    with open(out_path, "a", encoding="utf-8") as f:
+        f.write("".join(lines[rid] + "\n" for rid in order if rid in lines and rid not in have))
+        f.flush()
+        os.fsync(f.fileno())
+    for part in _parts(out_path):
+        part.unlink()
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -273,6 +389,15 @@ def _load_reasoner(spec: str):
     if (Path(spec) / CONFIG_FILE).is_file():
         return UnifiedTTE.from_checkpoint(spec)
     return UnifiedTTE(zoo.load(spec), think="none")
+
+
+def set_pixels(model, max_pixels: int | None, min_pixels: int | None) -> None:
+    """Override a loaded model's image size range (`tte traces` / `tte eval` --max-pixels)."""
+    encoder = getattr(model, "encoder", None)
+    if encoder is not None and max_pixels is not None:
+        encoder.max_pixels = max_pixels
+    if encoder is not None and min_pixels is not None:
+        encoder.min_pixels = min_pixels
 
 
 def _load_rows(args) -> list:
@@ -291,8 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "with a reasoner; resumable (ids already in --out are skipped).")
     p.add_argument("--model", required=True, help="checkpoint dir, local HF model dir, or a "
                    "built-in name (tiny, smollm2)")
-    p.add_argument("--data", required=True, help="MMEB-train file (.jsonl/.json/.parquet) or "
-                   "'digits' (the built-in task's train rows)")
+    p.add_argument("--data", required=True, help="MMEB-train file (.jsonl/.json/.parquet), subset "
+                   "folder or folder of subsets, or 'digits' (the built-in task's train rows)")
     p.add_argument("--out", required=True, help="output JSONL; appended to if it exists")
     p.add_argument("--image-root", default=None, help="folder image paths are relative to "
                    "(default: the data file's folder)")
@@ -304,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", choices=["ecr", "none"], default="ecr", help="'ecr': add the "
                    "task type's ECR prompt (instruct models); 'none': the bare query (a trained "
                    "think adapter)")
+    p.add_argument("--max-pixels", type=int, default=None, help="cap on image / frame size in pixels "
+                   "(default: the checkpoint's setting, else the processor's; VLM2Vec: 1003520 = 28*28*1280)")
+    p.add_argument("--min-pixels", type=int, default=None, help="lower bound of image / frame size")
     p.add_argument("--digits-seed", type=int, default=0, help="seed of the digits split")
     p.add_argument("--image-size", type=int, default=56, help="digits image size in pixels")
     p.add_argument("--no-progress", action="store_true")
@@ -315,10 +443,17 @@ def traces_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `tte traces`."""
     args = build_parser().parse_args(argv)
     rows = _load_rows(args)
+    ranks = init_ranks()
     reasoner = _load_reasoner(args.model)
+    set_pixels(reasoner, args.max_pixels, args.min_pixels)
+    if ranks.device.type == "cuda":
+        reasoner.to(ranks.device)
     stats = generate_traces(reasoner, rows, args.out, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, limit=args.limit,
-                            use_prompt=args.prompt == "ecr", progress=not args.no_progress)
+                            use_prompt=args.prompt == "ecr", progress=not args.no_progress,
+                            ranks=ranks)
+    if not ranks.main:
+        return 0
     print(f"{args.out}: wrote {stats.written} trace(s); {stats.skipped_existing} already there; "
           f"{stats.invalid} of the new ones not in the <think>...</think> answer shape "
           f"(kept, flagged valid=false)"

@@ -1,18 +1,31 @@
-"""Evaluate an embedding model on MMEB-style tasks: Hit@1, NDCG@5, MRR per task, averaged per
-group and overall, as a markdown table and a JSON file.
+"""Evaluate an embedding model on MMEB-style tasks: Hit@1, NDCG@5, MRR (and MRR@10, Recall@k)
+per task, averaged per group and overall (MMEB-V2: per modality and overall of each task's
+primary metric), as a markdown table and a JSON file; on one process or sharded over many.
 
     tte eval checkpoints/run1 --tasks digits --out results.json
     tte eval checkpoints/run1 --tasks digits/plus_two,my_tasks.yaml --no-think
+    tte eval RUN_DIR --tasks mmeb_v2 --data-root /data/MMEB-V2 --cache-dir /scratch/emb
+    torchrun --nproc_per_node 8 -m unified_tte.cli eval RUN_DIR --tasks mmeb_v2 --data-root /data/MMEB-V2
 
     from unified_tte.eval import evaluate_model, format_table
     results = evaluate_model(model, resolve_tasks("digits"), batch_size=16)
     print(format_table(results))
 
 Queries are embedded with `model.think_then_embed` (or `model.embed` without a trace under
-`use_think=False`); candidates with `model.embed` and no trace, each distinct candidate once per
-task (candidate lists repeat across queries; they are deduplicated by text and image content).
-The score is the dot product of the unit vectors (cosine). Metrics are fractions in the JSON and
-percentages with one decimal in the table; ties count against the positive (see metrics.py).
+`use_think=False`); candidates and corpus items with `model.embed` and no trace, each distinct
+content once per task (candidate lists repeat across queries; they are deduplicated by text,
+image and video content). The score is the dot product of the unit vectors (cosine).
+
+Scoring follows MMEB: a candidate-list row's positive is the candidate at its index, and any
+candidate with the same content IS the positive (it was embedded once); ties among genuinely
+different candidates count against the positive (metrics.py). A corpus task (visdoc, video
+retrieval) ranks every query against the task's whole corpus with graded relevance.
+
+Scale-out: under torchrun each rank computes whole global batches (b = rank, rank + world, ...)
+of queries and candidates, rank 0 gathers them and scores, so N ranks give the same embeddings,
+and therefore scores, as one process. `cache_dir` keeps every computed batch per (model hash,
+task, item) (cache.py): an interrupted evaluation resumes where it stopped. Rank 0 shows a
+progress bar with items per second and the time left.
 """
 from __future__ import annotations
 
@@ -21,14 +34,19 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from ..data import EvalTask, resolve_tasks, validate_eval_task
-from ..data.traces import check_ecr_shape
+from ..data.ranks import Ranks, barrier, gather, init_ranks, my_batches
+from ..data.traces import check_ecr_shape, set_pixels
 from ..errors import DataError, command
 from ..model import UnifiedTTE, zoo
-from .metrics import METRICS, aggregate, evaluate_scores
+from .cache import EmbeddingCache, model_key
+from .metrics import MMEB_METRICS, METRICS, aggregate, mean_metrics, mmeb_averages, ranking_metrics
 
 N_EXAMPLES = 3   # traces kept per task in the results, to eyeball what the reasoner wrote
 
@@ -45,63 +63,152 @@ def _image_key(image, memo: dict) -> str:
     return k
 
 
+def _video_key(video, memo: dict) -> str:
+    source = getattr(video, "source", video)
+    opts = (getattr(video, "fps", None), getattr(video, "max_frames", None))
+    if isinstance(source, (str, os.PathLike)):
+        return f"video:{os.path.abspath(source)}:{opts}"
+    return f"video:{[_image_key(f, memo) for f in source]}:{opts}"
+
+
 def candidate_key(item, memo: dict) -> tuple:
     """Two TTEInputs with the same key embed to the same vector."""
-    return (item.text, tuple(_image_key(im, memo) for im in item.images))
+    key = (item.text, tuple(_image_key(im, memo) for im in item.images))
+    videos = getattr(item, "videos", None)
+    if videos or getattr(item, "max_pixels", None):
+        key += (tuple(_video_key(v, memo) for v in videos), item.max_pixels)
+    return key
 
 
-def _batches(items: list, batch_size: int):
-    for start in range(0, len(items), batch_size):
-        yield items[start:start + batch_size]
+def _digest(role: str, key: tuple, settings: str = "") -> str:
+    return hashlib.sha1(json.dumps([role, settings, repr(key)]).encode()).hexdigest()
+
+
+class TaskPlan:
+    """What a task embeds and how it is scored: the distinct items, each query's items and gains."""
+
+    def __init__(self, task: EvalTask):
+        validate_eval_task(task)
+        memo, index = {}, {}
+        self.distinct: list = []
+
+        def add(item) -> int:
+            key = candidate_key(item, memo)
+            if key not in index:
+                index[key] = len(self.distinct)
+                self.distinct.append(item)
+            return index[key]
+
+        self.corpus_ids = {cid: add(item) for cid, item in (task.corpus or {}).items()}
+        corpus_items = sorted(set(self.corpus_ids.values()))
+        self.items: list[list[int]] = []     # per query: distinct indices it is ranked over
+        self.gains: list[list[float]] = []
+        for row in task.rows:
+            if row.relevance is not None:
+                gain = {}
+                for cid, g in row.relevance.items():   # duplicates of a relevant item share its gain
+                    i = self.corpus_ids[cid]
+                    gain[i] = max(gain.get(i, 0.0), float(g))
+                self.items.append(corpus_items)
+                self.gains.append([gain.get(i, 0.0) for i in corpus_items])
+            else:
+                idx = [add(c) for c in row.candidates]
+                mine = list(dict.fromkeys(idx))          # each distinct content once
+                pos = idx[row.positive]
+                self.items.append(mine)
+                self.gains.append([1.0 if i == pos else 0.0 for i in mine])
+        self.keys = [_digest("item", candidate_key(x, memo)) for x in self.distinct]
+        self.query_keys = [_digest("query", candidate_key(r.query, memo)) for r in task.rows]
+
+
+def _embed_batches(jobs: list, batch_size: int, encode, ranks: Ranks, cache, bar,
+                   reused: list) -> dict[int, tuple]:
+    """Embed `jobs` ([(global index, key, input)]) by global batches dealt out to the ranks,
+    through the cache (items read back from it are counted in `reused[0]`). Returns {global
+    index: (vector, trace)} of this rank's batches."""
+    batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
+    out: dict[int, tuple] = {}
+    for b in my_batches(len(batches), ranks):
+        batch = batches[b]
+        keys = [k for _, k, _ in batch]
+        hit = cache.get(keys) if cache is not None else {}
+        if len(hit) == len(keys):
+            vectors, traces = [hit[k][0] for k in keys], [hit[k][1] for k in keys]
+            reused[0] += len(keys)
+        else:
+            emb, traces = encode([x for _, _, x in batch])
+            vectors = emb.float().cpu().numpy()
+            if len(vectors) != len(batch):
+                raise RuntimeError(f"the model returned {len(vectors)} embeddings for {len(batch)} inputs")
+            if cache is not None:
+                cache.put(keys, vectors, traces)
+        for (i, _, _), v, t in zip(batch, vectors, traces):
+            out[i] = (np.asarray(v, dtype=np.float32), t)
+        if bar is not None:
+            bar.update(len(batch) * ranks.world)
+    return out
 
 
 def evaluate_task(model, task: EvalTask, batch_size: int = 16, use_think: bool = True,
-                  max_new_tokens: int = 64, progress: bool = True) -> dict:
-    """Metrics of one task: {"hit@1", "ndcg@5", "mrr", "n", "group", ...} (see evaluate_model)."""
+                  max_new_tokens: int = 64, progress: bool = True, ranks: Ranks | None = None,
+                  cache_dir: str | os.PathLike | None = None, model_hash: str | None = None) -> dict | None:
+    """Metrics of one task: {"hit@1", "ndcg@5", "mrr", "mrr@10", "recall@k", "n", "group", ...}
+    (see evaluate_model). Under several ranks only rank 0 returns them (others: None)."""
     import torch
     from tqdm.auto import tqdm
 
-    validate_eval_task(task)
-    # Distinct candidates of the whole task, and each row's candidates as indices into them.
-    memo, index, distinct, cand_idx = {}, {}, [], []
-    for row in task.rows:
-        idx = []
-        for c in row.candidates:
-            key = candidate_key(c, memo)
-            if key not in index:
-                index[key] = len(distinct)
-                distinct.append(c)
-            idx.append(index[key])
-        cand_idx.append(idx)
+    ranks = ranks or Ranks()
+    plan = TaskPlan(task)
+    cache = None
+    if cache_dir is not None and model_hash is not None:
+        settings = f"think={use_think},max_new_tokens={max_new_tokens}" if use_think else "no-think"
+        cache = EmbeddingCache(cache_dir, model_hash, f"{task.name}-{settings}")
+        if ranks.main:
+            cache.clean()
+        barrier(ranks)
 
-    bar = tqdm(total=len(task.rows) + len(distinct), desc=task.name, unit="item",
-               disable=not progress)
-    q_embs, traces = [], []
+    def encode_queries(batch):
+        if use_think:
+            emb, tr = model.think_then_embed(batch, max_new_tokens=max_new_tokens)
+            return emb, [getattr(t, "text", t) for t in tr]
+        return model.embed(batch), [""] * len(batch)
+
+    def encode_items(batch):
+        return model.embed(batch), [""] * len(batch)
+
+    total = len(task.rows) + len(plan.distinct)
+    bar = tqdm(total=total, desc=task.name, unit="item", disable=not (progress and ranks.main),
+               dynamic_ncols=True)
+    reused = [0]
     with torch.no_grad():
-        for batch in _batches([r.query for r in task.rows], batch_size):
-            if use_think:
-                emb, tr = model.think_then_embed(batch, max_new_tokens=max_new_tokens)
-                traces += [getattr(t, "text", t) for t in tr]
-            else:
-                emb = model.embed(batch)
-            q_embs.append(emb.float().cpu())
-            bar.update(len(batch))
-        c_embs = []
-        for batch in _batches(distinct, batch_size):
-            c_embs.append(model.embed(batch).float().cpu())
-            bar.update(len(batch))
+        queries = _embed_batches([(i, k, r.query) for i, (k, r) in enumerate(zip(plan.query_keys, task.rows))],
+                                 batch_size, encode_queries, ranks, cache, bar, reused)
+        items = _embed_batches([(i, k, x) for i, (k, x) in enumerate(zip(plan.keys, plan.distinct))],
+                               batch_size, encode_items, ranks, cache, bar, reused)
     bar.close()
-    Q, C = torch.cat(q_embs), torch.cat(c_embs)          # [n_queries, D], [n_distinct, D]
-    if Q.shape[0] != len(task.rows) or C.shape[0] != len(distinct):
-        raise RuntimeError(f"task {task.name!r}: the model returned {Q.shape[0]} query and "
-                           f"{C.shape[0]} candidate embeddings for {len(task.rows)} and "
-                           f"{len(distinct)} inputs")
-    sims = Q @ C.T                                         # [n_queries, n_distinct] cosine
-    scores = [sims[i, idx].tolist() for i, idx in enumerate(cand_idx)]
-    out = evaluate_scores(scores, [r.positive for r in task.rows])
+    parts = gather((queries, items, reused[0]), ranks)
+    if not ranks.main:
+        return None
+    q_all, c_all = {}, {}
+    for q, c, _ in parts:
+        q_all.update(q)
+        c_all.update(c)
+    if len(q_all) != len(task.rows) or len(c_all) != len(plan.distinct):
+        raise RuntimeError(f"task {task.name!r}: {len(q_all)} query and {len(c_all)} candidate embeddings "
+                           f"for {len(task.rows)} and {len(plan.distinct)} inputs")
+    Q = np.stack([q_all[i][0] for i in range(len(task.rows))])            # [n_queries, D]
+    C = np.stack([c_all[i][0] for i in range(len(plan.distinct))])        # [n_distinct, D]
+    traces = [q_all[i][1] for i in range(len(task.rows))]
+    sims = Q @ C.T                                                        # cosine of unit vectors
+    out = mean_metrics([ranking_metrics(sims[q, idx], gains)
+                        for q, (idx, gains) in enumerate(zip(plan.items, plan.gains))])
     out.update(group=task.modality_group, needs_reasoning=task.needs_reasoning,
-               n_candidates=sum(len(r.candidates) for r in task.rows) / len(task.rows),
-               n_distinct_candidates=len(distinct))
+               n_candidates=float(np.mean([len(r.candidates) or len(task.corpus or {}) for r in task.rows])),
+               n_distinct_candidates=len(plan.distinct))
+    if cache is not None:
+        out["cached_items"] = sum(p[2] for p in parts)   # read back from the cache, not recomputed
+    if task.modality:
+        out.update(modality=task.modality, primary=task.primary)
     if use_think:
         out["trace_valid"] = sum(check_ecr_shape(t) for t in traces) / len(traces)
         out["examples"] = [{"id": r.id, "trace": t} for r, t in
@@ -110,23 +217,39 @@ def evaluate_task(model, task: EvalTask, batch_size: int = 16, use_think: bool =
 
 
 def evaluate_model(model, tasks: Sequence[EvalTask], batch_size: int = 16, use_think: bool = True,
-                   max_new_tokens: int = 64, progress: bool = True) -> dict:
+                   max_new_tokens: int = 64, progress: bool = True, ranks: Ranks | None = None,
+                   cache_dir: str | os.PathLike | None = None) -> dict | None:
     """Evaluate `model` (duck-typed: `embed`, and `think_then_embed` when `use_think`).
 
-    Returns {"tasks": {name: {"hit@1", "ndcg@5", "mrr", "n", "group", "needs_reasoning",
-    "n_candidates", "n_distinct_candidates", ["trace_valid", "examples"]}},
-    "groups": {group: {metric, "n_tasks"}}, "overall": {metric, "n_tasks"}, "settings": {...}}.
+    Returns {"tasks": {name: {"hit@1", "ndcg@5", "mrr", "mrr@10", "recall@1/5/10", "n", "group",
+    "needs_reasoning", "n_candidates", "n_distinct_candidates", ["modality", "primary"],
+    ["trace_valid", "examples"]}}, "groups": {group: {metric, "n_tasks"}}, "overall": {metric,
+    "n_tasks"}, ["mmeb": {modality: {"score", "n_tasks"}, "overall": ...}], "settings": {...}}
+    on rank 0 (None on the other ranks of a torchrun launch).
     """
+    ranks = ranks or Ranks()
+    names = [t.name for t in tasks]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DataError(f"task(s) {dupes} given twice; task names must be unique.")
+    for task in tasks:                      # every bad task fails before the model runs
+        validate_eval_task(task)
+    model_hash = model_key(model) if cache_dir is not None else None
     per_task = {}
     for task in tasks:
-        if task.name in per_task:
-            raise DataError(f"task {task.name!r} given twice; task names must be unique.")
         per_task[task.name] = evaluate_task(model, task, batch_size, use_think, max_new_tokens,
-                                            progress)
-    agg = aggregate(per_task, {n: m["group"] for n, m in per_task.items()})
-    return {"tasks": per_task, **agg,
-            "settings": {"use_think": use_think, "max_new_tokens": max_new_tokens,
-                         "batch_size": batch_size}}
+                                            progress, ranks, cache_dir, model_hash)
+    if not ranks.main:
+        return None
+    metrics = METRICS + (MMEB_METRICS if any("modality" in m for m in per_task.values()) else ())
+    agg = aggregate(per_task, {n: m["group"] for n, m in per_task.items()}, metrics)
+    out = {"tasks": per_task, **agg,
+           "settings": {"use_think": use_think, "max_new_tokens": max_new_tokens,
+                        "batch_size": batch_size, "ranks": ranks.world}}
+    mmeb = mmeb_averages(per_task)
+    if mmeb:
+        out["mmeb"] = mmeb
+    return out
 
 
 def _pct(x: float) -> str:
@@ -137,23 +260,30 @@ def format_table(results: dict) -> str:
     """A markdown table: one line per task, then per-group averages and the overall average."""
     tasks = results["tasks"]
     think = any("trace_valid" in m for m in tasks.values())
-    head = ["task", "group", "reasoning", "queries", "Hit@1", "NDCG@5", "MRR"]
+    metrics = METRICS + (MMEB_METRICS if any("modality" in m for m in tasks.values()) else ())
+    head = ["task", "group", "reasoning", "queries"] + [_LABELS[k] for k in metrics]
     head += ["valid traces"] if think else []
     lines = ["| " + " | ".join(head) + " |",
              "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
     for name, m in tasks.items():
         cells = [name, m["group"], "yes" if m.get("needs_reasoning") else "no", str(m["n"])]
-        cells += [_pct(m[k]) for k in METRICS]
+        cells += [_pct(m[k]) for k in metrics]
         cells += [_pct(m["trace_valid"]) if "trace_valid" in m else ""] if think else []
         lines.append("| " + " | ".join(cells) + " |")
     rows = [(f"**{g}** avg", v) for g, v in results.get("groups", {}).items()]
     if results.get("overall"):
         rows.append(("**overall** avg", results["overall"]))
     for label, v in rows:
-        cells = [label, "", "", f"{v['n_tasks']} tasks"] + [_pct(v[k]) for k in METRICS]
+        cells = [label, "", "", f"{v['n_tasks']} tasks"] + [_pct(v[k]) for k in metrics]
         cells += [""] if think else []
         lines.append("| " + " | ".join(cells) + " |")
+    if results.get("mmeb"):
+        lines += ["", "| MMEB-V2 | tasks | score (Hit@1 image/video, NDCG@5 visdoc) |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v['n_tasks']} | {_pct(v['score'])} |" for k, v in results["mmeb"].items()]
     return "\n".join(lines)
+
+
+_LABELS = {"hit@1": "Hit@1", "ndcg@5": "NDCG@5", "mrr": "MRR", "mrr@10": "MRR@10", "recall@5": "R@5"}
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -181,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--digits-seed", type=int, default=None, help="digits split seed (default: "
                    "the registry's); must be the seed training used")
     p.add_argument("--image-size", type=int, default=None, help="digits image size")
+    p.add_argument("--max-pixels", type=int, default=None, help="cap on image / frame size in pixels "
+                   "(default: the checkpoint's setting; a registry entry's max_pixels still wins for its task)")
+    p.add_argument("--min-pixels", type=int, default=None, help="lower bound of image / frame size")
+    p.add_argument("--data-root", default=None, help="the folder holding the MMEB releases the "
+                   "mmeb_v1 / mmeb_v2 suites name (default: $TTE_MMEB_ROOT)")
+    p.add_argument("--cache-dir", default=None, help="keep embeddings per (model, task, item) here; "
+                   "a rerun resumes an interrupted evaluation without recomputing")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -191,11 +328,24 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in (("seed", args.digits_seed), ("image_size", args.image_size))
                  if v is not None}
-    tasks = resolve_tasks(args.tasks, registry=args.registry, max_rows=args.max_queries, **overrides)
+    tasks = resolve_tasks(args.tasks, registry=args.registry, max_rows=args.max_queries,
+                          data_root=args.data_root, **overrides)
+    ranks = init_ranks()
     model = _load_model(args.checkpoint, args.backbone)
+    set_pixels(model, args.max_pixels, args.min_pixels)
+    if ranks.device.type == "cuda":
+        model.to(ranks.device)
+    barrier(ranks)                       # the timing starts when every rank has its model
+    start = time.perf_counter()
     results = evaluate_model(model, tasks, batch_size=args.batch_size,
                              use_think=not args.no_think, max_new_tokens=args.max_new_tokens,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, ranks=ranks, cache_dir=args.cache_dir)
+    if not ranks.main:
+        return 0
+    seconds = time.perf_counter() - start
+    items = sum(m["n"] + m["n_distinct_candidates"] for m in results["tasks"].values())
+    results["timing"] = {"seconds": seconds, "items": items, "items_per_s": items / seconds,
+                         "ranks": ranks.world}
     results["checkpoint"] = str(args.checkpoint)
     results["task_spec"] = args.tasks
     print(format_table(results))

@@ -232,3 +232,53 @@ def peft_version_checked() -> bool:
 
     return any(peft.__version__ == v or peft.__version__.startswith(v + ".") for v in PEFT_VERSIONS_CHECKED)
 
+
+
+# Module paths of Qwen2-VL under transformers 4 -> 5: adapters saved against 4 (VLM2Vec's
+# checkpoints) name the language model `model.layers`, 5 names it `model.language_model.layers`.
+_V4_TO_V5 = (("base_model.model.model.layers.", "base_model.model.model.language_model.layers."),
+             ("base_model.model.visual.", "base_model.model.model.visual."))
+
+
+def merge_lora_folder(hf_model: nn.Module, folder) -> nn.Module:
+    """Merge a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors, e.g. a VLM2Vec
+    checkpoint) into `hf_model`'s weights and return the plain model. Keys saved under
+    transformers 4's module names are mapped to 5's; a key that still matches nothing is an error."""
+    import json
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from ..errors import CheckpointError
+
+    folder = Path(folder)
+    try:
+        raw = json.loads((folder / "adapter_config.json").read_text())
+        state = load_file(folder / "adapter_model.safetensors")
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder}: not a PEFT LoRA folder (adapter_config.json + "
+                              f"adapter_model.safetensors): {exc}") from exc
+    keep = {k: raw[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora") if k in raw}
+    if raw.get("use_dora"):
+        raise CheckpointError(f"{folder}: a DoRA adapter; only plain LoRA folders can be merged.")
+    peft_model = get_peft_model(hf_model, LoraConfig(**keep), adapter_name="merge")
+    names = {n for n, _ in peft_model.named_parameters()}
+
+    def rename(key: str) -> str:
+        key = key.replace(".lora_A.weight", ".lora_A.merge.weight").replace(".lora_B.weight", ".lora_B.merge.weight")
+        if key not in names:
+            for old, new in _V4_TO_V5:
+                if key.startswith(old) and key.replace(old, new, 1) in names:
+                    return key.replace(old, new, 1)
+        return key
+
+    state = {rename(k): v for k, v in state.items()}
+    unknown = [k for k in state if k not in names]
+    if unknown:
+        raise CheckpointError(f"{folder}: {len(unknown)} adapter weight(s) match no module of this base "
+                              f"model (first: {unknown[0]}); is it an adapter for another backbone?")
+    set_peft_model_state_dict(peft_model, {k.replace(".merge.", "."): v for k, v in state.items()},
+                              adapter_name="merge")
+    return peft_model.merge_and_unload()

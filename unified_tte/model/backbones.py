@@ -153,11 +153,6 @@ def load_image_processor(path: Path):
         return Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
 
 
-def set_max_pixels(image_processor, max_pixels: int) -> None:
-    """Cap an image at `max_pixels` (Qwen2-VL's processor resizes bigger ones down, aspect kept)."""
-    image_processor.size["longest_edge"] = int(max_pixels)
-
-
 def max_pixels_of(image_processor) -> int:
     return int(image_processor.size["longest_edge"])
 
@@ -201,6 +196,7 @@ class DecoderStack:
         mask_params = inspect.signature(_create_causal_mask()).parameters
         self._mask_cache_kw = "cache" if "cache" in mask_params else "past_key_values"
         self._mask_needs_cache_position = "cache_position" in mask_params
+        self.vision_positions = True   # M-RoPE positions for vision tokens (see mm_token_types)
 
     @property
     def dtype(self):
@@ -218,29 +214,47 @@ class DecoderStack:
         from transformers import DynamicCache
         return DynamicCache(config=self.config)
 
-    def embed_inputs(self, input_ids, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
-        """Token embeddings with image features scattered into the image placeholder positions."""
+    def embed_inputs(self, input_ids, pixel_values=None, image_grid_thw=None,
+                     pixel_values_videos=None, video_grid_thw=None) -> torch.Tensor:
+        """Token embeddings with image and video features scattered into their placeholder
+        positions (`<|image_pad|>`, `<|video_pad|>`)."""
         embeds = self.lm.embed_tokens(input_ids)
-        if pixel_values is not None:
-            features = self.outer.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        for values, grid, what in ((pixel_values, image_grid_thw, "image"),
+                                   (pixel_values_videos, video_grid_thw, "video")):
+            if values is None:
+                continue
+            token_id = getattr(self.hf_model.config, f"{what}_token_id")
+            features = getattr(self.outer, f"get_{what}_features")(values, grid, return_dict=True)
             features = torch.cat(features.pooler_output, 0).to(embeds.dtype)
-            mask = (input_ids == self.hf_model.config.image_token_id).unsqueeze(-1)
+            mask = (input_ids == token_id).unsqueeze(-1)
             if int(mask.sum()) != features.shape[0]:
-                raise ValueError(f"{int(mask.sum())} image tokens in the batch but {features.shape[0]} "
-                                 "image features; the collator must expand one placeholder per feature.")
+                raise ValueError(f"{int(mask.sum())} {what} tokens in the batch but {features.shape[0]} "
+                                 f"{what} features; the collator must expand one placeholder per feature.")
             embeds = embeds.masked_scatter(mask, features)
         return embeds
 
-    def prompt_positions(self, input_ids, attention_mask, image_grid_thw=None):
+    def mm_token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Qwen2-VL's `mm_token_type_ids`: 0 text, 1 image, 2 video token. With
+        `vision_positions=False` every token counts as text, so vision tokens get 1D positions:
+        what transformers < 5 computed for prompts without `<|vision_start|>`, i.e. VLM2Vec's
+        raw Qwen2-VL prompts (prompt_format "vlm2vec")."""
+        config = self.hf_model.config
+        types = (input_ids == config.image_token_id).int()
+        video_id = getattr(config, "video_token_id", None)
+        if video_id is not None:
+            types = types + 2 * (input_ids == video_id).int()
+        return types if self.vision_positions else torch.zeros_like(types)
+
+    def prompt_positions(self, input_ids, attention_mask, image_grid_thw=None, video_grid_thw=None):
         """Positions of a left-padded batch, and each row's offset for text tokens after it.
 
         Returns (positions [B, T] or [3, B, T] for M-RoPE, delta [B]) where a text token that is
         the n-th real token of its row (0-based) sits at position n + delta.
         """
         if self.is_vl:
-            mm = (input_ids == self.hf_model.config.image_token_id).int()
-            pos, delta = self.outer.get_rope_index(input_ids, mm_token_type_ids=mm,
+            pos, delta = self.outer.get_rope_index(input_ids, mm_token_type_ids=self.mm_token_types(input_ids),
                                                    image_grid_thw=image_grid_thw,
+                                                   video_grid_thw=video_grid_thw,
                                                    attention_mask=attention_mask)
             return pos, delta.view(-1).to(input_ids.device)
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -25,12 +25,22 @@ class TTEConfig:
     lora_dropout: float = 0.0
     max_length: int | None = None            # default: the backbone's max_position_embeddings
     seed: int = 0                            # seeds the LoRA initialisation only
+    max_pixels: int | None = None            # image / frame size cap; None: the processor's (VLM2Vec: 28*28*1280)
+    min_pixels: int | None = None            # None: the processor's (VLM2Vec: 28*28*4)
+    max_frames: int = 8                      # frames kept per video (evenly spread)
+    fps: float = 1.0                         # frames per second read from a video file
+    prompt_format: Literal["chat", "vlm2vec"] = "chat"
+    """chat: the chat template, trace, end-of-turn and invocation tokens (the TTE contract).
+    vlm2vec: VLM2Vec's raw Qwen2-VL prompt, pooled at its last token (no invocation); only for
+    the two-model baseline's embedder (`UnifiedTTE.separate_embedder`), e.g. a VLM2Vec checkpoint."""
 
     def __post_init__(self):
         if self.mode not in ("activated", "top_k"):
             raise ValueError(f"mode must be 'activated' or 'top_k', got {self.mode!r}")
         if self.think not in ("lora", "none"):
             raise ValueError(f"think must be 'lora' or 'none', got {self.think!r}")
+        if self.prompt_format not in ("chat", "vlm2vec"):
+            raise ValueError(f"prompt_format must be 'chat' or 'vlm2vec', got {self.prompt_format!r}")
         if self.pooling not in ("last", "mean"):
             raise ValueError(f"pooling must be 'last' or 'mean', got {self.pooling!r}")
         if isinstance(self.invocation, str):

@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from .backbones import DecoderStack, StaticKV, crop_cache
-from .inputs import EncodedPrompt, left_pad, stack_images
+from .inputs import EncodedPrompt, left_pad, stack_images, stack_videos
 
 
 @dataclass
@@ -92,11 +92,13 @@ class Engine:
         states after layer stop-1 ([B, T, D]) and the state to continue from."""
         ids, mask = left_pad([p.ids + t for p, t in zip(prompts, tails)], self.pad_id)
         pixel_values, grid = stack_images(prompts)
-        ids, mask, pixel_values, grid = self._to_device(ids, mask, pixel_values, grid)
-        if pixel_values is not None:
-            pixel_values = pixel_values.to(self.stack.dtype)
-        positions, delta = self.stack.prompt_positions(ids, mask, grid)
-        hidden = self.stack.embed_inputs(ids, pixel_values, grid)
+        video_values, video_grid = stack_videos(prompts)
+        ids, mask, pixel_values, grid, video_values, video_grid = self._to_device(
+            ids, mask, pixel_values, grid, video_values, video_grid)
+        pixel_values, video_values = (None if v is None else v.to(self.stack.dtype)
+                                      for v in (pixel_values, video_values))
+        positions, delta = self.stack.prompt_positions(ids, mask, grid, video_grid)
+        hidden = self.stack.embed_inputs(ids, pixel_values, grid, video_values, video_grid)
         cache = self.stack.new_cache()
         hidden, residual = self.stack.run_layers(hidden, mask, positions, cache, 0, stop,
                                                  capture_at=self.capture_at)

@@ -1,33 +1,52 @@
-"""Inputs and the collator: text + images -> token ids, pixel values and image grids.
+"""Inputs and the collator: text + images + videos -> token ids, pixel values and grids.
 
 We build model inputs ourselves (tokenizer + image processor) instead of `AutoProcessor`,
 because on CPU-only machines without torchvision transformers cannot construct
 `Qwen2VLProcessor`. Each image placeholder `<|image_pad|>` is expanded to
-t*h*w / merge^2 tokens from the processor's `image_grid_thw`, which is what the processor does.
+t*h*w / merge^2 tokens from the processor's `image_grid_thw`, which is what the processor does;
+each `<|video_pad|>` likewise from `video_grid_thw` (videos are patched in video.py).
 
     from unified_tte import TTEInput
     TTEInput("Which digit is shown?", images=["digit.png"])
+    TTEInput("What happens next?", videos=["frames/clip_7/"], max_pixels=28 * 28 * 256)
+
+Image size: every image (and video frame) is resized to between `min_pixels` and `max_pixels`
+pixels (multiples of 28 px), from the input's own `max_pixels`, else the encoder's, else the
+processor's default (a Qwen2-VL checkpoint's is 12.8M pixels: ~16k tokens for a big page;
+recipes set VLM2Vec's 28*28*1280, ~1280 tokens at most).
+
+Prompt formats: "chat" (default) renders the user turn with the tokenizer's chat template,
+media first, then the text. "vlm2vec" renders VLM2Vec's raw prompt for Qwen2-VL: one
+`<|image_pad|>` / `<|video_pad|>` per medium, a space, then the text; no chat markup and no
+`<|vision_start|>` (see UnifiedTTE for its pooling and positions).
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from ..errors import InputError
+from .media import DEFAULT_FPS, DEFAULT_MAX_FRAMES, load_frames, open_image, video_patches
+
+PROMPT_FORMATS = ("chat", "vlm2vec")
 
 
 @dataclass
 class TTEInput:
-    """One query or candidate: text and zero or more images (PIL images or file paths).
+    """One query or candidate: text, zero or more images (PIL images or file paths) and videos
+    (see media.py: frame lists, frame folders, video files, or `Video`s).
 
-    Images are placed before the text in the user turn, as MMEB formats its queries.
+    Images, then videos, are placed before the text in the user turn, as MMEB formats its
+    queries. `max_pixels` caps every image and frame of this input (e.g. a document task's
+    override); None uses the encoder's setting.
     """
     text: str = ""
     images: list = field(default_factory=list)
+    videos: list = field(default_factory=list)
+    max_pixels: int | None = None
 
 
 @dataclass
@@ -48,23 +67,8 @@ class EncodedPrompt:
     ids: list[int]
     pixel_values: torch.Tensor | None = None    # [patches, C*t*p*p] as the image processor returns
     image_grid_thw: torch.Tensor | None = None  # [n_images, 3]
-
-
-def _open_image(image, index: int):
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = Path(image)
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise InputError(
-            f"input {index}: cannot open image '{path}' ({type(exc).__name__}: {exc}). "
-            "Check the path (relative paths are resolved from the current directory) "
-            "and that the file is a readable image."
-        ) from exc
+    pixel_values_videos: torch.Tensor | None = None   # [patches, C*t*p*p], all videos of the prompt
+    video_grid_thw: torch.Tensor | None = None        # [n_videos, 3]
 
 
 class PromptEncoder:
@@ -74,28 +78,83 @@ class PromptEncoder:
     (trace, end-of-turn, invocation) exceeds `max_length`, the *end of the user text* is cut,
     never the images, the chat markup, the trace budget or the invocation, and a warning
     names the item and how many tokens were dropped.
+
+    Args:
+        max_pixels / min_pixels: the size range of every image and video frame (None: the
+            processor's own); an input's `max_pixels` overrides `max_pixels`.
+        max_frames / fps: video sampling defaults (see media.py).
+        prompt_format: "chat" or "vlm2vec" (see the module docstring).
     """
 
     def __init__(self, tokenizer, image_processor=None, image_token: str = "<|image_pad|>",
-                 max_length: int = 4096):
+                 max_length: int = 4096, max_pixels: int | None = None, min_pixels: int | None = None,
+                 max_frames: int = DEFAULT_MAX_FRAMES, fps: float = DEFAULT_FPS,
+                 prompt_format: str = "chat", video_token: str = "<|video_pad|>"):
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.image_token = image_token
+        self.image_token, self.video_token = image_token, video_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token) if image_processor else None
+        self.video_token_id = tokenizer.convert_tokens_to_ids(video_token) if image_processor else None
         self.merge_size = getattr(image_processor, "merge_size", 2) if image_processor else 1
         self.max_length = max_length
+        self.max_pixels, self.min_pixels = max_pixels, min_pixels
+        self.max_frames, self.fps = max_frames, fps
+        self.prompt_format = prompt_format
 
-    def _render(self, text: str, n_images: int) -> list[int]:
-        if n_images:
-            content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
-        else:
+    def size_for(self, item: TTEInput) -> dict | None:
+        """The image processor's `size` for this input (None: the processor's defaults)."""
+        max_pixels = item.max_pixels or self.max_pixels
+        if max_pixels is None and self.min_pixels is None:
+            return None
+        default = getattr(self.image_processor, "size", None) or {}
+        low = self.min_pixels or default.get("shortest_edge") or 56 * 56
+        high = max_pixels or default.get("longest_edge") or 28 * 28 * 1280
+        return {"shortest_edge": min(low, high), "longest_edge": high}
+
+    def _render(self, text: str, n_images: int, n_videos: int = 0) -> list[int]:
+        if self.prompt_format == "vlm2vec":  # the reference's raw prompt: media tokens, a space, the text
+            rendered = "".join(f"{self.image_token} " for _ in range(n_images))
+            rendered += "".join(f"{self.video_token} " for _ in range(n_videos)) + text
+        elif self.tokenizer.chat_template:
             content = text
-        if self.tokenizer.chat_template:
+            if n_images or n_videos:
+                content = ([{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
+                           + [{"type": "text", "text": text}])
             rendered = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
         else:  # a bare LM: no markup, the text is the prompt
             rendered = text
         return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+    def _media(self, item: TTEInput, index: int):
+        """(pixel values, grids, tokens per image) and the same for videos, of one input."""
+        images = [open_image(im, index) for im in item.images]
+        if (images or item.videos) and self.image_processor is None:
+            raise InputError(f"input {index} has images or videos but this backbone is text-only; "
+                             "use a vision-language backbone (Qwen2-VL) or drop them.")
+        size = self.size_for(item) if (images or item.videos) else None
+        kwargs = {} if size is None else {"size": size}
+        pixel_values = grid = video_values = video_grid = None
+        n_image_tokens, n_video_tokens = [], []
+        if images:
+            processed = self.image_processor(images=images, return_tensors="pt", **kwargs)
+            pixel_values, grid = processed["pixel_values"], processed["image_grid_thw"]
+            n_image_tokens = [int(g.prod()) // self.merge_size ** 2 for g in grid]
+        if item.videos:
+            if size is None:
+                default = self.image_processor.size
+                size = {"shortest_edge": default["shortest_edge"], "longest_edge": default["longest_edge"]}
+            parts, grids = [], []
+            for video in item.videos:
+                frames = load_frames(video, index, self.fps, self.max_frames)
+                values, thw = video_patches(frames, self.image_processor, size)
+                parts.append(torch.from_numpy(values))
+                grids.append(thw)
+            video_values, video_grid = torch.cat(parts), torch.tensor(grids, dtype=torch.long)
+            n_video_tokens = [int(g.prod()) // self.merge_size ** 2 for g in video_grid]
+        return (pixel_values, grid, n_image_tokens), (video_values, video_grid, n_video_tokens)
 
     def encode(self, inputs: Sequence[TTEInput], reserve: int | Sequence[int] = 0) -> list[EncodedPrompt]:
         """Encode a batch; `reserve` is the room kept after each prompt (one int, or one per item)."""
@@ -105,54 +164,48 @@ class PromptEncoder:
             if not isinstance(item, TTEInput):
                 raise InputError(f"input {index}: expected a TTEInput, got {type(item).__name__}; "
                                  "wrap text as TTEInput(text=..., images=[...]).")
-            images = [_open_image(im, index) for im in item.images]
-            if images and self.image_processor is None:
-                raise InputError(f"input {index} has {len(images)} image(s) but this backbone is "
-                                 "text-only; use a vision-language backbone (Qwen2-VL) or drop the images.")
-            pixel_values = grid = None
-            n_image_tokens = []
-            if images:
-                processed = self.image_processor(images=images, return_tensors="pt")
-                pixel_values, grid = processed["pixel_values"], processed["image_grid_thw"]
-                n_image_tokens = [int(g.prod()) // self.merge_size ** 2 for g in grid]
-            ids = self._render(item.text, len(images))
-            total = len(ids) + sum(n - 1 for n in n_image_tokens) + reserve
+            (pixel_values, grid, n_img), (video_values, video_grid, n_vid) = self._media(item, index)
+            n_media = len(n_img), len(n_vid)
+            ids = self._render(item.text, *n_media)
+            total = len(ids) + sum(n - 1 for n in n_img + n_vid) + reserve
             if total > self.max_length:
-                ids = self._truncate(item, index, len(images), total - self.max_length, n_image_tokens, reserve)
-            out.append(EncodedPrompt(self._expand_images(ids, n_image_tokens), pixel_values, grid))
+                ids = self._truncate(item, index, n_media, total - self.max_length, n_img + n_vid, reserve)
+            ids = self._expand(ids, self.image_token_id, n_img, "image")
+            ids = self._expand(ids, self.video_token_id, n_vid, "video")
+            out.append(EncodedPrompt(ids, pixel_values, grid, video_values, video_grid))
         return out
 
-    def _truncate(self, item, index, n_images, excess, n_image_tokens, reserve):
+    def _truncate(self, item, index, n_media, excess, n_media_tokens, reserve):
         text_ids = self.tokenizer(item.text, add_special_tokens=False)["input_ids"]
         keep = len(text_ids) - excess
         if keep < 0:
             raise InputError(
                 f"input {index}: images, chat markup and the {reserve} tokens reserved for trace and "
                 f"invocation need {self.max_length - keep} tokens, more than max_length={self.max_length}. "
-                "Use fewer or smaller images, a smaller max_new_tokens, or a larger max_length.")
+                "Use fewer or smaller images (max_pixels), a smaller max_new_tokens, or a larger max_length.")
         warnings.warn(f"input {index}: prompt exceeds max_length={self.max_length} by {excess} tokens; "
                       f"the end of its text was cut ({len(text_ids)} -> {keep} text tokens).", stacklevel=3)
         text = self.tokenizer.decode(text_ids[:keep])
-        ids = self._render(text, n_images)
+        ids = self._render(text, *n_media)
         # Re-tokenising a cut string can merge differently; trim again until it fits.
-        while len(ids) + sum(n - 1 for n in n_image_tokens) + reserve > self.max_length and keep > 0:
+        while len(ids) + sum(n - 1 for n in n_media_tokens) + reserve > self.max_length and keep > 0:
             keep -= 1
-            ids = self._render(self.tokenizer.decode(text_ids[:keep]), n_images)
+            ids = self._render(self.tokenizer.decode(text_ids[:keep]), *n_media)
         return ids
 
-    def _expand_images(self, ids: list[int], n_image_tokens: list[int]) -> list[int]:
-        if not n_image_tokens:
+    def _expand(self, ids: list[int], token_id, n_tokens: list[int], what: str) -> list[int]:
+        if not n_tokens:
             return ids
         out, k = [], 0
         for tok in ids:
-            if tok == self.image_token_id:
-                out.extend([tok] * n_image_tokens[k])
+            if tok == token_id and k < len(n_tokens):
+                out.extend([tok] * n_tokens[k])
                 k += 1
             else:
                 out.append(tok)
-        if k != len(n_image_tokens):
-            raise InputError(f"the chat template placed {k} image placeholders for {len(n_image_tokens)} "
-                             "images; the tokenizer's chat template must emit one per image.")
+        if k != len(n_tokens):
+            raise InputError(f"the prompt has {k} {what} placeholders for {len(n_tokens)} {what}s; "
+                             f"the tokenizer's chat template must emit one per {what}.")
         return out
 
 
@@ -168,10 +221,18 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-def stack_images(prompts: Sequence[EncodedPrompt]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Concatenate the pixel values and grids of a batch in item order (the model's expectation)."""
-    pv = [p.pixel_values for p in prompts if p.pixel_values is not None]
-    grids = [p.image_grid_thw for p in prompts if p.image_grid_thw is not None]
+def _stack(prompts: Sequence[EncodedPrompt], values: str, grids: str):
+    pv = [getattr(p, values) for p in prompts if getattr(p, values) is not None]
     if not pv:
         return None, None
-    return torch.cat(pv, 0), torch.cat(grids, 0)
+    return torch.cat(pv, 0), torch.cat([getattr(p, grids) for p in prompts if getattr(p, grids) is not None], 0)
+
+
+def stack_images(prompts: Sequence[EncodedPrompt]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Concatenate the pixel values and grids of a batch in item order (the model's expectation)."""
+    return _stack(prompts, "pixel_values", "image_grid_thw")
+
+
+def stack_videos(prompts: Sequence[EncodedPrompt]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """`stack_images` for the videos of a batch."""
+    return _stack(prompts, "pixel_values_videos", "video_grid_thw")

@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 from tte_kernels import pool  # fused gather/mean + L2 norm (Triton on CUDA)
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 from . import adapters, checkpoint, zoo
 from .backbones import Backbone, DecoderStack, add_invocation_tokens
 from .config import TTEConfig
 from .engine import Engine, ThinkState
-from .inputs import EncodedPrompt, PromptEncoder, Trace, TTEInput, left_pad, stack_images
+from .inputs import EncodedPrompt, PromptEncoder, Trace, TTEInput, left_pad, stack_images, stack_videos
 
 
 @dataclass
@@ -71,7 +71,17 @@ class UnifiedTTE(nn.Module):
                 raise ValueError(f"embed_layers must be in [1, {L}] for this {L}-layer backbone, "
                                  f"got {cfg.embed_layers}")
         self.config = cfg
-        self.invocation_ids = add_invocation_tokens(backbone, cfg.invocation)
+        self.raw_prompts = cfg.prompt_format == "vlm2vec"
+        if self.raw_prompts:
+            if not (cfg.think == "none" and cfg.mode == "top_k" and cfg.embed_layers == L and cfg.pooling == "last"):
+                raise ValueError("prompt_format 'vlm2vec' is the two-model baseline's embedder format: build it "
+                                 "with UnifiedTTE.separate_embedder(backbone, prompt_format='vlm2vec') "
+                                 "(think none, top_k with K = L, last-token pooling).")
+            # VLM2Vec pools the last prompt token: no invocation tokens, the vocabulary untouched.
+            self.invocation_ids: list[int] = []
+            self.stack.vision_positions = False
+        else:
+            self.invocation_ids = add_invocation_tokens(backbone, cfg.invocation)
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         gen_eos = getattr(hf_model.generation_config, "eos_token_id", None)
@@ -79,7 +89,9 @@ class UnifiedTTE(nn.Module):
         self.stop_ids = {self.eos_id, *gen_eos}  # decoding stops at any of these
         max_pos = getattr(self.stack.config, "max_position_embeddings", 4096)
         self.encoder = PromptEncoder(self.tokenizer, backbone.image_processor,
-                                     max_length=cfg.max_length or max_pos)
+                                     max_length=cfg.max_length or max_pos, max_pixels=cfg.max_pixels,
+                                     min_pixels=cfg.min_pixels, max_frames=cfg.max_frames, fps=cfg.fps,
+                                     prompt_format=cfg.prompt_format)
 
         for p in hf_model.parameters():
             p.requires_grad_(False)
@@ -99,6 +111,15 @@ class UnifiedTTE(nn.Module):
         K = L and no think adapter, so it runs through the same forward path."""
         L = DecoderStack(backbone.model).num_layers
         return cls(backbone, **{**overrides, "think": "none", "mode": "top_k", "embed_layers": L})
+
+    @classmethod
+    def vlm2vec_embedder(cls, backbone: Backbone, lora_folder=None, **overrides) -> "UnifiedTTE":
+        """A VLM2Vec checkpoint as the two-model baseline's embedder, with its own prompt format
+        (prompt_format "vlm2vec": raw prompt, last-token pooling). `backbone` is the merged
+        model (zoo.load(folder)), or its base with `lora_folder` (a PEFT LoRA folder) merged in."""
+        if lora_folder is not None:
+            backbone.model = adapters.merge_lora_folder(backbone.model, lora_folder)
+        return cls.separate_embedder(backbone, **{**overrides, "prompt_format": "vlm2vec"})
 
     @classmethod
     def separate_reasoner(cls, backbone: Backbone, **overrides) -> "UnifiedTTE":
@@ -177,13 +198,14 @@ class UnifiedTTE(nn.Module):
 
     def tails(self, n: int, traces: Sequence[str | Trace | None] | None) -> list[list[int]]:
         """Token ids after each prompt and before the invocation: trace + end-of-turn, or nothing
-        when `traces` is None (candidates)."""
+        when `traces` is None (candidates). The vlm2vec format appends a trace as raw text."""
         if traces is None:
             return [[] for _ in range(n)]
         if len(traces) != n:
             raise ValueError(f"got {len(traces)} traces for {n} inputs; pass one trace per input "
                              "(None for the whole batch embeds without traces)")
-        return [self.trace_ids(t) + [self.eos_id] for t in traces]
+        close = [] if self.raw_prompts else [self.eos_id]
+        return [self.trace_ids(t) + close for t in traces]
 
     def encode(self, inputs: Sequence[TTEInput], traces=None, invocation: bool = True) -> list[EncodedPrompt]:
         """Encode prompts with room kept after each for its trace tail (and the invocation)."""
@@ -265,8 +287,27 @@ class UnifiedTTE(nn.Module):
         tails = self.tails(len(inputs), traces)
         if prompts is None:
             prompts = self.encode(inputs, traces)
+        held = None
+        if self.raw_prompts:  # the last token is pooled: hold it back, the embed step feeds it
+            prompts, tails, held = self._hold_last_token(prompts, tails)
         with self.switch.use(self.think_adapters):
-            return self.engine.prefill(prompts, tails, self.split_layer)[1]
+            state = self.engine.prefill(prompts, tails, self.split_layer)[1]
+        if held is not None:
+            state.pending = held
+        return state
+
+    def _hold_last_token(self, prompts, tails):
+        """vlm2vec format: prompts + tails without their last token, and that token per row."""
+        vision = {self.encoder.image_token_id, self.encoder.video_token_id}
+        held, cut = [], []
+        for index, (p, t) in enumerate(zip(prompts, tails)):
+            ids = p.ids + t
+            if len(ids) < 2 or ids[-1] in vision:
+                raise InputError(f"input {index}: the vlm2vec format pools the last token, which must "
+                                 "be text; add text after the image or video.")
+            held.append([ids[-1]])
+            cut.append(dataclasses.replace(p, ids=ids[:-1]))
+        return cut, [[] for _ in tails], held
 
     @torch.no_grad()
     def think_then_embed(self, inputs: Sequence[TTEInput], max_new_tokens: int = 128,
@@ -299,10 +340,13 @@ class UnifiedTTE(nn.Module):
         kwargs = {}
         if self.stack.is_vl:
             pixel_values, grid = stack_images(prompts)
+            video_values, video_grid = stack_videos(prompts)
             if pixel_values is not None:
                 pixel_values, grid = pixel_values.to(self.device, self.stack.dtype), grid.to(self.device)
-            kwargs = dict(pixel_values=pixel_values, image_grid_thw=grid,
-                          mm_token_type_ids=(ids == self.backbone.model.config.image_token_id).int())
+            if video_values is not None:
+                video_values, video_grid = video_values.to(self.device, self.stack.dtype), video_grid.to(self.device)
+            kwargs = dict(pixel_values=pixel_values, image_grid_thw=grid, pixel_values_videos=video_values,
+                          video_grid_thw=video_grid, mm_token_type_ids=self.stack.mm_token_types(ids))
         return self.stack.outer(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).last_hidden_state
 
     # ------------------------------------------------------------------ plain twin

@@ -8,7 +8,7 @@ recipe needs per GPU, before you book the GPUs, and which knob to turn when it d
 The model comes from its config alone, built on the meta device (no weights are read): a built-in
 backbone, a local checkpoint folder, or, when the folder does not exist here (a recipe's
 placeholder), the published shape its name matches (Qwen2-VL-2B / 7B, Qwen2.5-VL-3B). Rows are
-sized from the recipe's `data.max_pixels` (image tokens: 28 x 28 px each) and the lengths given
+sized from the recipe's `model.max_pixels` (image tokens: 28 x 28 px each) and the lengths given
 here (`--text-tokens`, `--trace-tokens`, `--images`). Per GPU, with e = 2 bytes in bf16 (GPU), 4 in
 fp32 (CPU):
 
@@ -449,7 +449,7 @@ def knobs(recipe, setup: Setup, lengths: Lengths, stage: str) -> list[Knob]:
                 r.deepspeed, s.ds, s.ds_name = str(path), ds, str(path)
             out.append(Knob(f"deepspeed={path}", use))
     if lengths.images and lengths.image_tokens > 256:
-        out.append(Knob(f"data.max_pixels={256 * 28 * 28} (256 image tokens: changes what the model sees)",
+        out.append(Knob(f"model.max_pixels={256 * 28 * 28} (256 image tokens: changes what the model sees)",
                         lambda r, s, ln: setattr(ln, "image_tokens", 256), keeps_results=False))
     return out
 
@@ -628,7 +628,7 @@ def measure_worker(job: dict) -> None:
     d = init_distributed()
     warm = copy.deepcopy(recipe)
     warm.backbone = WARM_UP_BACKBONE.get(shape_of(recipe.backbone).model_type, "tiny-llama")
-    warm.data.max_pixels = None
+    warm.model.max_pixels = warm.model.min_pixels = None
     warm.think.batch_size = warm.think.micro_batch_size = 1
     warm.embed.batch_size, warm.embed.gradcache_chunk = 2, 1
     _one_step(warm, stage, Lengths(text=8, trace=4, images=1, image_tokens=4,
@@ -650,7 +650,7 @@ def build(args) -> tuple:
                           f"the current folder, {Path.cwd()}).")
     ds = load_deepspeed_json(recipe.deepspeed)
     shape = shape_of(recipe.backbone)
-    cap = recipe.data.max_pixels or shape.image_cap
+    cap = recipe.model.max_pixels or shape.image_cap
     lengths = Lengths(text=args.text_tokens, trace=args.trace_tokens,
                       images=args.images if shape.is_vl else 0,
                       image_tokens=image_tokens(cap) if shape.is_vl else 0,

@@ -6,12 +6,11 @@ seeded order of global batches, and encoding a batch's prompts once.
 """
 from __future__ import annotations
 
-import functools
 import warnings
 
-import numpy as np
-
-from ..data import attach_traces, load_traces, load_train_rows
+from ..data import load_train_rows
+from ..data.sampling import BatchSampler, SubsetSpec, apply_subsets
+from ..data.traces import join_traces
 from ..data.registry import build_builtin
 from ..errors import TrainError
 from .recipe import Recipe
@@ -25,20 +24,16 @@ def load_rows(recipe: Recipe) -> list:
         rows = build_builtin("digits", seed=d.seed, image_size=d.image_size, test_fraction=d.test_fraction,
                              max_train_per_task=d.max_train_per_task).train_rows
     else:
-        rows = []
-        for f in data.train:
-            loaded = load_train_rows(f, image_root=data.image_root, skip_bad=data.skip_bad)
-            for reason in loaded.skipped[:5]:
-                warnings.warn(f"skipped: {reason}")
-            if len(loaded.skipped) > 5:
-                warnings.warn(f"... and {len(loaded.skipped) - 5} more skipped rows in {f}")
-            rows.extend(loaded)
-        traces: dict[str, str] = {}
-        for f in data.traces:
-            for k, v in load_traces(f, valid_only=True).items():
-                traces.setdefault(k, v)
-        if traces:
-            rows = attach_traces(rows, traces, missing="keep")
+        loaded = load_train_rows(list(data.train), image_root=data.image_root, skip_bad=data.skip_bad)
+        for reason in loaded.skipped[:5]:
+            warnings.warn(f"skipped: {reason}")
+        if len(loaded.skipped) > 5:
+            warnings.warn(f"... and {len(loaded.skipped) - 5} more skipped rows")
+        rows = list(loaded)
+        if data.subsets:
+            rows = apply_subsets(rows, {k: SubsetSpec(**v) for k, v in data.subsets.items()})
+        if data.traces:
+            rows = join_traces(rows, data.traces, valid_only=True, missing="keep")
     if data.max_rows is not None:
         rows = rows[:data.max_rows]
     if not rows:
@@ -74,18 +69,19 @@ def stage_rows(recipe: Recipe, stage: str, rows: list) -> list:
     return rows
 
 
-@functools.lru_cache(maxsize=4)
-def _permutation(n: int, seed: int, stage_index: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, stage_index, epoch]).permutation(n)
-
-
 def batch_indices(n: int, batch: int, seed: int, stage_index: int, step: int) -> list[int]:
-    """Rows of global batch `step` (0-based) of a stage: a fresh seeded permutation each epoch,
-    the tail that does not fill a batch dropped. Depends on its arguments only, so the data
-    position of a run is its step."""
-    per_epoch = n // batch
-    epoch, k = divmod(step, per_epoch)
-    return _permutation(n, seed, stage_index, epoch)[k * batch:(k + 1) * batch].tolist()
+    """Rows of global batch `step` (0-based) of a stage over n rows of one subset: a fresh
+    seeded permutation each epoch, the tail that does not fill a batch dropped. Depends on its
+    arguments only, so the data position of a run is its step."""
+    return BatchSampler([""] * n, batch, seed, stage_index).batch(step)
+
+
+def stage_sampler(recipe: Recipe, stage: str, stage_index: int, rows: list) -> BatchSampler:
+    """The stage's batches over its rows: data.subsets weights; embed.batching for embed."""
+    weights = {k: v["weight"] for k, v in recipe.data.subsets.items() if v.get("weight") is not None}
+    batching = recipe.embed.batching if stage == "embed" else "mixed"
+    return BatchSampler([r.task for r in rows], recipe.stage(stage).batch_size, recipe.seed, stage_index,
+                        batching, weights or None)
 
 
 def encode_prompts(tte, inputs, traces=None) -> tuple[list, int]:

@@ -66,8 +66,7 @@ import torch
 from ..data.records import read_yaml_mapping
 from ..errors import NonFiniteLoss, TrainError, command
 from ..model import TTEConfig, UnifiedTTE, zoo
-from ..model.backbones import set_max_pixels
-from .batches import batch_indices, load_rows, stage_rows
+from .batches import load_rows, stage_rows, stage_sampler
 from .checkpointing import (checkpoints, discard, load_stage_weights, promote, save_checkpoint, save_stage,
                             write_run_files)
 from .distributed import Dist, all_reduce, init_distributed, require_deepspeed
@@ -88,10 +87,7 @@ def uses_bf16(recipe: Recipe, device: torch.device) -> bool:
 
 
 def build_model(recipe: Recipe, dtype: torch.dtype) -> UnifiedTTE:
-    backbone = load_backbone(recipe.backbone, dtype)
-    if recipe.data.max_pixels is not None and backbone.image_processor is not None:
-        set_max_pixels(backbone.image_processor, recipe.data.max_pixels)
-    return UnifiedTTE(backbone, TTEConfig(**recipe.model.to_dict()))
+    return UnifiedTTE(load_backbone(recipe.backbone, dtype), TTEConfig(**recipe.model.to_dict()))
 
 
 # What a run's checkpoints are made of: resuming under other values would load weights into a
@@ -129,8 +125,9 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     rows = load_rows(recipe)
     per_stage = {s: stage_rows(recipe, s, rows) for s in recipe.stages}
     d = init_distributed()
-    for s in recipe.stages:
+    for i, s in enumerate(recipe.stages):
         stage_shape(recipe, s, d.world)  # batch shapes that do not split fail here
+        stage_sampler(recipe, s, i, per_stage[s])  # subsets that cannot fill a same-task batch too
         if len(per_stage[s]) < recipe.stage(s).batch_size:
             raise TrainError(f"{s}.batch_size={recipe.stage(s).batch_size} is more than the "
                              f"{len(per_stage[s])} rows the stage can use.")
@@ -248,6 +245,7 @@ class StageRun:
         local, micro, _ = stage_shape(recipe, stage, d.world)
         found = checkpoints(run_dir)
         last_good = found[-1][1] if found else None
+        sampler = stage_sampler(recipe, stage, self.index, self.rows)
         pending = None   # saved after the last step, promoted once the next step's loss is finite
 
         def stop_run(what: str, step: int, s: int):
@@ -262,7 +260,7 @@ class StageRun:
             for s in range(self.start, spec.steps):
                 step = self.step_offset + s + 1
                 t0 = time.perf_counter()
-                idx = batch_indices(len(self.rows), spec.batch_size, recipe.seed, self.index, s)
+                idx = sampler.batch(s)
                 mine = [self.rows[i] for i in idx[d.rank * local:(d.rank + 1) * local]]
                 lr = engine.lr_scheduler.get_last_lr()[0]
                 loss, tokens, finite = self.backward(engine, mine, micro)

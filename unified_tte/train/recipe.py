@@ -12,7 +12,8 @@ Rules:
 * Unknown keys are errors that name the key and the file (or the command-line override).
 * Relative paths (run_dir, deepspeed, data files, a backbone folder) are taken from the current
   folder: launch from the repository root, as the recipes' first lines show.
-* `data: digits` is short for `data: {train: digits}`.
+* `data: digits` is short for `data: {train: digits}`; `data.train` lists MMEB-train files,
+  subset folders or the folder holding the subset folders (the released layout).
 * `check_inputs(recipe)` verifies every file the run will read, before any work.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..data.records import read_yaml_mapping
+from ..data.sampling import SubsetSpec
 from ..errors import RecipeError
 from ..model import TTEConfig, zoo
 
@@ -63,10 +65,10 @@ class DataConfig:
     """Skip rows with bad fields or missing images instead of stopping at the first."""
     max_rows: int | None = None
     """Use at most this many train rows (after loading; for smoke runs)."""
-    max_pixels: int | None = None
-    """Largest image in pixels: Qwen2-VL resizes bigger ones down to it, keeping the aspect ratio
-    (28 x 28 px per image token, so 1003520 = 1280 tokens, VLM2Vec's cap). null: the backbone's
-    image processor's own cap. `tte plan` sizes image tokens from it."""
+    subsets: dict = field(default_factory=dict)
+    """Per subset (a row's task: the MMEB-train subset): {max_rows, weight, max_pixels}, e.g.
+    `ImageNet_1K: {max_rows: 100000, weight: 1}` (see unified_tte/data/sampling.py). The size
+    cap of every image is the model's (`model.max_pixels`, saved with the checkpoint)."""
     digits: DigitsData = field(default_factory=DigitsData)
 
 
@@ -122,6 +124,9 @@ class EmbedConfig(StageConfig):
     rank's whole batch in memory; false recomputes the prefix chunk by chunk instead."""
     gather_negatives: bool = True
     """Use every rank's targets as negatives (all-gather with gradient)."""
+    batching: Literal["mixed", "same_task"] = "mixed"
+    """mixed: rows of all subsets in one batch; same_task: every global batch from one subset
+    (drawn by data.subsets weights), so all in-batch and gathered negatives share its task."""
 
 
 @dataclass
@@ -416,10 +421,21 @@ def validate(recipe: Recipe, source: str) -> None:
         fail("log_every", "must be >= 1.")
     if recipe.stop_after is not None and recipe.stop_after < 1:
         fail("stop_after", "must be >= 1 or null.")
+    known = {f.name for f in dataclasses.fields(SubsetSpec)}
+    for name, spec in recipe.data.subsets.items():
+        if not isinstance(spec, dict) or set(spec) - known:
+            fail(f"data.subsets.{name}", f"must be a mapping with keys among {sorted(known)}, got {spec!r}.")
+        for key, value in spec.items():
+            ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0)
+            if not ok or (key != "weight" and value is not None and not isinstance(value, int)):
+                fail(f"data.subsets.{name}.{key}", f"must be a non-negative {'number' if key == 'weight' else 'integer'} "
+                     f"or null, got {value!r}.")
     if isinstance(recipe.data.train, list) and not recipe.data.train:
         fail("data.train", "name at least one train file, or use digits.")
-    if recipe.data.max_pixels is not None and recipe.data.max_pixels < 28 * 28:
-        fail("data.max_pixels", f"must be >= 784 (one 28 x 28 px image token) or null, got {recipe.data.max_pixels}.")
+    for key in ("max_pixels", "min_pixels"):
+        value = getattr(recipe.model, key, None)
+        if value is not None and value < 28 * 28:
+            fail(f"model.{key}", f"must be >= 784 (one 28 x 28 px image token) or null, got {value}.")
     if isinstance(recipe.data.train, str) and recipe.data.train != "digits":
         recipe.data.train = [recipe.data.train]
 
@@ -442,8 +458,8 @@ def check_inputs(recipe: Recipe, source: str = "recipe") -> dict:
                     f"a local checkpoint folder (or one of {list(BUILTIN_BACKBONES)})")
     if recipe.data.train != "digits":
         for i, f in enumerate(recipe.data.train):
-            if not Path(f).is_file():
-                missing(f"data.train[{i}]", f, "train file")
+            if not Path(f).exists():
+                missing(f"data.train[{i}]", f, "train file or folder")
     for i, f in enumerate(recipe.data.traces):
         if not Path(f).is_file():
             missing(f"data.traces[{i}]", f, "trace file")
