@@ -253,3 +253,30 @@ def test_traces_main_runs_over_the_digits_train_rows(tmp_path, fake_loader):
     assert traces_main(["--model", "tiny", "--data", "digits", "--out", str(out), "--limit", "5",
                         "--no-progress"]) == 0
     assert _ids(out) == [f"digits/classify/train/{i}" for i in range(5)]
+
+
+@pytest.mark.parametrize("content", [
+    # the training data itself given as --out, without its final newline (the reported data loss)
+    b'{"qry": "q0", "pos_text": "p"}\n{"qry": "q1", "pos_text": "p"}',
+    b'{"qry": "q0", "pos_text": "p"}',                      # one line, no newline
+    b'{"id": "r1", "trace": "<think>a</think> b"}\n{"qry": "q1"',   # ours, then someone else's
+    b"\xff\xfe not text at all",
+    b'{"id": "r1", "trace": "x"}\nplain text\n',
+])
+def test_a_file_that_is_not_this_commands_output_is_refused_untouched(tmp_path, content):
+    out = tmp_path / "not_traces.jsonl"
+    out.write_bytes(content)
+    with pytest.raises(DataError, match=r"not_traces.jsonl.*(left as it is|--out)"):
+        generate_traces(FakeReasoner(), _rows(3), out, progress=False)
+    assert out.read_bytes() == content
+
+
+def test_swapped_data_and_out_leaves_the_data_file_whole(tmp_path, fake_loader, capsys):
+    data = _train_file(tmp_path)
+    data.write_bytes(data.read_bytes().rstrip(b"\n"))   # a JSONL without its final newline
+    before = data.read_bytes()
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"qry": "x", "pos_text": "y"}) + "\n")
+    code = traces_main(["--model", "tiny", "--data", str(other), "--out", str(data), "--no-progress"])
+    assert code == 2 and "not a trace row" in capsys.readouterr().err
+    assert data.read_bytes() == before

@@ -126,9 +126,9 @@ def _train_row(rec: dict, where: str, number: int, subset: str, root: Path,
         if fld not in rec:
             raise DataError(f"{where}: missing field {fld!r}. MMEB-train rows need qry, "
                             f"qry_image_path, pos_text, pos_image_path (neg_* optional).")
-    qry = TTEInput(text=clean_text(rec.get("qry")),
+    qry = TTEInput(text=clean_text(rec.get("qry"), where, "qry"),
                    images=resolve_image(rec.get("qry_image_path"), root, where, "qry_image_path"))
-    pos = TTEInput(text=clean_text(rec.get("pos_text")),
+    pos = TTEInput(text=clean_text(rec.get("pos_text"), where, "pos_text"),
                    images=resolve_image(rec.get("pos_image_path"), root, where, "pos_image_path"))
     if not (qry.text or qry.images):
         raise DataError(f"{where}: the query is empty (no 'qry' text, no 'qry_image_path').")
@@ -136,7 +136,7 @@ def _train_row(rec: dict, where: str, number: int, subset: str, root: Path,
         raise DataError(f"{where}: the positive is empty (no 'pos_text', no 'pos_image_path').")
     neg = None
     neg_images = resolve_image(rec.get("neg_image_path"), root, where, "neg_image_path")
-    neg_text = clean_text(rec.get("neg_text"))
+    neg_text = clean_text(rec.get("neg_text"), where, "neg_text")
     if neg_text or neg_images:
         neg = TTEInput(text=neg_text, images=neg_images)
     rid = row_id(rec, Path(where), number, subset)
@@ -283,8 +283,10 @@ def _all_inputs(task: EvalTask):
     yield from (task.corpus or {}).values()
 
 
-def _join(*parts) -> str:
-    return " ".join(p for p in (clean_text(x) for x in parts) if p)
+def _join(*parts, where: str = "", fields: Sequence[str] = ()) -> str:
+    """The non-empty texts joined by spaces (an instruction, then the text)."""
+    names = list(fields) + [""] * (len(parts) - len(fields))
+    return " ".join(p for p in (clean_text(x, where, f) for x, f in zip(parts, names)) if p)
 
 
 def _first(rec: dict, fields: Sequence[str]):
@@ -310,7 +312,7 @@ def _video_row(rec, where, path: Path, number: int, frame_root: Path, task: str,
                        meta={"video": video_name, "frames": frames})
     query_video = TTEInput(_join(qry_inst), videos=[frames])
     if layout == "video-cls":
-        label = clean_text(rec.get("pos_text"))
+        label = clean_text(rec.get("pos_text"), where, "pos_text")
         if not label:
             raise DataError(f"{where}: task {task!r}: field 'pos_text' (the class name) is empty.")
         negs = _as_list(rec.get("neg_text"), where, "neg_text")
@@ -434,7 +436,8 @@ def _as_list(value, where: str, fld: str) -> list:
 def _eval_row(rec: dict, where: str, path: Path, number: int, root: Path, task: str,
               v2: bool = False) -> EvalRow:
     rid = row_id(rec, path, number, task if is_shard(path) else None)
-    qry_text = _join(rec.get("qry_inst"), rec.get("qry_text")) if v2 else clean_text(rec.get("qry_text"))
+    qry_text = (_join(rec.get("qry_inst"), rec.get("qry_text"), where=where, fields=("qry_inst", "qry_text"))
+                if v2 else clean_text(rec.get("qry_text"), where, "qry_text"))
     query = TTEInput(text=qry_text,
                      images=resolve_image(rec.get("qry_img_path"), root, where, "qry_img_path"))
     if not (query.text or query.images):
@@ -451,7 +454,8 @@ def _eval_row(rec: dict, where: str, path: Path, number: int, root: Path, task: 
     imgs = imgs or [""] * n
     insts = _as_list(rec.get("tgt_inst"), where, "tgt_inst") if v2 else []
     insts = insts if len(insts) == n else (insts[:1] * n if insts else [""] * n)
-    cands = [TTEInput(text=_join(inst, t) if v2 else clean_text(t),
+    cands = [TTEInput(text=_join(inst, t, where=where, fields=("tgt_inst", f"tgt_text[{i}]")) if v2
+                      else clean_text(t, where, f"tgt_text[{i}]"),
                       images=resolve_image(im, root, where, f"tgt_img_path[{i}]"))
              for i, (inst, t, im) in enumerate(zip(insts, texts, imgs))]
     positive = 0
@@ -461,7 +465,7 @@ def _eval_row(rec: dict, where: str, path: Path, number: int, root: Path, task: 
             raise DataError(f"{where}: task {task!r} row {rid!r}: 'positive' must be an integer "
                             f"index into the candidates, got {positive!r}.")
     elif "pos_text" in rec or "pos_img_path" in rec:
-        want_text = clean_text(rec.get("pos_text"))
+        want_text = clean_text(rec.get("pos_text"), where, "pos_text")
         want_imgs = resolve_image(rec.get("pos_img_path"), root, where, "pos_img_path")
         matches = [i for i, c in enumerate(cands) if c.text == want_text and c.images == want_imgs]
         if not matches:

@@ -94,11 +94,22 @@ def iter_records(path: str | os.PathLike, skipped: list[str] | None = None) -> I
         raise DataError(f"{path}: unknown data format {suffix!r}; use .jsonl, .json or .parquet.")
 
 
-def clean_text(text: Any) -> str:
-    """Text with MMEB's `<|image_N|>` placeholders removed (the model places images itself)."""
+def clean_text(text: Any, where: str = "", fld: str = "") -> str:
+    """Text with MMEB's `<|image_N|>` placeholders removed (the model places images itself).
+
+    A text field holds a string, or null/nothing for no text. Anything else (a number, a NaN that
+    a parquet float column gives, a list, a mapping) is a DataError naming `where` and `fld`,
+    never silently turned into the text "12345" or "[1, 2]"."""
     if text is None:
         return ""
-    return _IMAGE_PLACEHOLDER.sub("", str(text)).strip()
+    if not isinstance(text, str):
+        shown = repr(text)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        at = f"{where}: " if where else ""
+        name = f"field {fld!r}" if fld else "a text field"
+        raise DataError(f"{at}{name} must be text (a string), got {type(text).__name__} {shown}. Fix the "
+                        "row (quote numbers as text), or skip bad rows with --skip-bad.")
+    return _IMAGE_PLACEHOLDER.sub("", text).strip()
 
 
 def resolve_image(value: Any, image_root: Path, where: str, fld: str) -> list[str]:
@@ -115,7 +126,30 @@ def resolve_image(value: Any, image_root: Path, where: str, fld: str) -> list[st
         raise DataError(f"{where}: field {fld!r}: image not found: {p}. Pass the folder the "
                         f"paths are relative to as image_root (--image-root), or skip bad rows "
                         f"with --skip-bad.")
+    problem = image_header_problem(p)
+    if problem:
+        raise DataError(f"{where}: field {fld!r}: {p}: {problem}. Replace the file, or skip bad rows "
+                        "with --skip-bad.")
     return [str(p)]
+
+
+def image_header_problem(path: Path) -> str | None:
+    """Why an image file cannot be an image, from its header only (cheap: the pixels are decoded
+    later, by the model's collator): not a file, not an image format PIL reads, no pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        return "not a file"
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        return f"not a readable image ({type(e).__name__}: {e})"
+    except Image.DecompressionBombError as e:
+        return f"too large to decode safely ({e})"
+    if width == 0 or height == 0:
+        return f"the image has no pixels ({width}x{height})"
+    return None
 
 
 def row_id(record: dict, path: Path, number: int, subset: str | None = None) -> str:

@@ -218,46 +218,65 @@ class TraceStats:
     repaired_tail: bool = False      # a truncated last line was cut
 
 
+# Every row this module writes starts so (json.dumps of a dict whose first key is "id").
+_ROW_PREFIX = b'{"id": '
+
+
 def _prepare_output(path: Path, stats: TraceStats) -> set[str]:
-    """Ids already written to `path`, after repairing a truncated last line."""
+    """Ids already written to `path`, after repairing a line a crash cut short.
+
+    The file is touched only once it is proven to be this command's own output: every complete
+    line must be a trace row, and an unterminated last line must start as the rows this module
+    writes. Anything else (the data file given as --out, a training JSONL without its final
+    newline, another program's file) is refused with nothing changed."""
     if not path.exists():
         return set()
+    if not path.is_file():
+        raise DataError(f"{path}: --out is not a file (a folder?); give the trace file to write.")
     data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1              # start of the last, unterminated line
-        tail = data[cut:]
-        try:
-            rec = json.loads(tail.decode("utf-8"))
-            complete = isinstance(rec, dict) and "id" in rec and "trace" in rec
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            complete = False
-        if complete:                             # whole row, only the newline missing
-            with open(path, "ab") as f:
-                f.write(b"\n")
-            data += b"\n"
-        else:
-            warnings.warn(f"{path}: the last line is truncated (an interrupted run?); cutting "
-                          f"that one line ({len(tail)} bytes), its row will be generated again.")
-            with open(path, "r+b") as f:
-                f.truncate(cut)
-            data = data[:cut]
-            stats.repaired_tail = True
+    cut = len(data) if not data or data.endswith(b"\n") else data.rfind(b"\n") + 1
+    complete, tail = data[:cut], data[cut:]
+    try:
+        text = complete.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); it is not a trace file, so it is left as "
+                        "it is. Is --out pointing at the right file?") from None
     ids: set[str] = set()
-    for line_no, line in enumerate(data.decode("utf-8").split("\n"), start=1):
+    for line_no, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {line_no}: not valid JSON ({e.msg} at column "
-                            f"{e.colno}). Fix or delete that line, then run again.") from None
-        if not isinstance(rec, dict) or "id" not in rec:
-            raise DataError(f"{path} line {line_no}: not a trace row (needs 'id' and 'trace'). "
-                            f"Is --out pointing at the right file?")
+            raise DataError(f"{path} line {line_no}: not valid JSON ({e.msg} at column {e.colno}); the "
+                            "file is left as it is. Fix or delete that line, or check that --out is the "
+                            "trace file, then run again.") from None
+        if not isinstance(rec, dict) or "id" not in rec or "trace" not in rec:
+            raise DataError(f"{path} line {line_no}: not a trace row (needs 'id' and 'trace'); the file is "
+                            "left as it is. Is --out pointing at the right file (not the data)?")
         rid = str(rec["id"])
         if rid in ids:
             stats.duplicate_ids_in_file += 1
         ids.add(rid)
+    if tail:
+        try:
+            rec = json.loads(tail.decode("utf-8"))
+            whole = isinstance(rec, dict) and "id" in rec and "trace" in rec
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            whole = False
+        if whole:                                # a whole row, only the newline missing
+            with open(path, "ab") as f:
+                f.write(b"\n")
+            ids.add(str(rec["id"]))
+        elif tail.startswith(_ROW_PREFIX):       # our row, cut by a crash: it is generated again
+            warnings.warn(f"{path}: the last line is truncated (an interrupted run?); cutting "
+                          f"that one line ({len(tail)} bytes), its row will be generated again.")
+            with open(path, "r+b") as f:
+                f.truncate(cut)
+            stats.repaired_tail = True
+        else:
+            raise DataError(f"{path} line {text.count(chr(10)) + 1}: not a trace row and not a cut one; the "
+                            "file is left as it is. Is --out pointing at the right file (not the data)?")
     return ids
 
 

@@ -22,6 +22,7 @@ media first, then the text. "vlm2vec" renders VLM2Vec's raw prompt for Qwen2-VL:
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -47,6 +48,29 @@ class TTEInput:
     images: list = field(default_factory=list)
     videos: list = field(default_factory=list)
     max_pixels: int | None = None
+
+    def __post_init__(self):
+        # A bare path or image is one image (never iterated as characters); None is no media.
+        self.images = _as_media_list(self.images, "images")
+        self.videos = _as_media_list(self.videos, "videos")
+        if self.text is None:
+            self.text = ""
+        if not isinstance(self.text, str):
+            raise InputError(f"TTEInput.text must be a string, got {type(self.text).__name__} "
+                             f"({str(self.text)[:40]!r}); convert it first if that is what you meant.")
+        if self.max_pixels is not None and (not isinstance(self.max_pixels, int) or self.max_pixels < 28 * 28):
+            raise InputError(f"TTEInput.max_pixels must be an integer >= 784 (one 28 x 28 image token), "
+                             f"got {self.max_pixels!r}.")
+
+
+def _as_media_list(value, name: str) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (str, os.PathLike)) or hasattr(value, "getpixel") or type(value).__name__ == "Video":
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise InputError(f"TTEInput.{name} must be a list (or one path / image), got {type(value).__name__}.")
 
 
 @dataclass

@@ -42,17 +42,58 @@ class Video:
     max_frames: int | None = None
 
 
-def open_image(image, index: int):
-    """An RGB PIL image from a PIL image or a path; InputError naming the input otherwise."""
+def to_rgb(im, where: str):
+    """8-bit RGB from any PIL mode, without losing what the pixels say.
+
+    `convert("RGB")` clips 16-bit and float images to 255 (a 16-bit scan turns white), so those
+    are scaled to 8 bits first: 16-bit integers by 1/257 (65535 -> 255), floats from their own
+    min..max range. Transparency (RGBA, LA, palette with a transparent colour) is composited on
+    white, as a page or a product photo is usually shown. An image with no pixels is refused."""
     from PIL import Image
 
+    if im.width == 0 or im.height == 0:
+        raise InputError(f"{where}: the image has no pixels ({im.width}x{im.height}); drop it or replace it.")
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(im, dtype=np.float64)
+        # "I" is 32-bit: PNG's 16-bit images often open as it; its range decides the scale.
+        top = 65535.0 if mode.startswith("I;16") or values.max(initial=0) <= 65535 else values.max()
+        im = Image.fromarray(np.clip(np.rint(values * (255.0 / max(top, 1.0))), 0, 255).astype(np.uint8), "L")
+    elif mode == "F":
+        values = np.asarray(im, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+        scaled = (np.nan_to_num(values, nan=low, posinf=high, neginf=low) - low) / max(high - low, 1e-12)
+        im = Image.fromarray(np.rint(scaled * 255).astype(np.uint8), "L")
+    elif mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return im.convert("RGB")
+
+
+def open_image(image, index: int):
+    """An RGB PIL image from a PIL image or a path; InputError naming the input otherwise.
+    The file is decoded here (not lazily later), so a corrupt file is found at once."""
+    from PIL import Image
+
+    if image is None:
+        raise InputError(f"input {index}: an image is None; give a PIL image or a path, or leave it out.")
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image, f"input {index}")
+    if not isinstance(image, (str, os.PathLike)):
+        raise InputError(f"input {index}: an image must be a PIL image or a path, got {type(image).__name__}.")
     path = Path(image)
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError) as exc:
+            im.load()
+            return to_rgb(im, f"input {index}: image '{path}'")
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"input {index}: image '{path}' is too large to decode safely ({exc}); downscale "
+                         "it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file.") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
         raise InputError(
             f"input {index}: cannot open image '{path}' ({type(exc).__name__}: {exc}). "
             "Check the path (relative paths are resolved from the current directory) "

@@ -12,7 +12,7 @@ from ..data import load_train_rows
 from ..data.sampling import BatchSampler, SubsetSpec, apply_subsets
 from ..data.traces import join_traces
 from ..data.registry import build_builtin
-from ..errors import TrainError
+from ..errors import DataError, InputError, TrainError
 from .recipe import Recipe
 
 
@@ -84,11 +84,20 @@ def stage_sampler(recipe: Recipe, stage: str, stage_index: int, rows: list) -> B
                         batching, weights or None)
 
 
-def encode_prompts(tte, inputs, traces=None) -> tuple[list, int]:
+def encode_prompts(tte, inputs, traces=None, ids: list[str] | None = None, side: str = "query") -> tuple[list, int]:
     """Encode once per step (images processed once, also for GradCache's second pass), with the
     room reserved after each prompt that `embed_with_grad` / `sft_loss` reserve themselves.
-    Returns the prompts and the tokens the step will run (prompt + trace + EOS + invocation)."""
-    # One batched encode (errors name the item's index in the batch), the model's own tails.
-    prompts = tte.encode(inputs, traces)
+    Returns the prompts and the tokens the step will run (prompt + trace + EOS + invocation).
+    With the rows' `ids`, an input that fails (an image that does not decode) is named by its row
+    id and `side` (query, positive, negative), not by its place in the batch."""
+    try:
+        prompts = tte.encode(inputs, traces)
+    except InputError as e:
+        if ids is None:
+            raise
+        index = int(str(e).split(":", 1)[0].split()[-1]) if str(e).startswith("input ") else None
+        row = ids[index % len(ids)] if index is not None else "?"
+        raise DataError(f"row {row!r} ({side}): {str(e).split(': ', 1)[-1]} Fix or remove the row, "
+                        "or train with data.skip_bad to skip rows whose images do not decode at load time.") from e
     tails = tte.tails(len(inputs), traces)
     return prompts, sum(len(p.ids) + len(t) + len(tte.invocation_ids) for p, t in zip(prompts, tails))

@@ -24,7 +24,7 @@ def think_backward(engine, rows: list, micro: int) -> tuple[float, int, bool]:
     chunks = [rows[i:i + micro] for i in range(0, len(rows), micro)]
     for k, chunk in enumerate(chunks):
         inputs, traces = [r.qry for r in chunk], [r.trace for r in chunk]
-        prompts, n = encode_prompts(tte, inputs, traces)
+        prompts, n = encode_prompts(tte, inputs, traces, ids=[r.id for r in chunk])
         tokens += n - len(chunk) * len(tte.invocation_ids)  # sft runs no invocation
         loss = engine("sft", inputs, traces, prompts)
         finite &= bool(torch.isfinite(loss.detach()))
@@ -50,8 +50,9 @@ def embed_backward(engine, rows: list, chunk: int | None, temperature: float, us
     q_in = [r.qry for r in rows]
     traces = [r.trace for r in rows] if use_traces else None
     t_in = [r.pos for r in rows] + ([r.neg for r in rows] if hard_negatives else [])
-    q_prompts, q_tokens = encode_prompts(tte, q_in, traces)
-    t_prompts, t_tokens = encode_prompts(tte, t_in)
+    ids = [r.id for r in rows]
+    q_prompts, q_tokens = encode_prompts(tte, q_in, traces, ids=ids)
+    t_prompts, t_tokens = encode_prompts(tte, t_in, ids=ids, side="positive or hard negative")
     tokens = q_tokens + t_tokens
 
     def groups(a: int, b: int):
