@@ -269,9 +269,16 @@ class UnifiedTTE(nn.Module):
                                                       self.split_layer, self.num_layers)
         return self._pool(self.stack.norm(hidden), n_inv)
 
+    def _empty(self) -> torch.Tensor:
+        """The embedding of no inputs: fp32 [0, D] (an empty batch is a batch, not an error)."""
+        return torch.empty(0, self.stack.config.hidden_size, dtype=torch.float32, device=self.device)
+
     @torch.no_grad()
     def embed(self, inputs: Sequence[TTEInput], traces: Sequence[str | Trace] | None = None) -> torch.Tensor:
         """Embed without decoding: candidates (no trace) or queries with given traces. fp32 [B, D]."""
+        if len(inputs) == 0:
+            self.tails(0, traces)  # still one trace per input
+            return self._empty()
         return self.embed_with_grad(inputs, traces)
 
     def embed_with_grad(self, inputs, traces=None, prompts: list[EncodedPrompt] | None = None):
@@ -312,7 +319,10 @@ class UnifiedTTE(nn.Module):
     @torch.no_grad()
     def think_then_embed(self, inputs: Sequence[TTEInput], max_new_tokens: int = 128,
                          **sampling) -> tuple[torch.Tensor, list[Trace]]:
-        """The single fast path: decode with think, then embed reusing the cache. fp32 [B, D]."""
+        """The single fast path: decode with think, then embed reusing the cache. fp32 [B, D].
+        No inputs give an empty [0, D] embedding and no traces."""
+        if len(inputs) == 0:
+            return self._empty(), []
         out = self.think(inputs, max_new_tokens=max_new_tokens, **sampling)
         return self.embed_from_state(out.state), out.traces
 
