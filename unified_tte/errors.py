@@ -85,6 +85,20 @@ def require(module: str, extra: str, what: str):
         raise MissingExtra(extra, module.split(".")[0], what) from exc
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a batch size, a token budget, a count), refused with
+    argparse's own one-line error otherwise."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 

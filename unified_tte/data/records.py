@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import DataError
+from ..errors import DataError, require
 
 # MMEB writes `<|image_1|>` into the text where the image goes (Phi-3-V markup).
 _IMAGE_PLACEHOLDER = re.compile(r"<\|image_\d+\|>\s*")
@@ -52,12 +52,24 @@ def iter_records(path: str | os.PathLike, skipped: list[str] | None = None) -> I
         raise DataError(f"{path}: file not found. Check the path (relative paths are taken from "
                         f"the current folder, or from the registry file's folder).")
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise DataError(f"{path}: a folder where a data file is expected; give a .jsonl, .json or .parquet "
+                        "file (or an MMEB folder where the command takes one).")
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                where = f"{path} line {line_no}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    problem = (f"{where}: not UTF-8 text (byte {e.start} of the line); save the file as "
+                               "UTF-8.")
+                    if skipped is None:
+                        raise DataError(problem) from None
+                    skipped.append(problem)
+                    continue
                 if not line.strip():
                     continue
-                where = f"{path} line {line_no}"
                 try:
                     record = json.loads(line)
                     problem = None if isinstance(record, dict) else (
@@ -73,11 +85,12 @@ def iter_records(path: str | os.PathLike, skipped: list[str] | None = None) -> I
                 else:
                     skipped.append(problem)
     elif suffix == ".json":
-        with open(path, encoding="utf-8") as f:
-            try:
-                records = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg}).") from None
+        try:
+            records = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8.") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg}).") from None
         if not isinstance(records, list):
             raise DataError(f"{path}: a .json data file must hold a list of objects; "
                             f"use .jsonl for one object a line.")
@@ -86,9 +99,14 @@ def iter_records(path: str | os.PathLike, skipped: list[str] | None = None) -> I
                 raise DataError(f"{path} row {i}: expected an object, got {type(record).__name__}.")
             yield f"{path} row {i}", i, record
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, record in enumerate(pq.read_table(path).to_pylist()):
+        pq = require("pyarrow.parquet", "mmeb", "reading .parquet data (MMEB's files)")
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise DataError(f"{path}: not a readable parquet file ({first}); re-download or re-export "
+                            "it.") from None
+        for i, record in enumerate(table.to_pylist()):
             yield f"{path} row {i}", i, record
     else:
         raise DataError(f"{path}: unknown data format {suffix!r}; use .jsonl, .json or .parquet.")
@@ -188,12 +206,19 @@ def read_yaml_mapping(path: str | os.PathLike, error: type[Exception], what: str
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise error(f"{path}: a folder where a {what} file is expected.")
     if not path.is_file():
         raise error(f"{path}: {what} file not found.")
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        doc = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start}); save the {what} as UTF-8.") from None
     except yaml.YAMLError as e:
-        raise error(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise error(f"{path}: not valid YAML ({problem}{at}).") from None
     if not isinstance(doc, dict):
         raise error(f"{path}: a {what} is a mapping of keys to values, got {type(doc).__name__}.")
     return doc

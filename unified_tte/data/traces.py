@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import DataError, command
+from ..errors import DataError, command, positive_int
 from ..model import UnifiedTTE, zoo
 from ..model.checkpoint import CONFIG_FILE
 from ..model.inputs import TTEInput
@@ -440,9 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output JSONL; appended to if it exists")
     p.add_argument("--image-root", default=None, help="folder image paths are relative to "
                    "(default: the data file's folder)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--limit", type=int, default=None, help="only the first N rows of --data")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N rows of --data")
     p.add_argument("--skip-bad", action="store_true", help="skip rows with bad JSON or missing "
                    "images (counted) instead of stopping")
     p.add_argument("--prompt", choices=["ecr", "none"], default="ecr", help="'ecr': add the "

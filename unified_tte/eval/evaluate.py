@@ -43,7 +43,7 @@ import numpy as np
 from ..data import EvalTask, resolve_tasks, validate_eval_task
 from ..data.ranks import Ranks, barrier, gather, init_ranks, my_batches
 from ..data.traces import check_ecr_shape, set_pixels
-from ..errors import DataError, command
+from ..errors import DataError, command, positive_int
 from ..model import UnifiedTTE, zoo
 from .cache import EmbeddingCache, model_key
 from .metrics import MMEB_METRICS, METRICS, aggregate, mean_metrics, mmeb_averages, ranking_metrics
@@ -302,10 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", default=None, help="a registry YAML whose task names --tasks "
                    "may use (schema: unified_tte/data/tasks/digits.yaml)")
     p.add_argument("--out", default="eval_results.json", help="JSON results file")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--no-think", action="store_true", help="embed queries without a trace")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="trace length limit")
-    p.add_argument("--max-queries", type=int, default=None, help="at most N queries per task")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="trace length limit")
+    p.add_argument("--max-queries", type=positive_int, default=None, help="at most N queries per task")
     p.add_argument("--backbone", default=None, help="the base to load the adapters on: tiny | "
                    "tiny-llama | smollm2 | a local folder (default: the one the checkpoint records)")
     p.add_argument("--digits-seed", type=int, default=None, help="digits split seed (default: "

@@ -111,18 +111,30 @@ def set_attention(model: torch.nn.Module, implementation: str) -> None:
     model.set_attn_implementation(implementation)
 
 
+def check_folder(path: str | Path) -> str:
+    """A local checkpoint folder's model type, after checking it is one this package supports
+    (cheap: config.json only; commands call it before starting any work)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise UnsupportedBackbone(f"{config_file} not found: pass a local Hugging Face checkpoint folder "
+                                  "(the hub is not used at run time) or a built-in name (tiny, tiny-llama, "
+                                  "smollm2, ...: unified_tte.model.zoo.BUILTIN).")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UnsupportedBackbone(f"{config_file} is not valid JSON ({exc}); the checkpoint folder is "
+                                  "damaged.") from None
+    model_type = config.get("model_type", "<missing>") if isinstance(config, dict) else "<missing>"
+    check_supported(model_type, str(config_file))
+    return model_type
+
+
 def load(path: str | Path, dtype: torch.dtype | None = None, device: str | None = None,
          attn_implementation: str | None = None) -> Backbone:
     """Load a local checkpoint folder (config.json + safetensors) with its tokenizer/processor.
     `attn_implementation`: see `attention_implementation` (default: auto)."""
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise UnsupportedBackbone(f"{config_file} not found: pass a local Hugging Face checkpoint folder "
-                                  "(the hub is not used at run time) or a built-in name (tiny, tiny-llama, "
-                                  "smollm2, ...: unified_tte.model.zoo.BUILTIN).")
-    model_type = json.loads(config_file.read_text()).get("model_type", "<missing>")
-    check_supported(model_type, str(config_file))
+    model_type = check_folder(path)
     from transformers import AutoTokenizer
 
     attn = attention_implementation(attn_implementation, device, dtype)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MissingExtra
-from .backbones import Backbone, attention_implementation, set_attention
+from .backbones import Backbone, attention_implementation, check_folder, set_attention
 from .backbones import load as load_folder
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -324,6 +324,13 @@ BUILTIN = {"tiny": tiny_qwen2vl, "tiny-qwen2vl": tiny_qwen2vl, "tiny-qwen25vl": 
            "qwen2vl-2b-shape": qwen2vl_2b_shape, "qwen25vl-3b-shape": qwen25vl_3b_shape,
            "qwen2vl-7b-shape": qwen2vl_7b_shape}
 SHAPES = {"qwen2vl-2b-shape": "qwen2vl-2b", "qwen25vl-3b-shape": "qwen25vl-3b", "qwen2vl-7b-shape": "qwen2vl-7b"}
+
+
+def check_spec(spec: str | Path) -> None:
+    """Refuse a backbone spec that is neither a built-in name nor a supported local folder,
+    before any model is built (commands call it up front)."""
+    if str(spec) not in BUILTIN:
+        check_folder(spec)
 
 
 def load(spec: str | Path, dtype: torch.dtype | None = None, device: str | None = None,

@@ -55,6 +55,7 @@ from tte_kernels.measure import (PeakMemory, Worker, current_memory_mb, default_
                                  read_commands, reply, summary, sync, trim)
 
 from ..errors import RunError, command, require
+from ..model.zoo import check_spec
 from .decode_speed import (add_decode_speed, copy_bandwidth_gb_s, decode_note, decode_weight_bytes, generate_decode_ms,
                            generate_times_ms)
 
@@ -378,6 +379,7 @@ def bench_main(argv: list[str] | None = None) -> int:
         run_worker(json.loads(args.worker))
         return 0
     require("matplotlib", "bench", "tte bench (its plot)")  # before minutes of measuring, not after
+    check_spec(args.backbone)
     resolve_device(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
