@@ -1,6 +1,8 @@
 """The CUDA-only branches of training's plumbing, run on CPU with CUDA faked by monkeypatching:
 the code paths a GPU user hits first must not wait for a GPU to be tested (the bench's
 `torch.cuda.getmachine_name` crash was one such branch)."""
+import subprocess
+import sys
 import types
 
 import pytest
@@ -75,3 +77,23 @@ def test_attention_implementation_on_cuda(fake_cuda, installed, expected):
     fake_cuda.setattr(backbones.importlib.util, "find_spec",
                       lambda name, *a: (object() if installed else None) if name == "flash_attn" else real(name, *a))
     assert backbones.attention_implementation() == expected
+
+
+def test_a_plain_launch_joins_a_one_process_group_without_opening_a_port():
+    # A free port picked then bound later can be taken by another process in between (EADDRINUSE
+    # in CI); a one-process group must not need a port at all. Forbid binding to prove it.
+    script = (
+        "import os, socket\n"
+        "def refuse(*a, **k): raise OSError('binding a port is not allowed here')\n"
+        "socket.socket.bind = refuse\n"
+        "for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'): os.environ.pop(key, None)\n"
+        "os.environ['CUDA_VISIBLE_DEVICES'] = ''\n"
+        "from unified_tte.train.distributed import init_distributed, all_reduce\n"
+        "d = init_distributed()\n"
+        "import deepspeed.comm\n"
+        "assert (d.rank, d.world) == (0, 1) and deepspeed.comm.is_initialized()\n"
+        "assert all_reduce([1.5]) == [1.5]\n"
+    )
+    pytest.importorskip("deepspeed")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -77,31 +77,32 @@ def check_fast_equals_recompute(tte, think_equals_generate: bool):
         assert [t.token_ids for t in traces] == generate_tokens(tte, inputs, NEW_TOKENS)
 
 
-class TestQwen2VL2B:
-    @pytest.fixture(scope="class")
-    def backbone(self):
-        bb = qwen2vl_2b_shape()
-        config = bb.model.config.text_config
-        assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
-                config.num_key_value_heads, head_dim(bb), config.vocab_size) == (28, 1536, 12, 2, 128, 151936)
-        assert config.rope_parameters["mrope_section"] == [16, 24, 24] and bb.model.config.vision_config.depth == 32
-        yield bb
-        del bb
-        gc.collect()
+@pytest.fixture(scope="class")
+def qwen2vl_2b():
+    bb = qwen2vl_2b_shape()
+    config = bb.model.config.text_config
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+            config.num_key_value_heads, head_dim(bb), config.vocab_size) == (28, 1536, 12, 2, 128, 151936)
+    assert config.rope_parameters["mrope_section"] == [16, 24, 24] and bb.model.config.vision_config.depth == 32
+    yield bb
+    del bb
+    gc.collect()
 
-    def test_activated_fast_path_equals_recompute_and_think_equals_generate(self, backbone):
-        with wrapped(backbone, mode="activated") as tte:
+
+class TestQwen2VL2B:
+    def test_activated_fast_path_equals_recompute_and_think_equals_generate(self, qwen2vl_2b):
+        with wrapped(qwen2vl_2b, mode="activated") as tte:
             check_fast_equals_recompute(tte, think_equals_generate=True)
 
-    def test_top_k_fast_path_equals_recompute(self, backbone):
-        with wrapped(backbone, mode="top_k") as tte:
+    def test_top_k_fast_path_equals_recompute(self, qwen2vl_2b):
+        with wrapped(qwen2vl_2b, mode="top_k") as tte:
             check_fast_equals_recompute(tte, think_equals_generate=False)
 
-    def test_bf16_fast_path_within_the_error_budget(self, backbone):
+    def test_bf16_fast_path_within_the_error_budget(self, qwen2vl_2b):
         """Last in the class: the weights are cast to bf16 and back (the reference then runs the
         same bf16-rounded weights in fp32, so the budget measures compute error only)."""
         inputs = rows()
-        with wrapped(backbone, mode="activated") as tte:
+        with wrapped(qwen2vl_2b, mode="activated") as tte:
             tte.to(torch.bfloat16)
             fast, traces = tte.think_then_embed(inputs, max_new_tokens=NEW_TOKENS)
             recompute = tte.embed_recompute(inputs, traces)
@@ -115,23 +116,24 @@ class TestQwen2VL2B:
         assert 0 < recompute_err and fast_err <= 2 * recompute_err + 1e-6, (fast_err, recompute_err)
 
 
-class TestQwen25VL3B:
-    @pytest.fixture(scope="class")
-    def backbone(self):
-        layers = None if os.environ.get("TTE_FULL_SHAPES") == "1" else 4
-        bb = qwen25vl_3b_shape(num_layers=layers)
-        config, vision = bb.model.config.text_config, bb.model.config.vision_config
-        assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim(bb),
-                config.intermediate_size, config.vocab_size) == (2048, 16, 2, 128, 11008, 151936)
-        assert (vision.depth, vision.window_size, vision.fullatt_block_indexes) == (32, 112, [7, 15, 23, 31])
-        yield bb
-        del bb
-        gc.collect()
+@pytest.fixture(scope="class")
+def qwen25vl_3b():
+    layers = None if os.environ.get("TTE_FULL_SHAPES") == "1" else 4
+    bb = qwen25vl_3b_shape(num_layers=layers)
+    config, vision = bb.model.config.text_config, bb.model.config.vision_config
+    assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim(bb),
+            config.intermediate_size, config.vocab_size) == (2048, 16, 2, 128, 11008, 151936)
+    assert (vision.depth, vision.window_size, vision.fullatt_block_indexes) == (32, 112, [7, 15, 23, 31])
+    yield bb
+    del bb
+    gc.collect()
 
-    def test_activated_fast_path_equals_recompute_and_think_equals_generate(self, backbone):
-        with wrapped(backbone, mode="activated") as tte:
+
+class TestQwen25VL3B:
+    def test_activated_fast_path_equals_recompute_and_think_equals_generate(self, qwen25vl_3b):
+        with wrapped(qwen25vl_3b, mode="activated") as tte:
             check_fast_equals_recompute(tte, think_equals_generate=True)
 
-    def test_top_k_fast_path_equals_recompute(self, backbone):
-        with wrapped(backbone, mode="top_k") as tte:
+    def test_top_k_fast_path_equals_recompute(self, qwen25vl_3b):
+        with wrapped(qwen25vl_3b, mode="top_k") as tte:
             check_fast_equals_recompute(tte, think_equals_generate=False)

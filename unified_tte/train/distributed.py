@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import warnings
 from dataclasses import dataclass
 
@@ -57,28 +56,26 @@ def import_deepspeed():
     return deepspeed
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed() -> Dist:
     """Join the process group the launcher set up (torchrun / deepspeed set RANK, WORLD_SIZE, ...),
     or make a one-process group when launched plainly."""
     deepspeed = import_deepspeed()
     import torch.distributed as dist
 
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
+    plain_launch = "RANK" not in os.environ
+    if plain_launch:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
-                                   verbose=False)
+    backend = "nccl" if cuda else "gloo"
+    if plain_launch and not dist.is_initialized():
+        # A one-process group needs no rendezvous: an in-memory store instead of a TCP port, which
+        # another process could take between picking a free port and binding it (EADDRINUSE).
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if not dist.is_initialized() or not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
