@@ -23,20 +23,13 @@ def _env():
     return env
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def tte(args, ranks=1, timeout=300, **kw):
     if ranks == 1:
         cmd = [sys.executable, "-m", "unified_tte.cli"] + args
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-               "--master_port", str(_free_port()), "-m", "unified_tte.cli"] + args
+               "--standalone", "-m", "unified_tte.cli"] + args
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout, **kw)
 
 

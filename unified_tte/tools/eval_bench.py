@@ -46,13 +46,6 @@ def tiny_run(folder, seed: int = 0, std: float = 0.1) -> Path:
     return folder
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run_eval(run_dir: str, ranks: int, args, out: Path) -> dict:
     cmd = ["-m", "unified_tte.cli", "eval", str(run_dir), "--tasks", args.tasks, "--max-queries", str(args.queries),
@@ -62,7 +55,7 @@ def run_eval(run_dir: str, ranks: int, args, out: Path) -> dict:
         cmd = [sys.executable] + cmd
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-               "--master_port", str(_free_port())] + cmd
+               "--standalone"] + cmd
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
