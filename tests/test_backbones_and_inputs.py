@@ -142,3 +142,17 @@ def test_left_pad_aligns_sequences_to_the_right():
     ids, mask = left_pad([[1, 2, 3], [4]], pad_id=0)
     assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_reuse_built_builds_a_builtin_once_and_hands_out_private_copies(monkeypatch):
+    from unified_tte.model import zoo
+
+    calls = []
+    monkeypatch.setitem(zoo.BUILTIN, "tiny-llama", lambda **kw: calls.append(1) or tiny_llama(**kw))
+    with zoo.reuse_built():
+        a, b = zoo.load("tiny-llama"), zoo.load("tiny-llama")
+        UnifiedTTE(a)   # wrapping adds a token and LoRA layers to a, in place
+        assert len(calls) == 1 and len(b.tokenizer) == len(a.tokenizer) - 1
+        assert weight_hash(b.model) == weight_hash(zoo.load("tiny-llama").model)
+    zoo.load("tiny-llama")
+    assert len(calls) == 2   # outside the block nothing is kept

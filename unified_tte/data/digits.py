@@ -238,7 +238,8 @@ def _eval_rows(sub, indices, by, labels, image, rng, cap) -> list[EvalRow]:
             rows.append(EvalRow(id=f"digits/{sub}/test/{n}",
                                 query=TTEInput(text=INSTRUCTIONS[sub], images=[image(i)]),
                                 candidates=cands, positive=list(values).index(answer(sub, d)),
-                                meta={"digit": d, "answer": answer(sub, d), "image_indices": [i]}))
+                                meta={"digit": d, "answer": answer(sub, d), "image_indices": [i],
+                                      **_eval_meta(sub, d)}))
         return rows
     if sub == "next_number":
         order = [i for i in order if labels[i] >= 1]
@@ -259,8 +260,15 @@ def _eval_rows(sub, indices, by, labels, image, rng, cap) -> list[EvalRow]:
             candidates=[TTEInput(text=IMAGE_CANDIDATE_TEXT, images=[image(j)]) for j in cand_idx],
             positive=c,
             meta={"digit": c - 1 if sub == "next_number" else c, "answer": c,
-                  "image_indices": query_indices + cand_idx}))
+                  "image_indices": query_indices + cand_idx,
+                  **_eval_meta(sub, c - 1 if sub == "next_number" else c)}))
     return rows
+
+
+def _eval_meta(sub: str, digit: int) -> dict:
+    """What an eval row carries to score a reasoner: the answer a trace should end in, and the
+    teacher's trace (embedding with it is an upper bound on what a reasoner's trace can give)."""
+    return {"answer_text": WORDS[answer(sub, digit)], "teacher_trace": teacher_trace(sub, digit)}
 
 
 def teacher_traces(rows) -> dict[str, str]:

@@ -11,13 +11,14 @@ supplies; nothing is downloaded).
 """
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import DataError
-from . import digits
+from . import digits, knowledge
 from .mmeb import load_eval_task
 from .records import read_yaml_mapping
 from .schema import EvalTask
@@ -29,7 +30,7 @@ SUITES = {p.stem: p for p in sorted(SUITE_DIR.glob("*.yaml"))}
 DATA_ROOT_ENV = "TTE_MMEB_ROOT"
 # A built-in task name -> its builder: keyword options (from a registry entry or a recipe) in,
 # an object with `.train_rows` and `.eval_tasks` out. Eval sizes come in as `max_eval_per_task`.
-BUILTIN_TASKS = {"digits": digits.build_digits}
+BUILTIN_TASKS = {"digits": digits.build_digits, "knowledge": knowledge.build_knowledge}
 
 
 def build_builtin(name: str, **options):
@@ -41,6 +42,13 @@ def build_builtin(name: str, **options):
     except TypeError as e:  # an option the builder does not take
         raise DataError(f"built-in task {name!r}: {e}") from None
 
+
+def builder_options(name: str) -> list[str]:
+    """The keyword options the builder of built-in task `name` takes."""
+    if name not in BUILTIN_TASKS:
+        raise DataError(f"unknown built-in task {name!r}; known: {sorted(BUILTIN_TASKS)}.")
+    return list(inspect.signature(BUILTIN_TASKS[name]).parameters)
+
 @dataclass
 class TaskSpec:
     """One registry entry: a local eval file, or a built-in generated task."""
@@ -50,7 +58,7 @@ class TaskSpec:
     group: str = "retrieval"
     needs_reasoning: bool = False
     task_type: str | None = None
-    builtin: str | None = None        # e.g. "digits": generated, see digits.py
+    builtin: str | None = None        # e.g. "digits", "knowledge": generated, see BUILTIN_TASKS
     options: dict = field(default_factory=dict)   # passed to the builtin's builder
     frame_root: Path | None = None    # video tasks: <frame_root>/<video id>/ holds the frames
     qry_inst: str = ""                # instructions put before the query / target texts

@@ -2,6 +2,7 @@
 
     tte traces --model tiny --data train.jsonl --image-root images/ --out traces.jsonl
     tte traces --model checkpoints/run1 --data digits --out digits_traces.jsonl --limit 200
+    tte traces --model smollm2 --data knowledge --task-option seed=1 --out knowledge_traces.jsonl
 
     torchrun --nproc_per_node 8 -m unified_tte.cli traces --model REASONER --data MMEB-train/ --out traces.jsonl
 
@@ -50,7 +51,7 @@ from ..model.inputs import TTEInput
 from .mmeb import load_train_rows, task_type_for
 from .records import iter_records
 from .ranks import Ranks, barrier, gather, init_ranks, my_batches
-from .registry import build_builtin
+from .registry import BUILTIN_TASKS, build_builtin
 from .schema import EvalRow, TrainRow
 
 _FORMAT = ("First reason briefly inside <think> and </think>, then write the short final answer "
@@ -419,10 +420,25 @@ def set_pixels(model, max_pixels: int | None, min_pixels: int | None) -> None:
         encoder.min_pixels = min_pixels
 
 
+def task_options(pairs: Sequence[str], where: str = "--task-option") -> dict:
+    """`KEY=VALUE` pairs (YAML values) as a built-in task builder's keyword options."""
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise DataError(f"{where} {pair!r}: expected KEY=VALUE, e.g. seed=1.")
+        options[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return options
+
+
 def _load_rows(args) -> list:
-    if args.data == "digits":
-        return build_builtin("digits", seed=args.digits_seed, image_size=args.image_size,
-                             max_train_per_task=None).train_rows
+    if args.data in BUILTIN_TASKS:   # every train row of the built-in task
+        options = {"max_train_per_task": None}
+        if args.data == "digits":
+            options.update(seed=args.digits_seed, image_size=args.image_size)
+        return build_builtin(args.data, **{**options, **task_options(args.task_option)}).train_rows
     rows = load_train_rows(args.data, args.image_root, skip_bad=args.skip_bad)
     if rows.skipped:
         print(f"skipped {len(rows.skipped)} bad row(s) (--skip-bad); first: {rows.skipped[0]}",
@@ -436,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint dir, local HF model dir, or a "
                    "built-in name (tiny, smollm2)")
     p.add_argument("--data", required=True, help="MMEB-train file (.jsonl/.json/.parquet), subset "
-                   "folder or folder of subsets, or 'digits' (the built-in task's train rows)")
+                   "folder or folder of subsets, or a built-in task's train rows "
+                   f"({', '.join(sorted(BUILTIN_TASKS))})")
     p.add_argument("--out", required=True, help="output JSONL; appended to if it exists")
     p.add_argument("--image-root", default=None, help="folder image paths are relative to "
                    "(default: the data file's folder)")
@@ -451,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=None, help="cap on image / frame size in pixels "
                    "(default: the checkpoint's setting, else the processor's; VLM2Vec: 1003520 = 28*28*1280)")
     p.add_argument("--min-pixels", type=int, default=None, help="lower bound of image / frame size")
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the built-in task's builder, e.g. seed=1 (repeatable)")
     p.add_argument("--digits-seed", type=int, default=0, help="seed of the digits split")
     p.add_argument("--image-size", type=int, default=56, help="digits image size in pixels")
     p.add_argument("--no-progress", action="store_true")

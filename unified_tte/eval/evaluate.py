@@ -6,6 +6,7 @@ primary metric), as a markdown table and a JSON file; on one process or sharded 
     tte eval checkpoints/run1 --tasks digits/plus_two,my_tasks.yaml --no-think
     tte eval RUN_DIR --tasks mmeb_v2 --data-root /data/MMEB-V2 --cache-dir /scratch/emb
     torchrun --nproc_per_node 8 -m unified_tte.cli eval RUN_DIR --tasks mmeb_v2 --data-root /data/MMEB-V2
+    tte eval checkpoints/smollm2-tte --tasks knowledge --task-option seed=0
 
     from unified_tte.eval import evaluate_model, format_table
     results = evaluate_model(model, resolve_tasks("digits"), batch_size=16)
@@ -42,7 +43,7 @@ import numpy as np
 
 from ..data import EvalTask, resolve_tasks, validate_eval_task
 from ..data.ranks import Ranks, barrier, gather, init_ranks, my_batches
-from ..data.traces import check_ecr_shape, set_pixels
+from ..data.traces import check_ecr_shape, set_pixels, task_options
 from ..errors import DataError, command, positive_int
 from ..model import UnifiedTTE, zoo
 from .cache import EmbeddingCache, model_key
@@ -297,8 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tte eval", description="Evaluate a checkpoint on "
                                 "MMEB-style tasks (Hit@1, NDCG@5, MRR).")
     p.add_argument("checkpoint", help="checkpoint dir or run dir")
-    p.add_argument("--tasks", default="digits", help="comma-separated task names, "
-                   "digits/<sub-task>, or registry YAML paths (default: digits)")
+    p.add_argument("--tasks", default="digits", help="comma-separated task names (digits, "
+                   "knowledge, ...), <task>/<sub-task>, or registry YAML paths (default: digits)")
     p.add_argument("--registry", default=None, help="a registry YAML whose task names --tasks "
                    "may use (schema: unified_tte/data/tasks/digits.yaml)")
     p.add_argument("--out", default="eval_results.json", help="JSON results file")
@@ -318,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "mmeb_v1 / mmeb_v2 suites name (default: $TTE_MMEB_ROOT)")
     p.add_argument("--cache-dir", default=None, help="keep embeddings per (model, task, item) here; "
                    "a rerun resumes an interrupted evaluation without recomputing")
+    p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option for the built-in tasks' builders (default: the registry's), e.g. "
+                        "seed=1; must match what training used (repeatable)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -328,6 +332,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in (("seed", args.digits_seed), ("image_size", args.image_size))
                  if v is not None}
+    overrides.update(task_options(args.task_option))
     tasks = resolve_tasks(args.tasks, registry=args.registry, max_rows=args.max_queries,
                           data_root=args.data_root, **overrides)
     ranks = init_ranks()

@@ -15,6 +15,8 @@ under a second, deterministic for a given `tokenizers` version.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import importlib.util
 from pathlib import Path
@@ -333,6 +335,32 @@ def check_spec(spec: str | Path) -> None:
         check_folder(spec)
 
 
+_built: dict[str, Backbone] | None = None   # reuse_built()'s store; None outside it
+
+
+@contextlib.contextmanager
+def reuse_built():
+    """Within the block each built-in backbone is built once and every `load` of it returns a
+    private deep copy (wrapping a backbone mutates it). For jobs that load the same backbone many
+    times in one process, such as the demo (SmolLM2's GGUF takes ~20 s to dequantise); outside
+    the block nothing is kept, so a process holds only the models it uses."""
+    global _built
+    outer = _built
+    _built = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _built = outer
+
+
+def _build(spec: str, dtype, device, attn_implementation) -> Backbone:
+    if spec in SHAPES:  # drawn where they will run: a GPU builds the 2B shape in seconds
+        return BUILTIN[spec](dtype=dtype, device=device, attn_implementation=attn_implementation)
+    if spec == "smollm2":
+        return smollm2_135m()
+    return BUILTIN[spec](attn_implementation=attn_implementation)
+
+
 def load(spec: str | Path, dtype: torch.dtype | None = None, device: str | None = None,
          attn_implementation: str | None = None) -> Backbone:
     """A built-in backbone by name (see BUILTIN), or a local Hugging Face checkpoint folder.
@@ -343,15 +371,17 @@ def load(spec: str | Path, dtype: torch.dtype | None = None, device: str | None 
     """
     if str(spec) not in BUILTIN:
         return load_folder(spec, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    spec = str(spec)
     target = torch.device(device) if device is not None else torch.device("cpu")
     attn = attention_implementation(attn_implementation, target, dtype or torch.float32)
     build_attn = "sdpa" if attn == "flash_attention_2" else attn
-    if str(spec) in SHAPES:  # drawn where they will run: a GPU builds the 2B shape in seconds
-        backbone = BUILTIN[str(spec)](dtype=dtype, device=device, attn_implementation=build_attn)
-    elif str(spec) == "smollm2":
-        backbone = smollm2_135m()
+    if _built is None or spec in SHAPES:   # shapes are drawn per dtype/device: never kept
+        backbone = _build(spec, dtype, device, build_attn)
     else:
-        backbone = BUILTIN[str(spec)](attn_implementation=build_attn)
+        key = f"{spec}:{build_attn}"
+        if key not in _built:
+            _built[key] = _build(spec, None, None, build_attn)
+        backbone = copy.deepcopy(_built[key])
     if dtype is not None or device is not None:
         backbone.model.to(device=device, dtype=dtype)
     if attn != build_attn:

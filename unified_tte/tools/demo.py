@@ -1,66 +1,134 @@
-"""`tte demo`: the whole product on the built-in CPU default, in one command.
+"""`tte demo`: the whole product in one command, on a built-in task.
 
-    tte demo            # the README's main job; its run time and table are in the README
-    tte demo --quick    # fewer steps and queries (CI runs it; its numbers are not meaningful)
+    tte demo                              # the README's main job: tiny random Qwen2-VL on digits
+    tte demo --quick                      # CI: the wiring, with numbers that are not meaningful
+    tte demo --backbone smollm2           # real SmolLM2-135M-Instruct, think + embed LoRA
+    tte demo --backbone smollm2 --quick   # the wiring of the above (slow tier), not the claim
 
-On the built-in digits task (scikit-learn's real handwritten digits, see unified_tte/digits.py):
+(Run times and tables: the README.)
 
-1. think: a tiny random Qwen2-VL (hidden 128, 4 layers) is fully fine-tuned on the rule-based
-   teacher's ECR traces (`tte train`, stage think, `think.method: full`). A tiny random model
-   has no pretrained knowledge for a LoRA to steer, so the backbone itself becomes the reasoner
-   (`think="none"`); every embedder below starts from this same backbone, as published TTE's
-   reasoner and embedder start from the same MLLM.
-2. embed, four ways (`tte train`, stage embed; same data, steps, batch and LoRA):
-   - unified TTE, activated: an `embed` LoRA on the reasoner's backbone, KV reuse;
+Every step is the product's own code: each training is a `tte train` recipe run (DeepSpeed),
+evaluation is `tte eval`'s, the export `tte export`'s, the bench `tte bench`'s.
+
+1. think. tiny, on digits (data/digits.py, scikit-learn's handwritten digits): a tiny random model
+   has no knowledge for a LoRA to steer, so the backbone is fully fine-tuned on the teacher's ECR
+   traces and becomes the reasoner (think="none"). smollm2, on knowledge (data/knowledge.py,
+   countries and elements from installed packages): a `think` LoRA on the real pretrained weights,
+   SFT on the teacher's traces; the base stays as shipped.
+2. embed, four ways, with the same data, steps, batch, learning rate, LoRA and seed:
+   - unified TTE, activated: an `embed` LoRA beside `think` on the one backbone, KV-cache reuse;
    - unified TTE, top_k: the embed LoRA on the top K layers only;
-   - two-model TTE: a second copy of the backbone with one LoRA over query + trace (VLM2Vec
-     style), queried with the reasoner's traces;
-   - no-think embedder: the same second copy trained and queried without traces.
-3. evaluate all four on held-out test images (Hit@1 per sub-task, `tte eval`'s code), and how
-   often the reasoner's trace ends in the right answer,
-4. export unified-activated to checkpoints/digits-tte and check the round trip,
-5. a short latency/memory bench (`tte bench --quick`),
-6. print one summary table; everything is written under --out (default runs/demo).
+   - two-model TTE: a second copy of the backbone (tiny: of the reasoner) with one LoRA over
+     query + trace (VLM2Vec style), fed the reasoner's traces;
+   - no-think embedder: the same second copy, trained and queried without traces.
+3. evaluate on held-out images / entities (Hit@1 per sub-task): with the traces the reasoner
+   writes (the unified models decode them with `think_then_embed`; the two-model embedder is fed
+   the same greedy traces), how often a trace ends in the right answer, and with the teacher's
+   traces (an upper bound: what a perfect reasoner would give each embedder);
+4. export unified-activated and check the reload; smollm2: the exported think adapter loads in
+   plain PEFT on the plain Hugging Face SmolLM2 and `generate` writes the traces `think` does;
+5. a latency/memory bench: tiny, `tte bench --quick` (per-call overhead at tiny shapes, see the
+   note it prints); smollm2, one SmolLM2 case (the product's figure);
+6. summary tables and the acceptance claims, in --out (summary.md, summary.json).
+
+Finished runs in --out are reused (the settings are checked); --fresh starts over.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from ..errors import command
+from ..errors import InputError, command
 
 SYSTEMS = ("no-think embedder", "two-model TTE", "unified TTE (activated)", "unified TTE (top_k)")
+TTE_SYSTEMS = SYSTEMS[1:]
+RUN_DIRS = {"unified TTE (activated)": "unified_activated", "unified TTE (top_k)": "unified_top_k",
+            "two-model TTE": "two_model_embedder", "no-think embedder": "no_think_embedder"}
 
 
 @dataclass
 class DemoSettings:
-    hidden_size: int = 128
-    train_per_task: int = 400      # train rows per digits sub-task
-    eval_queries: int = 100        # eval queries per sub-task (10 candidates each)
-    think_steps: int = 250         # full fine-tuning on the teacher's traces
-    embed_steps: int = 200         # per embedder
-    batch_size: int = 32
-    max_new_tokens: int = 40
-    top_k_layers: int = 2
+    """One demo configuration (see PRESETS)."""
+    backbone: str = "tiny"            # tiny: a random Qwen2-VL, full FT reasoner; smollm2: think LoRA
+    task: str = "digits"              # the built-in task (data/registry.py BUILTIN_TASKS)
+    task_options: dict = field(default_factory=dict)   # its builder's options (the split's seed is --seed)
+    precision: str = "fp32"           # of training and evaluation ("bf16": AMX matmuls on recent x86 CPUs)
+    hidden_size: int = 128            # tiny only
+    think_steps: int = 250
+    think_batch_size: int = 32
+    think_lr: float = 3e-3
+    embed_steps: int = 200            # per embedder
+    batch_size: int = 32              # embed
+    embed_lr: float = 2e-3
+    lora_r: int = 16
+    lora_alpha: int = 32
     temperature: float = 0.05
+    top_k_layers: int = 2
+    max_new_tokens: int = 40
+    eval_batch_size: int = 50
+    peft_check_queries: int = 0       # held-out queries decoded by plain PEFT + HF generate (smollm2)
+    bench: list[str] = field(default_factory=lambda: ["--quick"])   # `tte bench` arguments
+
+    @property
+    def eval_queries(self) -> int | None:
+        return self.task_options.get("max_eval_per_task")
 
 
-FULL = DemoSettings()
-QUICK = DemoSettings(train_per_task=64, eval_queries=12, think_steps=10,
-                     embed_steps=6, batch_size=16, max_new_tokens=24)
+TINY = DemoSettings(task_options={"max_train_per_task": 400, "max_eval_per_task": 100})
+TINY_QUICK = replace(TINY, task_options={"max_train_per_task": 64, "max_eval_per_task": 12},
+                     think_steps=10, embed_steps=6, think_batch_size=16, batch_size=16, max_new_tokens=24)
+SMOLLM2 = DemoSettings(
+    backbone="smollm2", task="knowledge", precision="bf16",
+    task_options={"max_train_per_task": 256, "max_eval_per_task": None},
+    think_steps=60, think_batch_size=8, think_lr=2e-3, embed_steps=40, batch_size=16, embed_lr=1e-3,
+    lora_r=16, lora_alpha=32, temperature=0.05, top_k_layers=8, max_new_tokens=64, eval_batch_size=32,
+    peft_check_queries=32,
+    bench=["--backbone", "smollm2", "--query-lens", "256", "--trace-lens", "32", "--batch-sizes", "1",
+           "--repeats", "3", "--threads", "1"])
+SMOLLM2_QUICK = replace(
+    SMOLLM2, task_options={"max_train_per_task": 12, "max_eval_per_task": 6},
+    think_steps=4, think_batch_size=4, embed_steps=3, batch_size=4, max_new_tokens=40, peft_check_queries=4,
+    bench=["--backbone", "smollm2", "--query-lens", "64", "--trace-lens", "4", "--batch-sizes", "1",
+           "--repeats", "1", "--threads", "1"])
+PRESETS = {("tiny", False): TINY, ("tiny", True): TINY_QUICK,
+           ("smollm2", False): SMOLLM2, ("smollm2", True): SMOLLM2_QUICK}
+
+TINY_BENCH_NOTE = (
+    "At the tiny demo's shapes (hidden 64, 4 layers, a 64-token query) every phase takes a few "
+    "milliseconds, most of it per-call Python and kernel-launch overhead, so these ratios compare "
+    "overheads, not the compute the unified path saves; on a real model the two-model embed step "
+    "re-encodes query + trace through a second copy of the weights. The product's figure is the "
+    "SmolLM2 row (`tte demo --backbone smollm2`, or `tte bench --backbone smollm2`).")
 
 
 def log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-# ----------------------------------------------------------------------------- 1-3. training
+def _machine() -> str:
+    """What the figures were measured on (the benchmarks' shared name, tte_kernels.measure)."""
+    from tte_kernels.measure import machine_name
+    return machine_name()
+
+
+def _bench(argv: list[str]) -> int:
+    """`tte bench` with these arguments (one import: the bench module owns the run)."""
+    from .bench import bench_main
+    return bench_main(argv)
+
+
+def _dtype(settings: DemoSettings) -> torch.dtype:
+    return torch.bfloat16 if settings.precision == "bf16" else torch.float32
+
+
+# ----------------------------------------------------------------------------- 1-2. training
 def save_backbone(backbone, folder: Path) -> Path:
     """Write a Hugging Face checkpoint folder (weights, tokenizer, image processor) atomically."""
     tmp = folder.with_suffix(".tmp")
@@ -72,232 +140,449 @@ def save_backbone(backbone, folder: Path) -> Path:
     return folder
 
 
-def train_runs(settings: DemoSettings, out: Path, seed: int) -> tuple[Path, dict[str, Path]]:
-    """think (full fine-tuning of the tiny backbone), then the four embedders; each a `tte train`
-    recipe run. Finished runs in --out are reused. Returns the reasoner folder and the run dirs."""
-    from ..model.zoo import load, tiny_qwen2vl
+def _num_layers(spec: str) -> int:
+    from ..model import zoo
+    from ..model.backbones import DecoderStack
+    return DecoderStack(zoo.load(spec).model).num_layers
+
+
+def run_specs(settings: DemoSettings, out: Path, seed: int) -> tuple[str, dict]:
+    """The reasoner's backbone spec and every training run: name -> (run dir, backbone, recipe)."""
+    from ..model.zoo import tiny_qwen2vl
+
+    s = settings
+    if s.backbone == "tiny":
+        init, reasoner = out / "init", out / "reasoner"
+        if not (init / "config.json").is_file():
+            save_backbone(tiny_qwen2vl(seed=seed, hidden_size=s.hidden_size), init)
+        think_from, base, separate = str(init), str(reasoner), str(reasoner)
+        think = dict(method="full", freeze_vision=False)
+        unified = {"think": "none"}   # the fully fine-tuned backbone is the reasoner
+    else:
+        think_from = base = separate = s.backbone
+        think = dict(method="lora")
+        unified = {"think": "lora"}
+    data = {"train": s.task, "options": {**s.task_options, "seed": seed}}
+    common = dict(deepspeed=str(Path(__file__).resolve().parents[2] / "recipes/deepspeed/zero0.json"),
+                  data=data, seed=seed, precision=s.precision, checkpoint_every=0, keep_checkpoints=1,
+                  log_every=10, progress_bar=False, wandb={"mode": "disabled"})
+    lora = dict(pooling="last", lora_r=s.lora_r, lora_alpha=s.lora_alpha)
+    embed = dict(steps=s.embed_steps, batch_size=s.batch_size, lr=s.embed_lr,
+                 warmup_steps=max(1, s.embed_steps // 10), temperature=s.temperature,
+                 hard_negatives=True, gradcache_chunk=None)
+    think.update(steps=s.think_steps, batch_size=s.think_batch_size, micro_batch_size=s.think_batch_size,
+                 lr=s.think_lr, warmup_steps=max(1, s.think_steps // 10))
+    n_layers = _num_layers(think_from)   # tiny: the reasoner is made from init, same shape
+    start = {} if s.backbone == "tiny" else {"think_adapter": str(out / "think" / "think")}
+    separate_model = {"mode": "top_k", "embed_layers": n_layers, "think": "none", **lora}
+    specs = {
+        "think": (out / "think", think_from, dict(
+            stages=["think"], model={"mode": "activated", **unified, **lora}, think=think)),
+        "unified TTE (activated)": (out / RUN_DIRS["unified TTE (activated)"], base, dict(
+            stages=["embed"], model={"mode": "activated", **unified, **lora}, embed=embed, **start)),
+        "unified TTE (top_k)": (out / RUN_DIRS["unified TTE (top_k)"], base, dict(
+            stages=["embed"], model={"mode": "top_k", "embed_layers": s.top_k_layers, **unified, **lora},
+            embed=embed, **start)),
+        "two-model TTE": (out / RUN_DIRS["two-model TTE"], separate, dict(
+            stages=["embed"], model=separate_model, embed=embed)),
+        "no-think embedder": (out / RUN_DIRS["no-think embedder"], separate, dict(
+            stages=["embed"], model=separate_model, embed={**embed, "use_traces": False})),
+    }
+    return {name: (run_dir, backbone, {**common, "backbone": backbone, "run_dir": str(run_dir), **spec})
+            for name, (run_dir, backbone, spec) in specs.items()}
+
+
+def train_runs(settings: DemoSettings, out: Path, seed: int) -> dict[str, Path]:
+    """think, then the four embedders, each a `tte train` recipe run; finished runs are reused.
+    Returns the run dirs by name ("think" and SYSTEMS)."""
+    from ..model import UnifiedTTE
+    from ..model.zoo import load
     from ..train import load_stage_weights, recipe_from_dict, train
 
-    init = out / "init"
-    if not (init / "config.json").is_file():
-        save_backbone(tiny_qwen2vl(seed=seed, hidden_size=settings.hidden_size), init)
-    common = dict(
-        deepspeed=str(Path(__file__).resolve().parents[2] / "recipes/deepspeed/zero0.json"),
-        data={"train": "digits", "digits": {"seed": seed, "max_train_per_task": settings.train_per_task}},
-        seed=seed, precision="fp32", checkpoint_every=0, keep_checkpoints=1, log_every=10,
-        wandb={"mode": "disabled"},
-    )
-    lora = dict(pooling="last", lora_r=16, lora_alpha=32, think="none")
-    embed = dict(steps=settings.embed_steps, batch_size=settings.batch_size, lr=2e-3,
-                 warmup_steps=max(1, settings.embed_steps // 10), temperature=settings.temperature,
-                 hard_negatives=True, gradcache_chunk=None)
-    think = dict(method="full", freeze_vision=False, steps=settings.think_steps,
-                 batch_size=settings.batch_size, micro_batch_size=settings.batch_size, lr=3e-3,
-                 warmup_steps=max(1, settings.think_steps // 10))
-    n_layers = 4
-    reasoner = out / "reasoner"
-    runs = {
-        "think": (out / "think", init, dict(stages=["think"], model={"mode": "activated", **lora}, think=think)),
-        "unified TTE (activated)": (out / "unified_activated", reasoner, dict(
-            stages=["embed"], model={"mode": "activated", **lora}, embed=embed)),
-        "unified TTE (top_k)": (out / "unified_top_k", reasoner, dict(
-            stages=["embed"], model={"mode": "top_k", "embed_layers": settings.top_k_layers, **lora},
-            embed=embed)),
-        "two-model TTE": (out / "two_model_embedder", reasoner, dict(
-            stages=["embed"], model={"mode": "top_k", "embed_layers": n_layers, **lora}, embed=embed)),
-        "no-think embedder": (out / "no_think_embedder", reasoner, dict(
-            stages=["embed"], model={"mode": "top_k", "embed_layers": n_layers, **lora},
-            embed={**embed, "use_traces": False})),
-    }
     dirs = {}
-    for name, (run_dir, backbone, spec) in runs.items():
+    for name, (run_dir, _, raw) in run_specs(settings, out, seed).items():
         dirs[name] = run_dir
-        stage = spec["stages"][-1]
-        weights = "model.safetensors" if stage == "think" else "adapter_model.safetensors"
+        stage = raw["stages"][-1]
+        full = raw.get("think", {}).get("method") == "full"
+        weights = "model.safetensors" if full else "adapter_model.safetensors"
         if (run_dir / stage / weights).is_file():
             log(f"{name}: reusing {run_dir}")
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
             log(f"training {name} -> {run_dir}")
-            recipe = recipe_from_dict({**common, "backbone": str(backbone), "run_dir": str(run_dir), **spec},
-                                      source=f"demo:{name}")
-            losses = [loss for _, loss in train(recipe)["losses"][stage]]
-            log(f"{name}: {stage} loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-        if name == "think" and not (reasoner / "config.json").is_file():
-            # The fully fine-tuned backbone is the reasoner (think="none") every embedder starts from.
-            from ..model import UnifiedTTE
-            tte = UnifiedTTE(load(init), think="none")
+            started = time.time()
+            losses = [loss for _, loss in train(recipe_from_dict(raw, source=f"demo:{name}"))["losses"][stage]]
+            log(f"{name}: {stage} loss {losses[0]:.3f} -> {losses[-1]:.3f} ({time.time() - started:.0f} s)")
+        reasoner = out / "reasoner"
+        if full and not (reasoner / "config.json").is_file():
+            # The fully fine-tuned backbone is the reasoner every tiny embedder starts from.
+            tte = UnifiedTTE(load(raw["backbone"]), think="none")
             load_stage_weights(tte, run_dir / "think", "think", full=True)
             bb = tte.backbone
             bb.model = tte.peft_model.unload()
             save_backbone(bb, reasoner)
-    return reasoner, dirs
+    return dirs
 
 
-# ----------------------------------------------------------------------------- 4. evaluation
-class TwoModelTTE:
-    """A reasoner and a separate embedder: traces are re-encoded with query by the second model."""
+# ----------------------------------------------------------------------------- 3. evaluation
+class CachedCandidates:
+    """A model whose candidate embeddings (no trace) are computed once per distinct candidate,
+    so evaluating it twice (reasoner's traces, teacher's traces) embeds the candidates once."""
 
-    def __init__(self, reasoner, embedder):
-        self.reasoner, self.embedder = reasoner, embedder
+    def __init__(self, model):
+        self.model, self._memo, self._images = model, {}, {}
 
     def think_then_embed(self, inputs, max_new_tokens=64):
-        traces = self.reasoner.think(inputs, max_new_tokens=max_new_tokens).traces
-        return self.embedder.embed(inputs, traces), traces
+        return self.model.think_then_embed(inputs, max_new_tokens=max_new_tokens)
 
     def embed(self, inputs, traces=None):
-        return self.embedder.embed(inputs, traces)
+        from ..eval.evaluate import candidate_key
+
+        if traces is not None:
+            return self.model.embed(inputs, traces)
+        keys = [candidate_key(x, self._images) for x in inputs]
+        todo = [(k, x) for k, x in dict(zip(keys, inputs)).items() if k not in self._memo]
+        if todo:
+            for k, emb in zip([k for k, _ in todo], self.model.embed([x for _, x in todo])):
+                self._memo[k] = emb
+        return torch.stack([self._memo[k] for k in keys])
 
 
 class RecordingModel:
-    """Keeps the traces a model writes, to score the reasoner's answers."""
+    """Keeps the traces a model writes (Trace objects, in evaluation order)."""
 
     def __init__(self, model):
         self.model, self.traces = model, []
 
     def think_then_embed(self, inputs, max_new_tokens=64):
         emb, traces = self.model.think_then_embed(inputs, max_new_tokens=max_new_tokens)
-        self.traces += [t.text for t in traces]
+        self.traces += list(traces)
         return emb, traces
 
     def embed(self, inputs, traces=None):
         return self.model.embed(inputs, traces)
 
 
-def load_system(name: str, dirs: dict[str, Path], reasoner: Path):
-    """One of SYSTEMS, built from its run dir on a fresh copy of the reasoner backbone."""
+class GivenTraces:
+    """An embedder fed traces written beforehand: by the reasoner (the two-model setup: its
+    reasoner is the same think adapter, so its greedy traces are the ones recorded) or by the
+    teacher (the upper bound). `traces` maps each query object (by identity) to its trace."""
+
+    def __init__(self, embedder, traces: dict[int, object]):
+        self.embedder, self.traces = embedder, traces
+
+    def think_then_embed(self, inputs, max_new_tokens=64):
+        traces = [self.traces[id(x)] for x in inputs]
+        return self.embedder.embed(inputs, traces), traces
+
+    def embed(self, inputs, traces=None):
+        return self.embedder.embed(inputs, traces)
+
+
+def load_system(name: str, dirs: dict[str, Path], settings: DemoSettings, out: Path,
+                dtype: torch.dtype | None = None):
+    """One of SYSTEMS as a UnifiedTTE: the run's embed adapter (and, smollm2's unified models, the
+    think adapter) on a fresh copy of its backbone. `dtype` defaults to the settings' precision."""
     from ..model import TTEConfig, UnifiedTTE
     from ..model.checkpoint import load_adapter
     from ..model.zoo import load
 
-    def with_embed_adapter(run_dir: Path):
-        saved = json.loads((run_dir / "tte_config.json").read_text())
-        config = TTEConfig(**{k: v for k, v in saved.items() if k in TTEConfig.__dataclass_fields__})
-        tte = UnifiedTTE(load(reasoner), config)
-        load_adapter(tte, "embed", run_dir / "embed")
-        return tte.eval()
-
-    if name == "two-model TTE":
-        # The reasoner is the fine-tuned backbone itself; the embedder is a second full copy.
-        return TwoModelTTE(UnifiedTTE(load(reasoner), think="none").eval(), with_embed_adapter(dirs[name]))
-    return with_embed_adapter(dirs[name])
+    run_dir = dirs[name]
+    saved = json.loads((run_dir / "tte_config.json").read_text())
+    tte = UnifiedTTE(load(saved["backbone"], dtype=dtype or _dtype(settings)), TTEConfig.from_dict(saved))
+    if tte.config.think == "lora":
+        load_adapter(tte, "think", dirs["think"] / "think")
+    load_adapter(tte, "embed", run_dir / "embed")
+    return tte.eval()
 
 
-def answer_accuracy(traces: list[str], tasks) -> float:
-    """Fraction of traces whose final answer word is the right number word."""
-    from ..data.digits import WORDS
-
-    rows = [r for t in tasks for r in t.rows]
-    right = sum(t.split("</think>")[-1].strip().lower() == WORDS[r.meta["answer"]]
-                for t, r in zip(traces, rows))
-    return right / max(1, len(rows))
+def trace_answer(trace: str) -> str:
+    """The final answer of an ECR trace, normalised for comparison."""
+    return trace.split("</think>")[-1].strip().strip(".").strip().casefold()
 
 
-def evaluate_systems(settings, dirs, reasoner, tasks) -> dict:
+def answers_right(traces, tasks) -> dict[str, float]:
+    """Per task: the fraction of traces whose final answer is the row's `answer_text`; traces in
+    evaluation order (tasks, then rows)."""
+    rows = [(t.name, r) for t in tasks for r in t.rows]
+    right: dict[str, list[bool]] = {t.name: [] for t in tasks}
+    for trace, (task, row) in zip(traces, rows):
+        right[task].append(trace_answer(getattr(trace, "text", trace)) == row.meta["answer_text"].casefold())
+    return {name: sum(v) / len(v) for name, v in right.items()}
+
+
+def evaluate_systems(settings: DemoSettings, dirs: dict[str, Path], out: Path, tasks) -> dict:
+    """Every system on the held-out tasks: {"model traces": {system: results},
+    "teacher traces": {system: results}, "answers right": {task: fraction},
+    "same traces": whether unified top_k decoded exactly unified activated's traces}."""
     from ..eval import evaluate_model
 
-    results = {}
-    for name in SYSTEMS:
-        log(f"evaluating {name}")
-        model = load_system(name, dirs, reasoner)
-        think = name != "no-think embedder"
-        recorder = RecordingModel(model)
-        results[name] = evaluate_model(recorder, tasks, batch_size=50, use_think=think,
-                                       max_new_tokens=settings.max_new_tokens)
-        if think:
-            results[name]["answer_accuracy"] = answer_accuracy(recorder.traces, tasks)
-    return results
+    queries = [r.query for t in tasks for r in t.rows]
+    teacher = {id(r.query): r.meta["teacher_trace"] for t in tasks for r in t.rows}
+    kwargs = dict(batch_size=settings.eval_batch_size, max_new_tokens=settings.max_new_tokens, progress=False)
+    model_traces, teacher_traces, written = {}, {}, {}
+    # Decoding systems first: the two-model embedder is fed the traces unified-activated decoded.
+    for name in ("unified TTE (activated)", "unified TTE (top_k)", "two-model TTE", "no-think embedder"):
+        started = time.time()
+        model = CachedCandidates(load_system(name, dirs, settings, out))
+        if name == "no-think embedder":
+            model_traces[name] = evaluate_model(model, tasks, use_think=False, **kwargs)
+        else:
+            if name == "two-model TTE":
+                reasoner = written["unified TTE (activated)"]
+                runner = GivenTraces(model, {id(q): t for q, t in zip(queries, reasoner)})
+            else:
+                runner = RecordingModel(model)
+            model_traces[name] = evaluate_model(runner, tasks, use_think=True, **kwargs)
+            if isinstance(runner, RecordingModel):
+                written[name] = runner.traces
+            teacher_traces[name] = evaluate_model(GivenTraces(model, teacher), tasks, use_think=True, **kwargs)
+        log(f"evaluated {name} ({time.time() - started:.0f} s)")
+        del model
+    reasoner = written["unified TTE (activated)"]
+    right = answers_right(reasoner, tasks)
+    for name in TTE_SYSTEMS:   # the same reasoner serves all three
+        model_traces[name]["answer_accuracy"] = averages(right, tasks)[1]
+    examples, start = {}, 0
+    for t in tasks:   # the first traces of each task, to eyeball what the reasoner wrote
+        examples[t.name] = [{"query": r.query.text, "trace": tr.text, "answer": r.meta["answer_text"]}
+                            for r, tr in zip(t.rows[:3], reasoner[start:start + 3])]
+        start += len(t.rows)
+    return {"model traces": {n: model_traces[n] for n in SYSTEMS},
+            "teacher traces": {n: teacher_traces[n] for n in TTE_SYSTEMS},
+            "answers right": right,
+            "same traces": all(a.token_ids == b.token_ids for a, b in zip(reasoner, written["unified TTE (top_k)"])),
+            "examples": examples}
 
 
-def summary_table(results: dict, tasks) -> str:
-    names = [t.name.split("/")[-1] for t in tasks]
+# ----------------------------------------------------------------------------- tables and claims
+def _short(name: str) -> str:
+    return name.split("/")[-1]
+
+
+def averages(per_task: dict[str, float], tasks) -> tuple[float, float]:
+    """(mean over the reasoning sub-tasks, mean over all) of a {task: value} map."""
     reasoning = [t.name for t in tasks if t.needs_reasoning]
-    head = ["system"] + names + ["reasoning avg", "all avg", "trace answers right"]
+    return (sum(per_task[n] for n in reasoning) / max(1, len(reasoning)),
+            sum(per_task[t.name] for t in tasks) / len(tasks))
+
+
+def hit_table(results: dict[str, dict], tasks, answers: dict[str, float] | None = None) -> str:
+    """Hit@1 (%) per system and sub-task, the reasoning and overall averages, and (model traces)
+    how often the reasoner's trace ends in the right answer."""
+    head = ["system"] + [_short(t.name) for t in tasks] + ["reasoning avg", "all avg"]
+    head += ["trace answers right"] if answers is not None else []
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    right = None if answers is None else 100 * averages(answers, tasks)[1]
     for system, res in results.items():
         hits = {n: 100 * m["hit@1"] for n, m in res["tasks"].items()}
-        reason = sum(hits[n] for n in reasoning) / max(1, len(reasoning))
-        acc = res.get("answer_accuracy")
-        cells = [system] + [f"{hits[t.name]:.1f}" for t in tasks]
-        cells += [f"{reason:.1f}", f"{sum(hits.values()) / len(hits):.1f}",
-                  "-" if acc is None else f"{100 * acc:.1f}"]
+        cells = [system] + [f"{hits[t.name]:.1f}" for t in tasks] + [f"{v:.1f}" for v in averages(hits, tasks)]
+        if answers is not None:
+            cells.append("-" if system == "no-think embedder" else f"{right:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- 5. export
-def export_and_check(dirs, reasoner: Path, tasks, checkpoint: Path) -> float:
+def answers_table(answers: dict[str, float], tasks, who: str) -> str:
+    head = ["reasoner"] + [_short(t.name) for t in tasks] + ["reasoning avg", "all avg"]
+    cells = [who] + [f"{100 * answers[t.name]:.1f}" for t in tasks] + [f"{100 * v:.1f}" for v in averages(answers, tasks)]
+    return "\n".join(["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1),
+                      "| " + " | ".join(cells) + " |"])
+
+
+def claims(results: dict, tasks) -> list[dict]:
+    """The issue's acceptance claims, each with its numbers and whether it holds."""
+    hits = {s: {n: 100 * m["hit@1"] for n, m in r["tasks"].items()} for s, r in results["model traces"].items()}
+    avg = {s: averages(h, tasks) for s, h in hits.items()}
+    reasoning = [t for t in tasks if t.needs_reasoning]
+    n = sum(len(t.rows) for t in reasoning)
+    pooled = 100 * sum(results["answers right"][t.name] * len(t.rows) for t in reasoning) / max(1, n)
+    two = avg["two-model TTE"]
+    out = [{"claim": "think traces end in the right answer on >= 60% of held-out reasoning queries",
+            "value": f"{pooled:.1f}% of {n} queries (" + ", ".join(
+                f"{_short(t.name)} {100 * results['answers right'][t.name]:.1f}" for t in reasoning) + ")",
+            "holds": pooled >= 60}]
+    for s in ("unified TTE (activated)", "unified TTE (top_k)"):
+        d_reason, d_all = avg[s][0] - two[0], avg[s][1] - two[1]
+        out.append({"claim": f"{s} within 2 points Hit@1 of two-model TTE (reasoning avg, overall)",
+                    "value": f"{d_reason:+.1f}, {d_all:+.1f}", "holds": abs(d_reason) <= 2 and abs(d_all) <= 2})
+    base = hits["no-think embedder"]
+    for s in TTE_SYSTEMS:
+        gain = avg[s][0] - avg["no-think embedder"][0]
+        per = {_short(t.name): hits[s][t.name] - base[t.name] for t in reasoning}
+        out.append({"claim": f"{s} >= 5 points Hit@1 above no-think on the reasoning avg, no reasoning "
+                             "sub-task below",
+                    "value": f"{gain:+.1f} (" + ", ".join(f"{k} {v:+.1f}" for k, v in per.items()) + ")",
+                    "holds": gain >= 5 and min(per.values()) >= 0})
+    return out
+
+
+def claims_table(items: list[dict]) -> str:
+    lines = ["| claim | figures | holds |", "|---|---|---|"]
+    lines += [f"| {c['claim']} | {c['value']} | {'yes' if c['holds'] else '**no**'} |" for c in items]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- 4. export
+def export_and_check(dirs, settings: DemoSettings, out: Path, tasks, checkpoint: Path) -> dict:
+    """Export unified-activated (fp32) and reload it; smollm2: the plain-PEFT trace check.
+    Returns {"round_trip_max_diff", ["peft_same_traces", "peft_queries"]}."""
     from ..export import export_model
     from ..model import UnifiedTTE
     from ..model.zoo import load
 
-    tte = load_system("unified TTE (activated)", dirs, reasoner)
-    export_model(tte, checkpoint, dtype="fp32", backbone_spec=str(reasoner))
-    queries = [r.query for t in tasks for r in t.rows[:2]]
-    traces = ["<think>The image shows a 3. Three plus two is five.</think> five"] * len(queries)
+    tte = load_system("unified TTE (activated)", dirs, settings, out, dtype=torch.float32)
+    spec = json.loads((dirs["unified TTE (activated)"] / "tte_config.json").read_text())["backbone"]
+    export_model(tte, checkpoint, dtype="fp32", backbone_spec=spec)
+    rows = [r for t in tasks for r in t.rows[:2]]
+    queries, traces = [r.query for r in rows], [r.meta["teacher_trace"] for r in rows]
     before = tte.embed(queries, traces)
-    after = UnifiedTTE.from_checkpoint(checkpoint, backbone=load(reasoner)).embed(queries, traces)
-    return float((before - after).abs().max())
+    reloaded = UnifiedTTE.from_checkpoint(checkpoint, backbone=load(spec))
+    report = {"round_trip_max_diff": float((before - reloaded.embed(queries, traces)).abs().max())}
+    if settings.peft_check_queries:
+        per_task = max(1, settings.peft_check_queries // len(tasks))
+        held_out = [r.query for t in tasks for r in t.rows[:per_task]]
+        ours = [t.text for t in reloaded.think(held_out, max_new_tokens=settings.max_new_tokens).traces]
+        theirs = peft_generate(checkpoint, held_out, settings.max_new_tokens)
+        report.update(peft_queries=len(held_out), peft_same_traces=sum(a == b for a, b in zip(ours, theirs)),
+                      peft_examples=[{"query": q.text, "think": a, "peft_generate": b}
+                                     for q, a, b in list(zip(held_out, ours, theirs))[:3]])
+    return report
+
+
+def peft_generate(checkpoint: Path, queries, max_new_tokens: int) -> list[str]:
+    """Greedy traces of the exported think adapter with plain PEFT and Hugging Face `generate` on
+    the plain base (no unified_tte code on the generation path): the user's chat-template prompt,
+    left-padded batch, stop at end-of-turn."""
+    from peft import PeftModel
+
+    from ..export import prepare_base
+    from ..model.zoo import load
+
+    info = json.loads((Path(checkpoint) / "tte_config.json").read_text())
+    base = prepare_base(load(info["backbone"]), checkpoint)   # the invocation-token row, hash checked
+    model = PeftModel.from_pretrained(base.model, str(Path(checkpoint) / "think")).eval()
+    tok = base.tokenizer
+    tok.padding_side = "left"
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q.text}], tokenize=False,
+                                       add_generation_prompt=True) for q in queries]
+    batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    return [tok.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True) for row in ids]
 
 
 # ----------------------------------------------------------------------------- main
+def check_out_folder(out: Path, settings: DemoSettings, seed: int) -> None:
+    """Runs in --out are reused only when they were made with these settings."""
+    want = {"settings": asdict(settings), "seed": seed}
+    path = out / "settings.json"
+    if path.is_file():
+        if json.loads(path.read_text()) != json.loads(json.dumps(want)):
+            raise InputError(f"{out} holds runs made with other demo settings ({path}); pass --fresh "
+                             "to start over or choose another --out.")
+    else:
+        path.write_text(json.dumps(want, indent=2) + "\n")
+
+
 @command("demo")
 def demo_main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tte demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", choices=("tiny", "smollm2"), default="tiny",
+                        help="tiny: a random Qwen2-VL on digits (default); smollm2: the real "
+                             "SmolLM2-135M-Instruct with a think LoRA on knowledge")
     parser.add_argument("--quick", action="store_true", help="a small, fast run (CI); numbers are not meaningful")
-    parser.add_argument("--out", default="runs/demo", help="folder for runs, results and bench output")
-    parser.add_argument("--checkpoint", default="checkpoints/digits-tte", help="where the export lands")
+    parser.add_argument("--out", default=None, help="folder for runs, results and bench output "
+                        "(default runs/demo, runs/demo-smollm2)")
+    parser.add_argument("--checkpoint", default=None, help="where the export lands "
+                        "(default checkpoints/digits-tte, checkpoints/smollm2-tte)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared machine, more threads than free "
+                             "cores make every op wait on a descheduled thread, often 10x slower)")
     parser.add_argument("--no-bench", action="store_true", help="skip the latency/memory bench")
     parser.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing finished runs")
     args = parser.parse_args(argv)
-    settings = QUICK if args.quick else FULL
-    out = Path(args.out)
+    settings = PRESETS[(args.backbone, args.quick)]
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    tiny = args.backbone == "tiny"
+    out = Path(args.out or ("runs/demo" if tiny else "runs/demo-smollm2"))
+    checkpoint = Path(args.checkpoint or ("checkpoints/digits-tte" if tiny else "checkpoints/smollm2-tte"))
     if args.fresh:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    check_out_folder(out, settings, args.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return run_demo(args, settings, out, checkpoint, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_demo(args, settings: DemoSettings, out: Path, checkpoint: Path, argv) -> int:
+    """Steps 1-6 of the module docstring."""
+    tiny = settings.backbone == "tiny"
     torch.manual_seed(args.seed)
     start = time.time()
 
-    from ..data.digits import build_digits
-    digits = build_digits(seed=args.seed, max_train_per_task=settings.train_per_task,
-                          max_eval_per_task=settings.eval_queries)
-    log(f"digits: {len(digits.train_rows)} train rows ({len(digits.train_indices)} train images), "
-        f"{len(digits.eval_tasks)} eval tasks x {settings.eval_queries} queries on "
-        f"{len(digits.test_indices)} held-out images")
-    reasoner, dirs = train_runs(settings, out, args.seed)
-    results = evaluate_systems(settings, dirs, reasoner, digits.eval_tasks)
-    table = summary_table(results, digits.eval_tasks)
+    from ..data.registry import build_builtin
+    from ..model import zoo
 
-    round_trip = export_and_check(dirs, reasoner, digits.eval_tasks, Path(args.checkpoint))
-    log(f"exported unified TTE (activated) to {args.checkpoint}; reloaded embeddings differ by {round_trip:.1e}")
+    task = build_builtin(settings.task, **{**settings.task_options, "seed": args.seed})
+    tasks = task.eval_tasks
+    log(f"{settings.task}: {len(task.train_rows)} train rows, {len(tasks)} eval tasks "
+        f"({', '.join(f'{_short(t.name)} {len(t.rows)}' for t in tasks)} queries x "
+        f"{len(tasks[0].rows[0].candidates)} candidates)")
+    with zoo.reuse_built():   # the base is built once, then copied for every run and system
+        dirs = train_runs(settings, out, args.seed)
+        results = evaluate_systems(settings, dirs, out, tasks)
+        export = export_and_check(dirs, settings, out, tasks, checkpoint)
+    log(f"exported unified TTE (activated) to {checkpoint}; reloaded embeddings differ by "
+        f"{export['round_trip_max_diff']:.1e}")
+    if "peft_queries" in export:
+        log(f"plain PEFT + generate wrote the same traces as UnifiedTTE.think on "
+            f"{export['peft_same_traces']}/{export['peft_queries']} held-out queries")
 
     bench_table = ""
     if not args.no_bench:
-        from .bench import bench_main
-        log("bench: unified vs two-model latency and memory (tiny, quick)")
-        bench_main(["--quick", "--out", str(out / "bench")])
+        log(f"bench: tte bench {' '.join(settings.bench)}")
+        _bench([*settings.bench, "--out", str(out / "bench")])
         bench_table = (out / "bench" / "table.md").read_text()
+        if tiny:
+            bench_table = f"{TINY_BENCH_NOTE}\n\n{bench_table}"
 
     elapsed = time.time() - start
-    summary = {"settings": asdict(settings), "quick": args.quick, "seed": args.seed,
-               "results": results, "export_round_trip_max_diff": round_trip,
-               "elapsed_s": elapsed, "machine": _machine()}
+    machine = _machine()
+    items = claims(results, tasks)
+    reasoner = "think LoRA (greedy)" if settings.backbone != "tiny" else "fully fine-tuned reasoner (greedy)"
+    what = "held-out handwritten digits" if settings.task == "digits" else "held-out countries and elements"
+    n_q = "/".join(str(len(t.rows)) for t in tasks)
+    tables = (
+        f"Hit@1 (%) on {what} ({n_q} queries x {len(tasks[0].rows[0].candidates)} candidates per "
+        f"sub-task), traces written by the reasoner\n\n{hit_table(results['model traces'], tasks, results['answers right'])}\n\n"
+        f"Hit@1 (%) with the teacher's traces (an upper bound: a reasoner that is always right)\n\n"
+        f"{hit_table(results['teacher traces'], tasks)}\n\n"
+        f"How often the reasoner's trace ends in the right answer (%)\n\n"
+        f"{answers_table(results['answers right'], tasks, reasoner)}\n\n"
+        f"Claims\n\n{claims_table(items)}\n")
+    summary = {"backbone": settings.backbone, "settings": asdict(settings), "quick": args.quick, "seed": args.seed,
+               "results": results["model traces"], "teacher_results": results["teacher traces"],
+               "answers_right": results["answers right"], "same_traces": results["same traces"],
+               "examples": results["examples"], "claims": items, "export": export,
+               "export_round_trip_max_diff": export["round_trip_max_diff"],
+               "elapsed_s": elapsed, "machine": machine, "threads": args.threads,
+               "command": "tte demo " + " ".join(argv or [])}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    (out / "summary.md").write_text(f"# tte demo ({_machine()})\n\nHit@1 (%) on held-out digits\n\n"
-                                    f"{table}\n\n{bench_table}\n")
+    (out / "summary.md").write_text(f"# tte demo --backbone {settings.backbone} ({machine}, "
+                                    f"{elapsed / 60:.1f} min)\n\n{tables}\n{bench_table}\n")
     print()
-    print(f"Hit@1 (%) on held-out handwritten digits, {settings.eval_queries} queries x 10 candidates per task")
-    print(table)
+    print(tables)
     if bench_table:
-        print()
         print(bench_table)
-    print(f"\nwrote {out / 'summary.md'} and {out / 'summary.json'}; checkpoint {args.checkpoint}; "
-          f"{elapsed / 60:.1f} min on {_machine()}")
+    print(f"\nwrote {out / 'summary.md'} and {out / 'summary.json'}; checkpoint {checkpoint}; "
+          f"{elapsed / 60:.1f} min on {machine}")
     return 0
-
-
-def _machine() -> str:
-    from tte_kernels.measure import machine_name
-    return machine_name()

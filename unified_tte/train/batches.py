@@ -19,10 +19,8 @@ from .recipe import Recipe
 def load_rows(recipe: Recipe) -> list:
     """Every train row of the recipe (with `.trace` where one is known), before any model work."""
     data = recipe.data
-    if data.train == "digits":
-        d = data.digits
-        rows = build_builtin("digits", seed=d.seed, image_size=d.image_size, test_fraction=d.test_fraction,
-                             max_train_per_task=d.max_train_per_task).train_rows
+    if data.builtin:  # a built-in task: its rows carry the teacher's traces
+        rows = build_builtin(data.train, **data.builtin_options()).train_rows
     else:
         loaded = load_train_rows(list(data.train), image_root=data.image_root, skip_bad=data.skip_bad)
         for reason in loaded.skipped[:5]:

@@ -12,8 +12,10 @@ Rules:
 * Unknown keys are errors that name the key and the file (or the command-line override).
 * Relative paths (run_dir, deepspeed, data files, a backbone folder) are taken from the current
   folder: launch from the repository root, as the recipes' first lines show.
-* `data: digits` is short for `data: {train: digits}`; `data.train` lists MMEB-train files,
-  subset folders or the folder holding the subset folders (the released layout).
+* `data: digits` is short for `data: {train: digits}`; any built-in task name works the same way
+  (`data: knowledge`), its builder's options under `data.options` (digits: `data.digits`);
+  `data.train` lists MMEB-train files, subset folders or the folder holding the subset folders
+  (the released layout).
 * `check_inputs(recipe)` verifies every file the run will read, before any work.
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..data.records import read_yaml_mapping
+from ..data.registry import BUILTIN_TASKS, builder_options
 from ..data.sampling import SubsetSpec
 from ..errors import RecipeError
 from ..model import TTEConfig, zoo
@@ -55,8 +58,9 @@ class DigitsData:
 @dataclass
 class DataConfig:
     train: str | list[str] = "digits"
-    """"digits" (built in) or MMEB-train files (.jsonl/.json/.parquet: qry, qry_image_path,
-    pos_text, pos_image_path, optional neg_text, neg_image_path)."""
+    """A built-in task ("digits", "knowledge": data/registry.py BUILTIN_TASKS) or MMEB-train files
+    (.jsonl/.json/.parquet: qry, qry_image_path, pos_text, pos_image_path, optional neg_text,
+    neg_image_path)."""
     image_root: str | None = None
     """Folder the image paths of the train files are relative to (default: each file's folder)."""
     traces: list[str] = field(default_factory=list)
@@ -70,6 +74,19 @@ class DataConfig:
     `ImageNet_1K: {max_rows: 100000, weight: 1}` (see unified_tte/data/sampling.py). The size
     cap of every image is the model's (`model.max_pixels`, saved with the checkpoint)."""
     digits: DigitsData = field(default_factory=DigitsData)
+    options: dict = field(default_factory=dict)
+    """Options of a built-in task's builder, e.g. {seed: 0, max_train_per_task: 64} for knowledge
+    (data/knowledge.py build_knowledge); for digits they override the digits block."""
+
+    @property
+    def builtin(self) -> bool:
+        """True when `train` names a built-in task rather than files."""
+        return isinstance(self.train, str)
+
+    def builtin_options(self) -> dict:
+        """The keyword options the built-in task's builder gets."""
+        base = dataclasses.asdict(self.digits) if self.train == "digits" else {}
+        return {**base, **self.options}
 
 
 @dataclass
@@ -431,13 +448,21 @@ def validate(recipe: Recipe, source: str) -> None:
                 fail(f"data.subsets.{name}.{key}", f"must be a non-negative {'number' if key == 'weight' else 'integer'} "
                      f"or null, got {value!r}.")
     if isinstance(recipe.data.train, list) and not recipe.data.train:
-        fail("data.train", "name at least one train file, or use digits.")
+        fail("data.train", f"name at least one train file, or a built-in task ({sorted(BUILTIN_TASKS)}).")
     for key in ("max_pixels", "min_pixels"):
         value = getattr(recipe.model, key, None)
         if value is not None and value < 28 * 28:
             fail(f"model.{key}", f"must be >= 784 (one 28 x 28 px image token) or null, got {value}.")
-    if isinstance(recipe.data.train, str) and recipe.data.train != "digits":
+    if isinstance(recipe.data.train, str) and recipe.data.train not in BUILTIN_TASKS:
         recipe.data.train = [recipe.data.train]
+    if recipe.data.options and not recipe.data.builtin:
+        fail("data.options", "options are for a built-in task's builder; data.train names files.")
+    if recipe.data.builtin:
+        known = builder_options(recipe.data.train)
+        unknown = sorted(set(recipe.data.options) - set(known))
+        if unknown:
+            fail("data.options", f"unknown option(s) {unknown} of the built-in task "
+                 f"{recipe.data.train!r}; known: {sorted(known)}.")
 
 
 def check_inputs(recipe: Recipe, source: str = "recipe") -> dict:
@@ -456,7 +481,7 @@ def check_inputs(recipe: Recipe, source: str = "recipe") -> dict:
         if not (folder / "config.json").is_file():
             missing("backbone", folder / "config.json",
                     f"a local checkpoint folder (or one of {list(BUILTIN_BACKBONES)})")
-    if recipe.data.train != "digits":
+    if not recipe.data.builtin:
         for i, f in enumerate(recipe.data.train):
             if not Path(f).exists():
                 missing(f"data.train[{i}]", f, "train file or folder")
@@ -529,7 +554,7 @@ def absolute_paths(recipe: Recipe) -> Recipe:
     r.deepspeed = absolute(r.deepspeed)
     if r.backbone not in BUILTIN_BACKBONES:
         r.backbone = absolute(r.backbone)
-    if r.data.train != "digits":
+    if not r.data.builtin:
         r.data.train = [absolute(f) for f in r.data.train]
     r.data.traces = [absolute(f) for f in r.data.traces]
     if r.data.image_root is not None:
