@@ -142,3 +142,21 @@ def test_tte_traces_writes_knowledge_traces_by_name(tmp_path, one_torch_thread, 
     assert traces_main(["--model", "tiny-llama", "--data", "knowledge", "--out", str(out),
                         "--task-option", "nope"]) == 2
     assert "--task-option 'nope': expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_no_wrong_candidate_is_another_language_of_the_country(task):
+    # Kenya: English first, Swahili also listed; Swahili offered as a "wrong" answer would make a
+    # right trace score a miss.
+    countries = {c.name: c for c in load_countries(20_000_000)}
+    rows = next(t for t in task.eval_tasks if t.name == "knowledge/capital_language").rows
+    checked = 0
+    for row in rows:
+        country = countries[row.meta["country"].removeprefix("the ")]
+        wrong = {c.text for i, c in enumerate(row.candidates) if i != row.positive}
+        assert not wrong & set(country.other_languages), (row.id, wrong & set(country.other_languages))
+        checked += bool(country.other_languages)
+    assert checked > 0
+    for row in task.train_rows:
+        if row.task == "knowledge/capital_language" and row.neg.text:
+            country = next(c for c in countries.values() if _mentions(row.qry.text, c.capital))
+            assert row.neg.text not in country.other_languages, row.id

@@ -107,6 +107,7 @@ class Country:
     language: str
     population: int
     cities: tuple[str, ...] = ()
+    other_languages: tuple[str, ...] = ()   # the rest of geonames' list: never a distractor
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,17 @@ def _plain(text: str) -> str:
     return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c)).casefold()
 
 
+def _language_names(codes: str) -> list[str]:
+    """English names of a geonames language list, in its order ("es-PE,qu,ay" -> Spanish, Quechua,
+    Aymara); codes pycountry does not know are left out."""
+    names = []
+    for code in codes.split(","):
+        name = _language_name(code)
+        if name is not None and name not in names:
+            names.append(name)
+    return names
+
+
 def _language_name(codes: str) -> str | None:
     """English name of the first language of a geonames language list ("es-PE,qu,ay" -> Spanish)."""
     pycountry = require("pycountry", "knowledge", "the built-in knowledge task (language names)")
@@ -207,8 +219,10 @@ def load_countries(min_population: int = 1, min_city_population: int = 1_000_000
         if _plain(c["capital"]) in names:
             others = [v["name"] for v in cities if v["population"] >= min_city_population
                       and _plain(v["name"]) != _plain(c["capital"])][:cities_per_country]
+        # Kenya lists English then Swahili: Swahili must not be a "wrong" candidate for Nairobi.
+        also = tuple(n for n in _language_names(c.get("languages") or "") if n != language)
         out.append(Country(c["name"], c["capital"], CONTINENTS[c["continentcode"]], language,
-                           int(c["population"]), tuple(others)))
+                           int(c["population"]), tuple(others), also))
     return tuple(sorted(out, key=lambda c: c.name))
 
 
@@ -302,7 +316,7 @@ def _element_fact(e: Element) -> dict:
 
 def _country_fact(c: Country) -> dict:
     return {"country": f"the {c.name}" if c.name in WITH_ARTICLE else c.name, "capital": c.capital,
-            "language": c.language, "continent": c.continent}
+            "language": c.language, "continent": c.continent, "other_languages": list(c.other_languages)}
 
 
 def _country_facts(sub: str, countries: list[Country]) -> list[dict]:
@@ -389,9 +403,10 @@ class Distractors:
             pool = self.languages if attr == "language" else self.capitals
         # A comparison's first trap is the other entity's answer (the wrong side of the comparison).
         trap = [fact["other_answer"]] if sub in PAIRS else []
-        near = sorted(x for x in set(near) - set(trap) if self._fair(x, answer))
+        also_right = set(fact.get("other_languages", ())) if sub == "capital_language" else set()
+        near = sorted(x for x in set(near) - set(trap) - also_right if self._fair(x, answer))
         hard = trap + [near[i] for i in rng.permutation(len(near))[: (n + 1) // 2 - len(trap)]]
-        rest = sorted(x for x in set(pool) - set(hard) if self._fair(x, answer))
+        rest = sorted(x for x in set(pool) - set(hard) - also_right if self._fair(x, answer))
         easy = [rest[i] for i in rng.permutation(len(rest))[: n - len(hard)]]
         return answer, hard + easy
 
