@@ -39,7 +39,8 @@ cities is left out of city_capital (its capital's name is not the city list's).
 Every eval query has 10 candidates: the answer and 9 distractors, as hard as the data allows
 (a comparison's other entity's answer first; capitals and languages of countries on the same
 continent, then others; the symbols of neighbouring elements and of elements with the same
-initial). An eval distractor may be
+initial); a language the country's geonames list also names (Swahili for Kenya, whose answer
+is English) is never a distractor, so a right trace is never scored a miss. An eval distractor may be
 any country's or element's (train ones too); a train row's hard negative (one per row, drawn the
 same way) is never a test entity's capital or symbol. Every query is
 asked in each of its sub-task's phrasings (`TEMPLATES`); sizes are capped after a seeded shuffle.
