@@ -4,11 +4,11 @@ and Qwen2.5-VL-3B (every width as published, its vision tower with 112 px window
 text stack cut to 4 of its 36 layers for CI's time and memory, TTE_FULL_SHAPES=1 runs all 36), with
 the project's local tokenizer. fp32: fast path == recompute to 1e-5 in both modes on a 448x448
 image, a small odd-sized image and a text-only row; think == HF generate token for token. bf16 on
-the 2B shape: cosine(fast, recompute) >= 0.999 per row and the flash-attention error budget.
+both shapes: cosine(fast, recompute) >= 0.999 per row and the flash-attention error budget.
 
     pytest tests/test_real_shapes.py -q -m slow        # ~12 min and ~10 GB on 2 shared cores
 
-Each class builds its model once (the 2B shape: ~60 s, ~9 GB fp32) and wraps / unwraps it per test.
+Each shape is built once (the 2B shape: ~60 s, ~9 GB fp32) and wrapped / unwrapped per test.
 """
 import contextlib
 import gc
@@ -77,63 +77,61 @@ def check_fast_equals_recompute(tte, think_equals_generate: bool):
         assert [t.token_ids for t in traces] == generate_tokens(tte, inputs, NEW_TOKENS)
 
 
-@pytest.fixture(scope="class")
-def qwen2vl_2b():
-    bb = qwen2vl_2b_shape()
+def _check_qwen2vl_2b(bb):
     config = bb.model.config.text_config
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
             config.num_key_value_heads, head_dim(bb), config.vocab_size) == (28, 1536, 12, 2, 128, 151936)
     assert config.rope_parameters["mrope_section"] == [16, 24, 24] and bb.model.config.vision_config.depth == 32
-    yield bb
-    del bb
-    gc.collect()
 
 
-class TestQwen2VL2B:
-    def test_activated_fast_path_equals_recompute_and_think_equals_generate(self, qwen2vl_2b):
-        with wrapped(qwen2vl_2b, mode="activated") as tte:
-            check_fast_equals_recompute(tte, think_equals_generate=True)
-
-    def test_top_k_fast_path_equals_recompute(self, qwen2vl_2b):
-        with wrapped(qwen2vl_2b, mode="top_k") as tte:
-            check_fast_equals_recompute(tte, think_equals_generate=False)
-
-    def test_bf16_fast_path_within_the_error_budget(self, qwen2vl_2b):
-        """Last in the class: the weights are cast to bf16 and back (the reference then runs the
-        same bf16-rounded weights in fp32, so the budget measures compute error only)."""
-        inputs = rows()
-        with wrapped(qwen2vl_2b, mode="activated") as tte:
-            tte.to(torch.bfloat16)
-            fast, traces = tte.think_then_embed(inputs, max_new_tokens=NEW_TOKENS)
-            recompute = tte.embed_recompute(inputs, traces)
-            tte.to(torch.float32)
-            reference = tte.embed_recompute(inputs, traces)
-        assert fast.dtype == recompute.dtype == torch.float32
-        cosine = F.cosine_similarity(fast, recompute, dim=-1)
-        assert cosine.min() >= 0.999, f"cosine(fast, recompute) per row: {cosine.tolist()}"
-        fast_err = float((fast - reference).abs().max())
-        recompute_err = float((recompute - reference).abs().max())
-        assert 0 < recompute_err and fast_err <= 2 * recompute_err + 1e-6, (fast_err, recompute_err)
-
-
-@pytest.fixture(scope="class")
-def qwen25vl_3b():
-    layers = None if os.environ.get("TTE_FULL_SHAPES") == "1" else 4
-    bb = qwen25vl_3b_shape(num_layers=layers)
+def _check_qwen25vl_3b(bb):
     config, vision = bb.model.config.text_config, bb.model.config.vision_config
     assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim(bb),
             config.intermediate_size, config.vocab_size) == (2048, 16, 2, 128, 11008, 151936)
     assert (vision.depth, vision.window_size, vision.fullatt_block_indexes) == (32, 112, [7, 15, 23, 31])
+
+
+SHAPES = {
+    "qwen2vl-2b": (qwen2vl_2b_shape, _check_qwen2vl_2b),
+    "qwen25vl-3b": (lambda: qwen25vl_3b_shape(num_layers=None if os.environ.get("TTE_FULL_SHAPES") == "1" else 4),
+                    _check_qwen25vl_3b),
+}
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def backbone(request):
+    """One shape at a time (pytest runs every test of one param before building the next)."""
+    build, check = SHAPES[request.param]
+    bb = build()
+    check(bb)
     yield bb
     del bb
     gc.collect()
 
 
-class TestQwen25VL3B:
-    def test_activated_fast_path_equals_recompute_and_think_equals_generate(self, qwen25vl_3b):
-        with wrapped(qwen25vl_3b, mode="activated") as tte:
-            check_fast_equals_recompute(tte, think_equals_generate=True)
+def test_activated_fast_path_equals_recompute_and_think_equals_generate(backbone):
+    with wrapped(backbone, mode="activated") as tte:
+        check_fast_equals_recompute(tte, think_equals_generate=True)
 
-    def test_top_k_fast_path_equals_recompute(self, qwen25vl_3b):
-        with wrapped(qwen25vl_3b, mode="top_k") as tte:
-            check_fast_equals_recompute(tte, think_equals_generate=False)
+
+def test_top_k_fast_path_equals_recompute(backbone):
+    with wrapped(backbone, mode="top_k") as tte:
+        check_fast_equals_recompute(tte, think_equals_generate=False)
+
+
+def test_bf16_fast_path_within_the_error_budget(backbone):
+    """Last in the file: the weights are cast to bf16 and back (the reference then runs the same
+    bf16-rounded weights in fp32, so the budget measures compute error only)."""
+    inputs = rows()
+    with wrapped(backbone, mode="activated") as tte:
+        tte.to(torch.bfloat16)
+        fast, traces = tte.think_then_embed(inputs, max_new_tokens=NEW_TOKENS)
+        recompute = tte.embed_recompute(inputs, traces)
+        tte.to(torch.float32)
+        reference = tte.embed_recompute(inputs, traces)
+    assert fast.dtype == recompute.dtype == torch.float32
+    cosine = F.cosine_similarity(fast, recompute, dim=-1)
+    assert cosine.min() >= 0.999, f"cosine(fast, recompute) per row: {cosine.tolist()}"
+    fast_err = float((fast - reference).abs().max())
+    recompute_err = float((recompute - reference).abs().max())
+    assert 0 < recompute_err and fast_err <= 2 * recompute_err + 1e-6, (fast_err, recompute_err)

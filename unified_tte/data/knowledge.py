@@ -131,25 +131,26 @@ class KnowledgeTask:
 
 # ----------------------------------------------------------------------------- the teacher
 
+# What the teacher writes inside <think>: the recall, or the bridge then the recall.
+TRACE_TEMPLATES = {
+    "capital": "The capital of {country} is {capital}.",
+    "symbol": "The chemical symbol of {element} is {symbol}.",
+    "capital_language": "{capital} is the capital of {country}. The official language of {country} is {language}.",
+    "city_capital": "{city} is a city in {country}. The capital of {country} is {capital}.",
+}
+PAIR_RECALL = {"bigger_capital": "capital", "heavier_symbol": "symbol"}   # a comparison's last step
+
+
 def teacher_trace(subtask: str, fact: dict) -> str:
     """The rule-based ECR trace of a query: `<think>bridge facts</think> answer`, short. `fact`
     holds the entity's fields (country, capital, language, city; element, symbol)."""
     f = fact
-    if subtask == "capital":
-        think = f"The capital of {f['country']} is {f['capital']}."
-    elif subtask == "symbol":
-        think = f"The chemical symbol of {f['element']} is {f['symbol']}."
-    elif subtask == "capital_language":
-        think = (f"{f['capital']} is the capital of {f['country']}. "
-                 f"The official language of {f['country']} is {f['language']}.")
-    elif subtask == "city_capital":
-        think = f"{f['city']} is a city in {f['country']}. The capital of {f['country']} is {f['capital']}."
-    elif subtask in PAIRS:   # the two numbers in the query's order, the comparison, the recall
+    if subtask in PAIRS:   # the two numbers in the query's order, the comparison, the recall
         think = _sentence(f"{f['first']}: {f['first_value']}, {f['second']}: {f['second_value']}. "
                           f"The larger of {f['first_value']} and {f['second_value']} is {f['value']}, "
-                          f"so {_name(subtask, f)}. ")
-        think += (f"The capital of {f['country']} is {f['capital']}." if subtask == "bigger_capital" else
-                  f"The chemical symbol of {f['element']} is {f['symbol']}.")
+                          f"so {_name(subtask, f)}. ") + TRACE_TEMPLATES[PAIR_RECALL[subtask]].format(**f)
+    elif subtask in TRACE_TEMPLATES:
+        think = TRACE_TEMPLATES[subtask].format(**f)
     else:
         raise ValueError(f"unknown knowledge sub-task {subtask!r}; known: {SUBTASKS}")
     return f"<think>{think}</think> {answer_of(subtask, f)}"

@@ -151,23 +151,23 @@ def tiny_qwen25vl(seed: int = 0, num_layers: int = 4, hidden_size: int = 64, voc
 # Image sizes (min_pixels / max_pixels) are those of each model's preprocessor_config.json.
 _QWEN2VL_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, patch_size=14,
                        spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+_QWEN_IMAGE_SIZES = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 16384)
+
+
+def _qwen2vl(vocab_size: int, hidden_size: int, intermediate_size: int, heads: int, kv_heads: int,
+             tie_word_embeddings: bool) -> dict:
+    """A Qwen2-VL config: the sizes that differ between 2B and 7B, the rest as both publish it."""
+    text = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                num_hidden_layers=28, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                mrope_section=[16, 24, 24], tie_word_embeddings=tie_word_embeddings)
+    return dict(model_type="qwen2_vl", text=text, vision=dict(_QWEN2VL_VISION, hidden_size=hidden_size),
+                **_QWEN_IMAGE_SIZES)
+
+
 PUBLISHED = {
-    "qwen2vl-2b": dict(
-        model_type="qwen2_vl",
-        text=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-                  rms_norm_eps=1e-6, rope_theta=1000000.0, mrope_section=[16, 24, 24],
-                  tie_word_embeddings=True),
-        vision=dict(_QWEN2VL_VISION, hidden_size=1536),
-        min_pixels=56 * 56, max_pixels=28 * 28 * 16384),
-    "qwen2vl-7b": dict(
-        model_type="qwen2_vl",
-        text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                  num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-                  rms_norm_eps=1e-6, rope_theta=1000000.0, mrope_section=[16, 24, 24],
-                  tie_word_embeddings=False),
-        vision=dict(_QWEN2VL_VISION, hidden_size=3584),
-        min_pixels=56 * 56, max_pixels=28 * 28 * 16384),
+    "qwen2vl-2b": _qwen2vl(151936, 1536, 8960, heads=12, kv_heads=2, tie_word_embeddings=True),
+    "qwen2vl-7b": _qwen2vl(152064, 3584, 18944, heads=28, kv_heads=4, tie_word_embeddings=False),
     "qwen25vl-3b": dict(
         model_type="qwen2_5_vl",
         text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
@@ -178,7 +178,7 @@ PUBLISHED = {
                     window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu",
                     tokens_per_second=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                     in_channels=3),
-        min_pixels=56 * 56, max_pixels=28 * 28 * 16384),
+        **_QWEN_IMAGE_SIZES),
 }
 
 

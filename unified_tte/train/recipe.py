@@ -325,9 +325,9 @@ def _coerce(value, tp, source: str, key: str):
         if not isinstance(value, dict):
             raise bad("a mapping")
         return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad("true or false")
+    if tp in (bool, str):   # taken as written: no "yes" -> True, no 1 -> "1"
+        if not isinstance(value, tp):
+            raise bad("true or false" if tp is bool else "a string")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -347,10 +347,6 @@ def _coerce(value, tp, source: str, key: str):
         if number is None or not math.isfinite(number):
             raise bad("a finite number")
         return number
-    if tp is str:
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
     raise RecipeError(f"{source}: key {key!r}: unsupported annotation {tp!r}")  # a bug in this file
 
 
