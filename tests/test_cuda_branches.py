@@ -56,6 +56,7 @@ def test_init_distributed_picks_nccl_and_the_local_gpu(fake_cuda):
     fake_cuda.setenv("RANK", "1")
     fake_cuda.setenv("WORLD_SIZE", "2")
     fake_cuda.setenv("LOCAL_RANK", "1")
+    fake_cuda.setenv("MASTER_ADDR", "10.0.0.1")   # a launcher sets it with RANK
     d = distributed.init_distributed()
     assert calls["dist_backend"] == "nccl" and calls["device"] == 1
     assert d.device == torch.device("cuda", 1) and (d.rank, d.world, d.local_rank) == (1, 2, 1)
@@ -79,14 +80,18 @@ def test_attention_implementation_on_cuda(fake_cuda, installed, expected):
     assert backbones.attention_implementation() == expected
 
 
-def test_a_plain_launch_joins_a_one_process_group_without_opening_a_port():
+@pytest.mark.parametrize("left_behind", [{}, {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}],
+                         ids=["clean environment", "RANK left by a parent's plain launch"])
+def test_a_plain_launch_joins_a_one_process_group_without_opening_a_port(left_behind):
     # A free port picked then bound later can be taken by another process in between (EADDRINUSE
-    # in CI); a one-process group must not need a port at all. Forbid binding to prove it.
+    # in CI); a one-process group must not need a port at all. Forbid binding to prove it. A
+    # child of a process that made such a group inherits its RANK without MASTER_ADDR: still plain.
     script = (
         "import os, socket\n"
         "def refuse(*a, **k): raise OSError('binding a port is not allowed here')\n"
         "socket.socket.bind = refuse\n"
         "for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'): os.environ.pop(key, None)\n"
+        f"os.environ.update({left_behind!r})\n"
         "os.environ['CUDA_VISIBLE_DEVICES'] = ''\n"
         "from unified_tte.train.distributed import init_distributed, all_reduce\n"
         "d = init_distributed()\n"

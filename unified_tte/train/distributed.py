@@ -62,7 +62,9 @@ def init_distributed() -> Dist:
     deepspeed = import_deepspeed()
     import torch.distributed as dist
 
-    plain_launch = "RANK" not in os.environ
+    # A launcher sets RANK with MASTER_ADDR; RANK alone is what a plain launch of this function
+    # left behind in the environment of a parent process (tests, `tte plan`'s workers).
+    plain_launch = not ("RANK" in os.environ and "MASTER_ADDR" in os.environ)
     if plain_launch:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
