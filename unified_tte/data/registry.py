@@ -33,21 +33,38 @@ DATA_ROOT_ENV = "TTE_MMEB_ROOT"
 BUILTIN_TASKS = {"digits": digits.build_digits, "knowledge": knowledge.build_knowledge}
 
 
-def build_builtin(name: str, **options):
-    """A built-in task by name (see BUILTIN_TASKS)."""
+def _builder(name: str):
     if name not in BUILTIN_TASKS:
         raise DataError(f"unknown built-in task {name!r}; known: {sorted(BUILTIN_TASKS)}.")
+    return BUILTIN_TASKS[name]
+
+
+def build_builtin(name: str, **options):
+    """A built-in task by name (see BUILTIN_TASKS)."""
+    builder = _builder(name)
     try:
-        return BUILTIN_TASKS[name](**options)
+        return builder(**options)
     except TypeError as e:  # an option the builder does not take
         raise DataError(f"built-in task {name!r}: {e}") from None
 
 
 def builder_options(name: str) -> list[str]:
     """The keyword options the builder of built-in task `name` takes."""
-    if name not in BUILTIN_TASKS:
-        raise DataError(f"unknown built-in task {name!r}; known: {sorted(BUILTIN_TASKS)}.")
-    return list(inspect.signature(BUILTIN_TASKS[name]).parameters)
+    return list(inspect.signature(_builder(name)).parameters)
+
+
+def task_options(pairs: Sequence[str], where: str = "--task-option") -> dict:
+    """`KEY=VALUE` pairs (YAML values) as a built-in task builder's keyword options."""
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise DataError(f"{where} {pair!r}: expected KEY=VALUE, e.g. seed=1.")
+        options[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return options
+
 
 @dataclass
 class TaskSpec:

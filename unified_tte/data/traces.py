@@ -51,7 +51,7 @@ from ..model.inputs import TTEInput
 from .mmeb import load_train_rows, task_type_for
 from .records import iter_records
 from .ranks import Ranks, barrier, gather, init_ranks, my_batches
-from .registry import BUILTIN_TASKS, build_builtin
+from .registry import BUILTIN_TASKS, build_builtin, task_options
 from .schema import EvalRow, TrainRow
 
 _FORMAT = ("First reason briefly inside <think> and </think>, then write the short final answer "
@@ -418,19 +418,6 @@ def set_pixels(model, max_pixels: int | None, min_pixels: int | None) -> None:
         encoder.max_pixels = max_pixels
     if encoder is not None and min_pixels is not None:
         encoder.min_pixels = min_pixels
-
-
-def task_options(pairs: Sequence[str], where: str = "--task-option") -> dict:
-    """`KEY=VALUE` pairs (YAML values) as a built-in task builder's keyword options."""
-    import yaml
-
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise DataError(f"{where} {pair!r}: expected KEY=VALUE, e.g. seed=1.")
-        options[key.strip()] = yaml.safe_load(value) if value.strip() else None
-    return options
 
 
 def _load_rows(args) -> list:

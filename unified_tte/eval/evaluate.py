@@ -43,7 +43,8 @@ import numpy as np
 
 from ..data import EvalTask, resolve_tasks, validate_eval_task
 from ..data.ranks import Ranks, barrier, gather, init_ranks, my_batches
-from ..data.traces import check_ecr_shape, set_pixels, task_options
+from ..data.registry import task_options
+from ..data.traces import check_ecr_shape, set_pixels
 from ..errors import DataError, command, positive_int
 from ..model import UnifiedTTE, zoo
 from .cache import EmbeddingCache, model_key
