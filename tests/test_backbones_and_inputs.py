@@ -156,3 +156,23 @@ def test_reuse_built_builds_a_builtin_once_and_hands_out_private_copies(monkeypa
         assert weight_hash(b.model) == weight_hash(zoo.load("tiny-llama").model)
     zoo.load("tiny-llama")
     assert len(calls) == 2   # outside the block nothing is kept
+
+
+def test_system_prompt_is_the_system_turn_of_every_prompt_and_travels_with_the_config(tmp_path):
+    from unified_tte.export import export_model
+
+    plain = UnifiedTTE(tiny_llama())
+    system = UnifiedTTE(tiny_llama(), system_prompt="Be brief.")
+    query = [TTEInput("What is seven plus two?")]
+    default_ids = plain.encoder.encode(query)[0].ids
+    ids = system.encoder.encode(query)[0].ids
+    text = system.tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is seven")
+    assert "system" not in plain.tokenizer.decode(default_ids)   # None: the template's own default
+    assert ids[-len(default_ids):] == default_ids                 # the user turn itself is unchanged
+    randomize_adapters(system)
+    export_model(system, tmp_path / "ck", dtype="fp32", backbone_spec="tiny-llama")
+    reloaded = UnifiedTTE.from_checkpoint(tmp_path / "ck", backbone=tiny_llama())
+    assert reloaded.config.system_prompt == "Be brief."
+    assert reloaded.encoder.encode(query)[0].ids == ids
+    assert (reloaded.embed(query) - system.embed(query)).abs().max() <= 1e-5

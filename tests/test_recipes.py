@@ -91,6 +91,23 @@ def test_inconsistent_recipes_are_refused_with_the_fix(tmp_path):
         recipe_from_dict({"stages": ["embed", "think"]})
     with pytest.raises(RecipeError, match="temperature"):
         recipe_from_dict({"embed": {"temperature": 0}})
+    with pytest.raises(RecipeError, match=r"embed\.trace_noise.*must be in \[0, 1\), got 1\.0"):
+        recipe_from_dict({"embed": {"trace_noise": 1.0}})
+
+
+def test_trace_noise_reaches_the_embed_rows_only(tmp_path):
+    """The embed stage trains on swapped answers; the think stage on the same rows' true traces."""
+    from unified_tte.train.batches import load_rows, stage_rows
+
+    recipe = recipe_from_dict({"data": {"train": "digits", "max_rows": 40}, "embed": {"trace_noise": 0.5}})
+    rows = load_rows(recipe)
+    truth = [r.trace for r in rows]
+    think, embed = stage_rows(recipe, "think", rows), stage_rows(recipe, "embed", rows)
+    assert [r.trace for r in think] == truth
+    changed = [(a, b) for a, b in zip(rows, embed) if a.trace != b.trace]
+    assert len(changed) >= 15 and all(a.id == b.id and a.pos is b.pos for a, b in changed)
+    quiet = recipe_from_dict({"data": {"train": "digits", "max_rows": 40}})
+    assert [r.trace for r in stage_rows(quiet, "embed", rows)] == truth
 
 
 def test_a_deepspeed_json_may_not_set_what_the_recipe_owns(tmp_path):

@@ -8,7 +8,7 @@ from unified_tte.data import traces as traces_mod
 from unified_tte.data import DataError, EvalRow, TrainRow, load_traces
 from unified_tte.model.inputs import TTEInput, Trace
 from unified_tte.data.traces import (ECR_PROMPTS, check_ecr_shape, ecr_input, ecr_prompt,
-                                generate_traces, normalize_trace, traces_main)
+                                generate_traces, normalize_trace, swap_answers, traces_main)
 
 
 class FakeReasoner:
@@ -280,3 +280,63 @@ def test_swapped_data_and_out_leaves_the_data_file_whole(tmp_path, fake_loader, 
     code = traces_main(["--model", "tiny", "--data", str(other), "--out", str(data), "--no-progress"])
     assert code == 2 and "not a trace row" in capsys.readouterr().err
     assert data.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- trace noise
+def _knowledge_rows():
+    facts = [("Peru", "Lima", "Spanish"), ("Kenya", "Nairobi", "English"), ("Japan", "Tokyo", "Japanese"),
+             ("Brazil", "Brasilia", "Portuguese"), ("Egypt", "Cairo", "Arabic"), ("Chile", "Santiago", "Spanish")]
+    rows = []
+    for i, (country, capital, lang) in enumerate(facts):
+        trace = (f"<think>{capital} is the capital of {country}. The official language of {country} "
+                 f"is {lang}.</think> {lang}")
+        neg = facts[(i + 1) % len(facts)][2]
+        rows.append(TrainRow(f"cl{i}", TTEInput(f"The language of the country whose capital is {capital}?"),
+                             TTEInput(lang), TTEInput(neg), task="knowledge/capital_language", trace=trace))
+    rows.append(TrainRow("s0", TTEInput("Symbol of carbon?"), TTEInput("C"), TTEInput("N"), task="knowledge/symbol",
+                         trace="<think>The chemical symbol of carbon is C.</think> C"))
+    rows.append(TrainRow("s1", TTEInput("Symbol of cobalt?"), TTEInput("Co"), TTEInput("Cu"), task="knowledge/symbol",
+                         trace="<think>The chemical symbol of cobalt is Co.</think> Co"))
+    rows.append(TrainRow("s2", TTEInput("Symbol of iron?"), TTEInput("Fe"), TTEInput("Co"), task="knowledge/symbol",
+                         trace="<think>The chemical symbol of iron is Fe.</think> Fe"))
+    return rows
+
+
+def test_swap_answers_changes_a_seeded_fraction_to_another_rows_answer_of_the_same_task():
+    rows = _knowledge_rows()
+    before = [r.trace for r in rows]
+    out = swap_answers(rows, 0.5, seed=3)
+    assert [r.trace for r in rows] == before          # the think stage shares the rows: untouched
+    changed = [(a, b) for a, b in zip(rows, out) if a.trace != b.trace]
+    assert len(changed) == round(0.5 * len(rows))
+    by_task = {}
+    for r in rows:
+        by_task.setdefault(r.task, set()).add(r.trace.split("</think>")[1].strip())
+    for old, new in changed:
+        wrong = new.trace.split("</think>")[1].strip()
+        assert wrong in by_task[old.task]                      # another row's answer, same task
+        assert wrong not in (old.pos.text, old.neg.text)       # never the positive or the hard negative
+        assert new.pos is old.pos and new.id == old.id         # the positive stays right
+        assert check_ecr_shape(new.trace)
+        # every standalone mention of the answer changed, nothing else
+        assert new.trace == old.trace.replace(f" {old.pos.text}.", f" {wrong}.").replace(
+            f"</think> {old.pos.text}", f"</think> {wrong}")
+    assert [r.trace for r in swap_answers(rows, 0.5, seed=3)] == [r.trace for r in out]   # seeded
+    assert [r.trace for r in swap_answers(rows, 0.5, seed=4)] != [r.trace for r in out]
+    assert [r.trace for r in swap_answers(rows, 0.0, seed=3)] == before
+
+
+def test_swap_answers_replaces_whole_words_only():
+    """"C" is carbon's symbol: the C of "The chemical" or "Co" must not change."""
+    rows = _knowledge_rows()
+    out = swap_answers(rows, 0.99, seed=0)
+    carbon = next(r for r in out if r.id == "s0")
+    assert carbon.trace.startswith("<think>The chemical symbol of carbon is ")
+    assert carbon.trace.split(" is ")[1].split(".")[0] in ("Co", "Fe")
+
+
+def test_swap_answers_leaves_rows_without_an_ecr_trace_or_another_answer():
+    rows = [TrainRow("a", TTEInput("q"), TTEInput("x"), task="t", trace="no tags"),
+            TrainRow("b", TTEInput("q"), TTEInput("y"), task="u", trace="<think>so y.</think> y")]
+    out = swap_answers(rows, 0.99, seed=0)
+    assert [r.trace for r in out] == [r.trace for r in rows]

@@ -35,6 +35,7 @@ counted in the report; `load_traces(path, valid_only=True)` leaves them out, e.g
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -43,6 +44,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from ..errors import DataError, command, positive_int
 from ..model import UnifiedTTE, zoo
@@ -203,6 +206,38 @@ def attach_traces(rows: Sequence[TrainRow], traces: dict[str, str],
     if absent and missing == "error":
         raise DataError(f"{len(absent)} of {len(rows)} rows have no trace (first: "
                         f"{absent[:3]}). Run `tte traces` for them, or drop them.")
+    return out
+
+
+def swap_answers(rows: Sequence[TrainRow], fraction: float, seed: int) -> list[TrainRow]:
+    """Trace noise for embed training: a seeded `fraction` of the rows (the same rows for a given
+    seed) get a trace whose final answer, and every standalone mention of it in the reasoning, is
+    another row's answer of the same task, one that is neither the row's positive nor its hard
+    negative; the positive is unchanged. The rows given are not modified (the think stage shares
+    them); the others are returned as they are, and so are rows whose trace is not in the
+    `<think>...</think> answer` shape or whose task offers no other answer."""
+    rows = list(rows)
+    answers: dict[str, list[str]] = {}
+    parsed = []
+    for row in rows:
+        m = _ECR.match(row.trace or "")
+        answer = m.group("answer").strip() if m else ""
+        parsed.append(answer)
+        if answer and answer not in answers.setdefault(row.task, []):
+            answers[row.task].append(answer)
+    rng = np.random.default_rng([seed, 0x5A9])   # its own stream: the batch order is unchanged
+    chosen = rng.permutation(len(rows))[:round(fraction * len(rows))]
+    out = list(rows)
+    for i in sorted(chosen.tolist()):
+        row, answer = rows[i], parsed[i]
+        taken = {t.casefold() for t in (answer, row.pos.text, row.neg.text if row.neg else None) if t}
+        others = [a for a in answers.get(row.task, []) if a.casefold() not in taken]
+        if not answer or not others:
+            continue
+        wrong = others[int(rng.integers(len(others)))]
+        mention = re.compile(rf"(?<!\w){re.escape(answer)}(?!\w)")
+        trace = mention.sub(lambda _: wrong, row.trace)
+        out[i] = dataclasses.replace(row, trace=trace)
     return out
 
 

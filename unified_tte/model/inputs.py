@@ -95,6 +95,14 @@ class EncodedPrompt:
     video_grid_thw: torch.Tensor | None = None        # [n_videos, 3]
 
 
+def chat_messages(content, system_prompt: str | None = None) -> list[dict]:
+    """The chat messages of one prompt: a system turn when `system_prompt` is not None (None
+    leaves the chat template its default), then the user turn. Plain `apply_chat_template` on
+    these gives the prompt UnifiedTTE encodes, e.g. to decode with Hugging Face `generate`."""
+    system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+    return system + [{"role": "user", "content": content}]
+
+
 class PromptEncoder:
     """Turns `TTEInput`s into `EncodedPrompt`s for one backbone.
 
@@ -108,12 +116,14 @@ class PromptEncoder:
             processor's own); an input's `max_pixels` overrides `max_pixels`.
         max_frames / fps: video sampling defaults (see media.py).
         prompt_format: "chat" or "vlm2vec" (see the module docstring).
+        system_prompt: the chat format's system turn (None: the chat template's default).
     """
 
     def __init__(self, tokenizer, image_processor=None, image_token: str = "<|image_pad|>",
                  max_length: int = 4096, max_pixels: int | None = None, min_pixels: int | None = None,
                  max_frames: int = DEFAULT_MAX_FRAMES, fps: float = DEFAULT_FPS,
-                 prompt_format: str = "chat", video_token: str = "<|video_pad|>"):
+                 prompt_format: str = "chat", video_token: str = "<|video_pad|>",
+                 system_prompt: str | None = None):
         if prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
         self.tokenizer = tokenizer
@@ -126,6 +136,7 @@ class PromptEncoder:
         self.max_pixels, self.min_pixels = max_pixels, min_pixels
         self.max_frames, self.fps = max_frames, fps
         self.prompt_format = prompt_format
+        self.system_prompt = system_prompt
 
     def size_for(self, item: TTEInput) -> dict | None:
         """The image processor's `size` for this input (None: the processor's defaults)."""
@@ -147,7 +158,7 @@ class PromptEncoder:
                 content = ([{"type": "image"}] * n_images + [{"type": "video"}] * n_videos
                            + [{"type": "text", "text": text}])
             rendered = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+                chat_messages(content, self.system_prompt), tokenize=False, add_generation_prompt=True)
         else:  # a bare LM: no markup, the text is the prompt
             rendered = text
         return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]

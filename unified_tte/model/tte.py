@@ -91,7 +91,7 @@ class UnifiedTTE(nn.Module):
         self.encoder = PromptEncoder(self.tokenizer, backbone.image_processor,
                                      max_length=cfg.max_length or max_pos, max_pixels=cfg.max_pixels,
                                      min_pixels=cfg.min_pixels, max_frames=cfg.max_frames, fps=cfg.fps,
-                                     prompt_format=cfg.prompt_format)
+                                     prompt_format=cfg.prompt_format, system_prompt=cfg.system_prompt)
 
         for p in hf_model.parameters():
             p.requires_grad_(False)

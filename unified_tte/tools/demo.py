@@ -15,7 +15,9 @@ evaluation is `tte eval`'s, the export `tte export`'s, the bench `tte bench`'s.
    traces and becomes the reasoner (think="none"). smollm2, on knowledge (data/knowledge.py,
    countries and elements from installed packages): a `think` LoRA on the real pretrained weights,
    SFT on the teacher's traces; the base stays as shipped.
-2. embed, four ways, with the same data, steps, batch, learning rate, LoRA and seed:
+2. embed, four ways, with the same data, steps, batch, learning rate, LoRA and seed (smollm2: and
+   trace noise, half the training traces ending in another row's answer, so that a TTE embedder
+   weighs the query against a trace that may be wrong, as the think LoRA's often are):
    - unified TTE, activated: an `embed` LoRA beside `think` on the one backbone, KV-cache reuse;
    - unified TTE, top_k: the embed LoRA on the top K layers only;
    - two-model TTE: a second copy of the backbone (tiny: of the reasoner) with one LoRA over
@@ -70,6 +72,9 @@ class DemoSettings:
     lora_r: int = 16
     lora_alpha: int = 32
     temperature: float = 0.05
+    trace_noise: float = 0.0          # embed.trace_noise of every TTE embedder (train/recipe.py)
+    system_prompt: str | None = None  # model.system_prompt of every model (model/config.py)
+    threads: int | None = 1           # torch CPU threads unless --threads (None: torch's default, all cores)
     top_k_layers: int = 2
     max_new_tokens: int = 40
     eval_batch_size: int = 50
@@ -88,7 +93,8 @@ SMOLLM2 = DemoSettings(
     backbone="smollm2", task="knowledge", precision="bf16",
     task_options={"max_train_per_task": 256, "max_eval_per_task": None},
     think_steps=60, think_batch_size=8, think_lr=2e-3, embed_steps=40, batch_size=16, embed_lr=1e-3,
-    lora_r=16, lora_alpha=32, temperature=0.05, top_k_layers=8, max_new_tokens=64, eval_batch_size=32,
+    lora_r=16, lora_alpha=32, temperature=0.05, trace_noise=0.5, threads=None, top_k_layers=8,
+    max_new_tokens=64, eval_batch_size=32,
     peft_check_queries=32,
     bench=["--backbone", "smollm2", "--query-lens", "256", "--trace-lens", "32", "--batch-sizes", "1",
            "--repeats", "3", "--threads", "1"])
@@ -166,10 +172,10 @@ def run_specs(settings: DemoSettings, out: Path, seed: int) -> tuple[str, dict]:
     common = dict(deepspeed=str(Path(__file__).resolve().parents[2] / "recipes/deepspeed/zero0.json"),
                   data=data, seed=seed, precision=s.precision, checkpoint_every=0, keep_checkpoints=1,
                   log_every=10, progress_bar=False, wandb={"mode": "disabled"})
-    lora = dict(pooling="last", lora_r=s.lora_r, lora_alpha=s.lora_alpha)
+    lora = dict(pooling="last", lora_r=s.lora_r, lora_alpha=s.lora_alpha, system_prompt=s.system_prompt)
     embed = dict(steps=s.embed_steps, batch_size=s.batch_size, lr=s.embed_lr,
                  warmup_steps=max(1, s.embed_steps // 10), temperature=s.temperature,
-                 hard_negatives=True, gradcache_chunk=None)
+                 hard_negatives=True, gradcache_chunk=None, trace_noise=s.trace_noise)
     think.update(steps=s.think_steps, batch_size=s.think_batch_size, micro_batch_size=s.think_batch_size,
                  lr=s.think_lr, warmup_steps=max(1, s.think_steps // 10))
     n_layers = _num_layers(think_from)   # tiny: the reasoner is made from init, same shape
@@ -457,6 +463,7 @@ def peft_generate(checkpoint: Path, queries, max_new_tokens: int) -> list[str]:
     from peft import PeftModel
 
     from ..export import prepare_base
+    from ..model.inputs import chat_messages
     from ..model.zoo import load
 
     info = json.loads((Path(checkpoint) / "tte_config.json").read_text())
@@ -464,7 +471,8 @@ def peft_generate(checkpoint: Path, queries, max_new_tokens: int) -> list[str]:
     model = PeftModel.from_pretrained(base.model, str(Path(checkpoint) / "think")).eval()
     tok = base.tokenizer
     tok.padding_side = "left"
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q.text}], tokenize=False,
+    system = info.get("system_prompt")   # as the exported model renders its prompts
+    prompts = [tok.apply_chat_template(chat_messages(q.text, system), tokenize=False,
                                        add_generation_prompt=True) for q in queries]
     batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
@@ -499,14 +507,15 @@ def demo_main(argv=None) -> int:
     parser.add_argument("--checkpoint", default=None, help="where the export lands "
                         "(default checkpoints/digits-tte, checkpoints/smollm2-tte)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: on a shared machine, more threads than free "
-                             "cores make every op wait on a descheduled thread, often 10x slower)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 for tiny, whose ops are too small to split; "
+                             "all cores for smollm2). On a shared machine use no more than the free "
+                             "cores: a thread that waits on a busy core stalls every op, often 10x")
     parser.add_argument("--no-bench", action="store_true", help="skip the latency/memory bench")
     parser.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing finished runs")
     args = parser.parse_args(argv)
     settings = PRESETS[(args.backbone, args.quick)]
-    if args.threads < 1:
+    if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     tiny = args.backbone == "tiny"
     out = Path(args.out or ("runs/demo" if tiny else "runs/demo-smollm2"))
@@ -516,6 +525,7 @@ def demo_main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     check_out_folder(out, settings, args.seed)
     threads = torch.get_num_threads()
+    args.threads = args.threads or settings.threads or threads
     torch.set_num_threads(args.threads)
     try:
         return run_demo(args, settings, out, checkpoint, argv)
@@ -577,12 +587,12 @@ def run_demo(args, settings: DemoSettings, out: Path, checkpoint: Path, argv) ->
                "elapsed_s": elapsed, "machine": machine, "threads": args.threads,
                "command": "tte demo " + " ".join(argv or [])}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    (out / "summary.md").write_text(f"# tte demo --backbone {settings.backbone} ({machine}, "
-                                    f"{elapsed / 60:.1f} min)\n\n{tables}\n{bench_table}\n")
+    (out / "summary.md").write_text(f"# tte demo --backbone {settings.backbone} ({machine}, {args.threads} "
+                                    f"threads, {elapsed / 60:.1f} min)\n\n{tables}\n{bench_table}\n")
     print()
     print(tables)
     if bench_table:
         print(bench_table)
     print(f"\nwrote {out / 'summary.md'} and {out / 'summary.json'}; checkpoint {checkpoint}; "
-          f"{elapsed / 60:.1f} min on {machine}")
+          f"{elapsed / 60:.1f} min on {machine}, {args.threads} threads")
     return 0

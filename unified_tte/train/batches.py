@@ -10,7 +10,7 @@ import warnings
 
 from ..data import load_train_rows
 from ..data.sampling import BatchSampler, SubsetSpec, apply_subsets
-from ..data.traces import join_traces
+from ..data.traces import join_traces, swap_answers
 from ..data.registry import build_builtin
 from ..errors import DataError, InputError, TrainError
 from .recipe import Recipe
@@ -58,6 +58,8 @@ def stage_rows(recipe: Recipe, stage: str, rows: list) -> list:
             raise TrainError(f"embed.use_traces is true but {len(missing)} of {len(rows)} rows have no "
                              f"trace (first: {missing[:3]}); add trace files to data.traces, set "
                              "embed.missing_traces=drop, or embed.use_traces=false.")
+        if e.trace_noise:
+            rows = swap_answers(rows, e.trace_noise, recipe.seed)
     if e.hard_negatives:
         missing = [r.id for r in rows if r.neg is None]
         if missing:

@@ -130,6 +130,11 @@ class EmbedConfig(StageConfig):
     missing_traces: Literal["error", "drop"] = "error"
     """With use_traces, rows without a (valid) trace stop the run (error) or are left out (drop,
     counted in a warning)."""
+    trace_noise: float = 0.0
+    """With use_traces, the fraction of rows (seeded, fixed for the run) whose trace ends in
+    another row's answer (data/traces.py swap_answers) while the positive stays right: a
+    reasoner is sometimes wrong, and an embedder trained only on right traces copies the
+    trace's answer even when no candidate matches it; with noise it learns to weigh the query."""
     gradcache_chunk: int | None = 8
     """GradCache: rows per rank per forward. Embeddings are computed without grad chunk by chunk,
     the loss on the whole batch, then each chunk is re-run with grad. null: one forward with grad
@@ -411,6 +416,8 @@ def validate(recipe: Recipe, source: str) -> None:
         e = recipe.embed
         if e.temperature <= 0:
             fail("embed.temperature", f"must be > 0, got {e.temperature}.")
+        if not 0.0 <= e.trace_noise < 1.0:
+            fail("embed.trace_noise", f"must be in [0, 1), got {e.trace_noise}.")
         if e.gradcache_chunk is not None and e.gradcache_chunk < 1:
             fail("embed.gradcache_chunk", f"must be >= 1 or null, got {e.gradcache_chunk}.")
     m = recipe.model
