@@ -15,9 +15,7 @@ evaluation is `tte eval`'s, the export `tte export`'s, the bench `tte bench`'s.
    traces and becomes the reasoner (think="none"). smollm2, on knowledge (data/knowledge.py,
    countries and elements from installed packages): a `think` LoRA on the real pretrained weights,
    SFT on the teacher's traces; the base stays as shipped.
-2. embed, four ways, with the same data, steps, batch, learning rate, LoRA and seed (smollm2: and
-   trace noise, half the training traces ending in another row's answer, so that a TTE embedder
-   weighs the query against a trace that may be wrong, as the think LoRA's often are):
+2. embed, four ways, with the same data, steps, batch, learning rate, LoRA and seed:
    - unified TTE, activated: an `embed` LoRA beside `think` on the one backbone, KV-cache reuse;
    - unified TTE, top_k: the embed LoRA on the top K layers only;
    - two-model TTE: a second copy of the backbone (tiny: of the reasoner) with one LoRA over
@@ -93,7 +91,7 @@ SMOLLM2 = DemoSettings(
     backbone="smollm2", task="knowledge", precision="bf16",
     task_options={"max_train_per_task": 256, "max_eval_per_task": None},
     think_steps=60, think_batch_size=8, think_lr=2e-3, embed_steps=40, batch_size=16, embed_lr=1e-3,
-    lora_r=16, lora_alpha=32, temperature=0.05, trace_noise=0.5, threads=None, top_k_layers=8,
+    lora_r=16, lora_alpha=32, temperature=0.05, threads=None, top_k_layers=8,
     max_new_tokens=64, eval_batch_size=32,
     peft_check_queries=32,
     bench=["--backbone", "smollm2", "--query-lens", "256", "--trace-lens", "32", "--batch-sizes", "1",
