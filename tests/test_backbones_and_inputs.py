@@ -101,7 +101,8 @@ def test_too_long_input_cuts_the_end_of_the_text_with_a_warning():
     inputs = [TTEInput(text, [solid_image(56, 56)]), TTEInput("short")]
     with pytest.warns(UserWarning, match=r"input 0: prompt exceeds max_length=64 .* end of its text was cut"):
         emb, traces = tte.think_then_embed(inputs, max_new_tokens=8)
-    prompt = tte.encoder.encode([inputs[0]], reserve=8 + 1 + 1)
+    with pytest.warns(UserWarning, match="input 0: prompt exceeds max_length=64"):
+        prompt = tte.encoder.encode([inputs[0]], reserve=8 + 1 + 1)
     assert len(prompt[0].ids) + 8 + 2 <= 64
     image_id = tte.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert prompt[0].ids.count(image_id) == 4, "image tokens are never cut"
