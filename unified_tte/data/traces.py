@@ -217,14 +217,14 @@ def swap_answers(rows: Sequence[TrainRow], fraction: float, seed: int) -> list[T
     them); the others are returned as they are, and so are rows whose trace is not in the
     `<think>...</think> answer` shape or whose task offers no other answer."""
     rows = list(rows)
-    answers: dict[str, list[str]] = {}
+    answers: dict[str, dict[str, None]] = {}   # per task, its distinct answers in row order
     parsed = []
     for row in rows:
         m = _ECR.match(row.trace or "")
         answer = m.group("answer").strip() if m else ""
         parsed.append(answer)
-        if answer and answer not in answers.setdefault(row.task, []):
-            answers[row.task].append(answer)
+        if answer:
+            answers.setdefault(row.task, {})[answer] = None
     rng = np.random.default_rng([seed, 0x5A9])   # its own stream: the batch order is unchanged
     chosen = rng.permutation(len(rows))[:round(fraction * len(rows))]
     out = list(rows)

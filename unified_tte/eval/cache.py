@@ -43,8 +43,7 @@ def model_key(model) -> str | None:
             h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     h.update(json.dumps(model.config.to_dict(), sort_keys=True).encode())
     enc = model.encoder   # its image and video settings may be overridden after loading
-    h.update(repr((enc.max_pixels, enc.min_pixels, enc.max_frames, enc.fps, enc.prompt_format,
-                   enc.system_prompt)).encode())
+    h.update(repr((enc.max_pixels, enc.min_pixels, enc.max_frames, enc.fps, enc.prompt_format)).encode())
     return h.hexdigest()[:24]
 
 

@@ -70,8 +70,6 @@ class DemoSettings:
     lora_r: int = 16
     lora_alpha: int = 32
     temperature: float = 0.05
-    trace_noise: float = 0.0          # embed.trace_noise of every TTE embedder (train/recipe.py)
-    system_prompt: str | None = None  # model.system_prompt of every model (model/config.py)
     threads: int | None = 1           # torch CPU threads unless --threads (None: torch's default, all cores)
     top_k_layers: int = 2
     max_new_tokens: int = 40
@@ -170,10 +168,10 @@ def run_specs(settings: DemoSettings, out: Path, seed: int) -> tuple[str, dict]:
     common = dict(deepspeed=str(Path(__file__).resolve().parents[2] / "recipes/deepspeed/zero0.json"),
                   data=data, seed=seed, precision=s.precision, checkpoint_every=0, keep_checkpoints=1,
                   log_every=10, progress_bar=False, wandb={"mode": "disabled"})
-    lora = dict(pooling="last", lora_r=s.lora_r, lora_alpha=s.lora_alpha, system_prompt=s.system_prompt)
+    lora = dict(pooling="last", lora_r=s.lora_r, lora_alpha=s.lora_alpha)
     embed = dict(steps=s.embed_steps, batch_size=s.batch_size, lr=s.embed_lr,
                  warmup_steps=max(1, s.embed_steps // 10), temperature=s.temperature,
-                 hard_negatives=True, gradcache_chunk=None, trace_noise=s.trace_noise)
+                 hard_negatives=True, gradcache_chunk=None)
     think.update(steps=s.think_steps, batch_size=s.think_batch_size, micro_batch_size=s.think_batch_size,
                  lr=s.think_lr, warmup_steps=max(1, s.think_steps // 10))
     n_layers = _num_layers(think_from)   # tiny: the reasoner is made from init, same shape
