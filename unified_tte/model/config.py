@@ -36,8 +36,7 @@ class TTEConfig:
     system_prompt: str | None = None
     """chat format: the system turn of every prompt (queries, candidates, traces). None: the chat
     template's own default (SmolLM2's adds 17 tokens, "You are a helpful AI assistant named
-    SmolLM, ..."); "": an empty system turn. The SmolLM2 demo keeps the default: without it the
-    think LoRA's held-out answers were right less often (58.7% vs 63.8%, reasoning sub-tasks)."""
+    SmolLM, ..."); "": an empty system turn."""
 
     def __post_init__(self):
         if self.mode not in ("activated", "top_k"):
