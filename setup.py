@@ -25,11 +25,13 @@ setup(
     version="0.1.0",
     description="Think-Then-Embed with one shared MLLM backbone, two LoRA adapters and KV-cache reuse",
     python_requires=">=3.10",
-    # The Triton kernels live in kernels/ but import as `tte_kernels`: Hugging Face ships a package
-    # named `kernels`, and shadowing it would break transformers for our users.
+    # The Triton kernels live in kernels/tte_kernels/ and import as `tte_kernels`. kernels/ itself
+    # holds no __init__.py: Hugging Face ships a regular package named `kernels` (transformers
+    # imports it), and a regular package wins over a namespace portion wherever the repo root
+    # sits on sys.path, so ours can never shadow it (tests/test_install_layout.py).
     packages=["unified_tte", "unified_tte.model", "unified_tte.data", "unified_tte.train",
               "unified_tte.eval", "unified_tte.tools", "tte_kernels"],
-    package_dir={"unified_tte": "unified_tte", "tte_kernels": "kernels"},
+    package_dir={"unified_tte": "unified_tte", "tte_kernels": "kernels/tte_kernels"},
     package_data={"unified_tte.data": ["tasks/*.yaml", "suites/*.yaml"]},
     install_requires=[
         "torch>=2.4",

@@ -66,7 +66,7 @@ def make_site(tmp: Path) -> Path:
             if not target.exists() and (root / top).exists():
                 target.symlink_to(root / top)
     (site / "unified_tte").symlink_to(ROOT / "unified_tte")
-    (site / "tte_kernels").symlink_to(ROOT / "kernels")
+    (site / "tte_kernels").symlink_to(ROOT / "kernels" / "tte_kernels")
     return site
 
 

@@ -2,18 +2,21 @@
 --quick` (the two-adapter design on real weights): every stage runs and writes its outputs. The
 numbers of a quick run are not meaningful; the full demos' are in the README."""
 import json
+import re
 
 import pytest
 import torch
 
 from unified_tte.cli import main
 from unified_tte.data.knowledge import SUBTASKS
+from unified_tte.testing import third_party_lines
 from unified_tte.tools.demo import SYSTEMS
 
 pytestmark = pytest.mark.slow
 
 
-def test_quick_demo_trains_evaluates_exports_and_benches(tmp_path, capsys):
+def test_quick_demo_trains_evaluates_exports_and_benches(tmp_path, capfd, monkeypatch):
+    monkeypatch.delenv("TTE_VERBOSE", raising=False)
     out, ckpt = tmp_path / "demo", tmp_path / "ckpt"
     assert main(["demo", "--quick", "--out", str(out), "--checkpoint", str(ckpt)]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -29,8 +32,13 @@ def test_quick_demo_trains_evaluates_exports_and_benches(tmp_path, capsys):
     for run in ("unified_activated", "unified_top_k", "two_model_embedder", "no_think_embedder"):
         assert (out / run / "embed" / "adapter_model.safetensors").is_file(), run
     assert (out / "bench" / "table.md").is_file() and (out / "bench" / "bench.png").is_file()
-    printed = capsys.readouterr().out
+    captured = capfd.readouterr()   # file descriptors: child processes and C++ prints too
+    printed = captured.out
     assert "| unified TTE (activated) |" in printed and "| two_model |" in printed
+    # quiet by default: no third-party progress bar or info line, one line per phase
+    assert third_party_lines(captured.out + captured.err) == []
+    phase_lines = [line for line in printed.splitlines() if re.match(r"\[demo [\d:]+\] \d+/11 ", line)]
+    assert [int(line.split()[2].split("/")[0]) for line in phase_lines] == list(range(1, 12)), phase_lines
 
 
 # ----------------------------------------------------------------------------- SmolLM2, two adapters

@@ -22,7 +22,7 @@ from tte_kernels.constants import device_guard
 from tte_kernels.measure import (PeakMemory, Worker, WorkerError, current_memory_mb, machine_name, percentile,
                                  read_commands, reply, run_in_fresh_process, summary, sync, trim)
 
-KERNELS = Path(__file__).resolve().parents[1] / "kernels"
+KERNELS = Path(__file__).resolve().parents[1] / "kernels" / "tte_kernels"
 
 
 def _no_cuda_call(*args, **kwargs):

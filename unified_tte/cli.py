@@ -19,6 +19,7 @@ import importlib
 import os
 import sys
 
+from .console import VERBOSE_ENV
 from .errors import BAD_INPUT, DEBUG_ENV, RUN_FAILED, report_errors
 
 SUBCOMMANDS = {
@@ -34,13 +35,15 @@ SUBCOMMANDS = {
 
 
 def usage() -> str:
-    lines = ["usage: tte [--debug] <command> [options]", "", "commands:"]
+    lines = ["usage: tte [--debug] [--verbose] <command> [options]", "", "commands:"]
     lines += [f"  {name:<8} {desc}" for name, (_, _, desc) in SUBCOMMANDS.items()]
     lines += ["", "Run `tte <command> --help` for a command's options.", "",
               "Errors are one line on stderr, `tte <command>: error: <what, where, what to do>`, and",
               f"the exit code says which kind: {BAD_INPUT} = bad input (arguments, recipe, data, checkpoint,",
               f"a missing extra: fix it and run again), {RUN_FAILED} = a run that started and failed",
-              f"(e.g. a non-finite loss). --debug (or {DEBUG_ENV}=1) also prints the traceback."]
+              f"(e.g. a non-finite loss). --debug (or {DEBUG_ENV}=1) also prints the traceback.", "",
+              "Third-party progress bars and info logs are hidden; --verbose (or",
+              f"{VERBOSE_ENV}=1) shows them."]
     return "\n".join(lines)
 
 
@@ -48,16 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # The deepspeed launcher puts --local_rank=N before the subcommand; ranks come from the env.
     argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
-    if "--debug" in argv[:1]:
-        previous = os.environ.get(DEBUG_ENV)
-        os.environ[DEBUG_ENV] = "1"   # the environment, so the command's child processes see it too
-        try:
-            return main(argv[1:])
-        finally:
-            if previous is None:
-                del os.environ[DEBUG_ENV]
-            else:
-                os.environ[DEBUG_ENV] = previous
+    for flag, env in (("--debug", DEBUG_ENV), ("--verbose", VERBOSE_ENV)):
+        if flag in argv[:1]:
+            previous = os.environ.get(env)
+            os.environ[env] = "1"   # the environment, so the command's child processes see it too
+            try:
+                return main(argv[1:])
+            finally:
+                if previous is None:
+                    del os.environ[env]
+                else:
+                    os.environ[env] = previous
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0

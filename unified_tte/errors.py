@@ -12,7 +12,10 @@ type carries the exit code a command returns for it:
 `@command("train")` on a command's main function (or `report_errors("train")` around a body)
 turns them, and OS errors such as a missing folder, into one line on stderr,
 `tte train: error: <message>`, and the exit code; `tte --debug ...` or TTE_DEBUG=1 also prints
-the traceback. argparse's own usage errors have the same prefix and exit code 2. This module is a leaf: every layer imports it, it imports nothing of ours.
+the traceback. argparse's own usage errors have the same prefix and exit code 2. Before the
+command runs, `@command` quiets third-party progress bars and info logs (`console`; `tte
+--verbose` shows them). This module is a leaf: every layer imports it, and it imports only the
+other leaf, `console`.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import contextlib
 import functools
 import os
 import sys
+
+from . import console
 
 BAD_INPUT = 2
 RUN_FAILED = 1
@@ -141,6 +146,7 @@ def command(name: str):
         def run(argv=None) -> int:
             outcome: dict = {}
             with report_errors(name, outcome):
+                console.quiet_third_party()
                 return int(main(argv) or 0)
             return outcome["code"]
         return run

@@ -1,12 +1,22 @@
-"""Test helpers: random adapter weights, synthetic images, and the trace convention of HF
-`generate` output. The tiny models themselves are the product's built-in backbones
+"""Test helpers: random adapter weights, synthetic images, the trace convention of HF
+`generate` output, and what third-party progress output looks like in a log. The tiny models themselves are the product's built-in backbones
 (`unified_tte.model.zoo`).
 
     from unified_tte.testing import randomize_adapters, solid_image
 """
 from __future__ import annotations
 
+import re
+
 import torch
+
+# Hugging Face's and DeepSpeed's progress bars and info lines, as they appear in a log.
+THIRD_PARTY_OUTPUT = re.compile(r"Loading weights|Writing model shards|it/s\]|s/it\]|built successfully|\[INFO\]")
+
+
+def third_party_lines(text: str) -> list[str]:
+    """The lines (split at newlines and carriage returns) of third-party progress output."""
+    return [line for line in re.split(r"[\r\n]", text) if THIRD_PARTY_OUTPUT.search(line)]
 
 
 def randomize_adapters(tte, std: float = 0.1, seed: int = 0, adapters=("think", "embed")) -> None:

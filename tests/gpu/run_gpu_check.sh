@@ -40,8 +40,8 @@ cp -r setup.py README.md unified_tte kernels "$src"/
 if "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target "$SITE" "$src" 2>"$src/pip.log"; then
   say "installed unified_tte and tte_kernels from the working tree into $SITE"
 else
-  # Without setuptools: tte_kernels is the kernels/ folder under another name.
-  ln -sfn "$PWD/kernels" "$SITE/tte_kernels"
+  # Without setuptools: tte_kernels is the kernels/tte_kernels/ folder.
+  ln -sfn "$PWD/kernels/tte_kernels" "$SITE/tte_kernels"
   say "pip could not install the project ($(tail -1 "$src/pip.log")); using the tree with a tte_kernels link"
 fi
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -151,6 +151,19 @@ def _embed_batches(jobs: list, batch_size: int, encode, ranks: Ranks, cache, bar
     return out
 
 
+class _Borrowed:
+    """A caller's progress line, counted into but not closed by one task."""
+
+    def __init__(self, line):
+        self.line = line
+
+    def update(self, n: int) -> None:
+        self.line.update(n)
+
+    def close(self) -> None:
+        pass
+
+
 def evaluate_task(model, task: EvalTask, batch_size: int = 16, use_think: bool = True,
                   max_new_tokens: int = 64, progress: bool = True, ranks: Ranks | None = None,
                   cache_dir: str | os.PathLike | None = None, model_hash: str | None = None) -> dict | None:
@@ -179,8 +192,11 @@ def evaluate_task(model, task: EvalTask, batch_size: int = 16, use_think: bool =
         return model.embed(batch), [""] * len(batch)
 
     total = len(task.rows) + len(plan.distinct)
-    bar = tqdm(total=total, desc=task.name, unit="item", disable=not (progress and ranks.main),
-               dynamic_ncols=True)
+    if hasattr(progress, "update"):   # a caller's progress line (console.Progress) counts the items
+        bar = _Borrowed(progress) if ranks.main else tqdm(disable=True)
+    else:
+        bar = tqdm(total=total, desc=task.name, unit="item", disable=not (progress and ranks.main),
+                   dynamic_ncols=True)
     reused = [0]
     with torch.no_grad():
         queries = _embed_batches([(i, k, r.query) for i, (k, r) in enumerate(zip(plan.query_keys, task.rows))],
@@ -222,6 +238,8 @@ def evaluate_model(model, tasks: Sequence[EvalTask], batch_size: int = 16, use_t
                    max_new_tokens: int = 64, progress: bool = True, ranks: Ranks | None = None,
                    cache_dir: str | os.PathLike | None = None) -> dict | None:
     """Evaluate `model` (duck-typed: `embed`, and `think_then_embed` when `use_think`).
+    `progress`: a bar per task (True), none (False), or a caller's progress line (an object with
+    `update(n)`, e.g. `console.Progress`) that counts every embedded item.
 
     Returns {"tasks": {name: {"hit@1", "ndcg@5", "mrr", "mrr@10", "recall@1/5/10", "n", "group",
     "needs_reasoning", "n_candidates", "n_distinct_candidates", ["modality", "primary"],

@@ -36,7 +36,9 @@ Finished runs in --out are reused (the settings are checked); --fresh starts ove
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import json
 import shutil
 import time
@@ -45,7 +47,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError, command
+from .. import console
+from ..errors import InputError, RunError, command
 
 SYSTEMS = ("no-think embedder", "two-model TTE", "unified TTE (activated)", "unified TTE (top_k)")
 TTE_SYSTEMS = SYSTEMS[1:]
@@ -110,8 +113,10 @@ TINY_BENCH_NOTE = (
     "SmolLM2 row (`tte demo --backbone smollm2`, or `tte bench --backbone smollm2`).")
 
 
-def log(msg: str) -> None:
-    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+def demo_phases(settings: DemoSettings, bench: bool) -> console.Phases:
+    """The demo's numbered progress lines: think, the four embedders, their evaluation, the
+    export, the bench."""
+    return console.Phases("demo", total=1 + 2 * len(SYSTEMS) + 1 + int(bench))
 
 
 def _machine() -> str:
@@ -194,7 +199,7 @@ def run_specs(settings: DemoSettings, out: Path, seed: int) -> tuple[str, dict]:
             for name, (run_dir, backbone, spec) in specs.items()}
 
 
-def train_runs(settings: DemoSettings, out: Path, seed: int) -> dict[str, Path]:
+def train_runs(settings: DemoSettings, out: Path, seed: int, phases: console.Phases) -> dict[str, Path]:
     """think, then the four embedders, each a `tte train` recipe run; finished runs are reused.
     Returns the run dirs by name ("think" and SYSTEMS)."""
     from ..model import UnifiedTTE
@@ -207,14 +212,14 @@ def train_runs(settings: DemoSettings, out: Path, seed: int) -> dict[str, Path]:
         stage = raw["stages"][-1]
         full = raw.get("think", {}).get("method") == "full"
         weights = "model.safetensors" if full else "adapter_model.safetensors"
-        if (run_dir / stage / weights).is_file():
-            log(f"{name}: reusing {run_dir}")
-        else:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            log(f"training {name} -> {run_dir}")
-            started = time.time()
-            losses = [loss for _, loss in train(recipe_from_dict(raw, source=f"demo:{name}"))["losses"][stage]]
-            log(f"{name}: {stage} loss {losses[0]:.3f} -> {losses[-1]:.3f} ({time.time() - started:.0f} s)")
+        recipe = recipe_from_dict(raw, source=f"demo:{name}")
+        with phases.phase(f"training {name}", total=recipe.total_steps, unit="steps") as bar:
+            if (run_dir / stage / weights).is_file():
+                bar.note = f"reused {run_dir}"
+            else:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                losses = [loss for _, loss in train(recipe, progress=bar)["losses"][stage]]
+                bar.note = f"{stage} loss {losses[0]:.3f} -> {losses[-1]:.3f}, in {run_dir}"
         reasoner = out / "reasoner"
         if full and not (reasoner / "config.json").is_file():
             # The fully fine-tuned backbone is the reasoner every tiny embedder starts from.
@@ -313,34 +318,38 @@ def answers_right(traces, tasks) -> dict[str, float]:
     return {name: sum(v) / len(v) for name, v in right.items()}
 
 
-def evaluate_systems(settings: DemoSettings, dirs: dict[str, Path], out: Path, tasks) -> dict:
+def evaluate_systems(settings: DemoSettings, dirs: dict[str, Path], out: Path, tasks,
+                     phases: console.Phases) -> dict:
     """Every system on the held-out tasks: {"model traces": {system: results},
     "teacher traces": {system: results}, "answers right": {task: fraction},
     "same traces": whether unified top_k decoded exactly unified activated's traces}."""
     from ..eval import evaluate_model
+    from ..eval.evaluate import TaskPlan
 
+    items = sum(len(t.rows) + len(TaskPlan(t).distinct) for t in tasks)   # what one evaluation embeds
     queries = [r.query for t in tasks for r in t.rows]
     teacher = {id(r.query): r.meta["teacher_trace"] for t in tasks for r in t.rows}
-    kwargs = dict(batch_size=settings.eval_batch_size, max_new_tokens=settings.max_new_tokens, progress=False)
+    kwargs = dict(batch_size=settings.eval_batch_size, max_new_tokens=settings.max_new_tokens)
     model_traces, teacher_traces, written = {}, {}, {}
     # Decoding systems first: the two-model embedder is fed the traces unified-activated decoded.
     for name in ("unified TTE (activated)", "unified TTE (top_k)", "two-model TTE", "no-think embedder"):
-        started = time.time()
-        model = CachedCandidates(load_system(name, dirs, settings, out))
-        if name == "no-think embedder":
-            model_traces[name] = evaluate_model(model, tasks, use_think=False, **kwargs)
-        else:
-            if name == "two-model TTE":
-                reasoner = written["unified TTE (activated)"]
-                runner = GivenTraces(model, {id(q): t for q, t in zip(queries, reasoner)})
+        runs = 1 if name == "no-think embedder" else 2   # with its own traces, with the teacher's
+        with phases.phase(f"evaluating {name}", total=runs * items, unit="items") as bar:
+            model = CachedCandidates(load_system(name, dirs, settings, out))
+            if name == "no-think embedder":
+                model_traces[name] = evaluate_model(model, tasks, use_think=False, progress=bar, **kwargs)
             else:
-                runner = RecordingModel(model)
-            model_traces[name] = evaluate_model(runner, tasks, use_think=True, **kwargs)
-            if isinstance(runner, RecordingModel):
-                written[name] = runner.traces
-            teacher_traces[name] = evaluate_model(GivenTraces(model, teacher), tasks, use_think=True, **kwargs)
-        log(f"evaluated {name} ({time.time() - started:.0f} s)")
-        del model
+                if name == "two-model TTE":
+                    reasoner = written["unified TTE (activated)"]
+                    runner = GivenTraces(model, {id(q): t for q, t in zip(queries, reasoner)})
+                else:
+                    runner = RecordingModel(model)
+                model_traces[name] = evaluate_model(runner, tasks, use_think=True, progress=bar, **kwargs)
+                if isinstance(runner, RecordingModel):
+                    written[name] = runner.traces
+                teacher_traces[name] = evaluate_model(GivenTraces(model, teacher), tasks, use_think=True,
+                                                      progress=bar, **kwargs)
+            del model
     reasoner = written["unified TTE (activated)"]
     right = answers_right(reasoner, tasks)
     for name in TTE_SYSTEMS:   # the same reasoner serves all three
@@ -509,7 +518,11 @@ def demo_main(argv=None) -> int:
                              "cores: a thread that waits on a busy core stalls every op, often 10x")
     parser.add_argument("--no-bench", action="store_true", help="skip the latency/memory bench")
     parser.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing finished runs")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show third-party progress bars and info logs (hidden by default)")
     args = parser.parse_args(argv)
+    if args.verbose:
+        console.set_verbose()
     settings = PRESETS[(args.backbone, args.quick)]
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -540,23 +553,29 @@ def run_demo(args, settings: DemoSettings, out: Path, checkpoint: Path, argv) ->
 
     task = build_builtin(settings.task, **{**settings.task_options, "seed": args.seed})
     tasks = task.eval_tasks
-    log(f"{settings.task}: {len(task.train_rows)} train rows, {len(tasks)} eval tasks "
-        f"({', '.join(f'{_short(t.name)} {len(t.rows)}' for t in tasks)} queries x "
-        f"{len(tasks[0].rows[0].candidates)} candidates)")
+    phases = demo_phases(settings, bench=not args.no_bench)
+    phases.say(f"{settings.task}: {len(task.train_rows)} train rows, {len(tasks)} eval tasks "
+               f"({', '.join(f'{_short(t.name)} {len(t.rows)}' for t in tasks)} queries x "
+               f"{len(tasks[0].rows[0].candidates)} candidates)")
     with zoo.reuse_built():   # the base is built once, then copied for every run and system
-        dirs = train_runs(settings, out, args.seed)
-        results = evaluate_systems(settings, dirs, out, tasks)
-        export = export_and_check(dirs, settings, out, tasks, checkpoint)
-    log(f"exported unified TTE (activated) to {checkpoint}; reloaded embeddings differ by "
-        f"{export['round_trip_max_diff']:.1e}")
-    if "peft_queries" in export:
-        log(f"plain PEFT + generate wrote the same traces as UnifiedTTE.think on "
-            f"{export['peft_same_traces']}/{export['peft_queries']} held-out queries")
+        dirs = train_runs(settings, out, args.seed, phases)
+        results = evaluate_systems(settings, dirs, out, tasks, phases)
+        with phases.phase(f"exporting unified TTE (activated) to {checkpoint}") as bar:
+            export = export_and_check(dirs, settings, out, tasks, checkpoint)
+            bar.note = f"reloaded embeddings differ by {export['round_trip_max_diff']:.1e}"
+            if "peft_queries" in export:
+                bar.note += (f"; plain PEFT + generate wrote the same traces as UnifiedTTE.think on "
+                             f"{export['peft_same_traces']}/{export['peft_queries']} held-out queries")
 
     bench_table = ""
     if not args.no_bench:
-        log(f"bench: tte bench {' '.join(settings.bench)}")
-        _bench([*settings.bench, "--out", str(out / "bench")])
+        with phases.phase(f"bench: tte bench {' '.join(settings.bench)}") as bar:
+            with contextlib.redirect_stdout(io.StringIO()):   # its table is printed below, once
+                code = _bench([*settings.bench, "--out", str(out / "bench")])
+            if code:
+                raise RunError(f"the bench failed (exit {code}; its error is above); rerun with "
+                               "--no-bench to skip it, or `tte --debug demo` for the traceback")
+            bar.note = f"in {out / 'bench'}"
         bench_table = (out / "bench" / "table.md").read_text()
         if tiny:
             bench_table = f"{TINY_BENCH_NOTE}\n\n{bench_table}"

@@ -7,7 +7,12 @@ their memory, and runs a self-test on the device it finds:
 - the forward path on a tiny model in the device's precision (CPU fp32: fast == recompute to
   1e-5; CUDA bf16: cosine(fast, recompute) >= 0.999 per row), with the attention implementation
   a backbone gets there by default;
-- on CUDA, the CUDA-graph decode against the eager loop (same tokens).
+- on CUDA, the CUDA-graph decode against the eager loop (same tokens);
+- first of all, that no top-level folder or module of the checkout (or of the current folder)
+  shadows an installed distribution's top-level module: Python puts that folder first on
+  sys.path under `python -m ...` and in child processes started there, so a regular package
+  of the same name (say a `kernels/` holding an __init__.py) would be imported instead of the
+  installed one (Hugging Face's `kernels`, which transformers imports).
 
 It ends with one verdict line and exits 0 when every check passed, 1 when one failed (its name is
 in the verdict), 2 on bad arguments.
@@ -32,7 +37,7 @@ from pathlib import Path
 from ..errors import RUN_FAILED, command
 
 PACKAGES = ("torch", "transformers", "peft", "deepspeed", "triton", "flash_attn", "accelerate",
-            "safetensors", "tokenizers", "einops", "numpy")
+            "kernels", "huggingface_hub", "safetensors", "tokenizers", "einops", "numpy")
 
 
 @dataclass
@@ -129,6 +134,54 @@ def devices() -> dict:
 
 
 # ---------------------------------------------------------------------------------------- self-test
+def checkout_roots() -> list[Path]:
+    """The folders whose contents Python may import ahead of site-packages: the current folder
+    and, for an editable install, the checkout holding the running unified_tte."""
+    here = Path(__file__).resolve().parents[2]
+    roots = [Path.cwd().resolve()]
+    if (here / "setup.py").is_file() and here not in roots:
+        roots.append(here)
+    return roots
+
+
+def shadowing_modules(roots: list[Path]) -> list[str]:
+    """Each top-level regular package (a folder with __init__.py) or module (NAME.py) in `roots`
+    whose name is an installed distribution's top-level module, as one finding. A folder without
+    __init__.py is only a namespace portion: a regular package anywhere on sys.path wins over it."""
+    from importlib.metadata import packages_distributions, version
+
+    installed = packages_distributions()
+    found = []
+    for root in roots:
+        try:
+            entries = sorted(root.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir() and (entry / "__init__.py").is_file():
+                name, what = entry.name, f"{entry.name}/ (a package: it holds __init__.py)"
+            elif entry.is_file() and entry.suffix == ".py":
+                name, what = entry.stem, entry.name
+            else:
+                continue
+            owners = [d for d in installed.get(name, []) if d != "unified_tte"]
+            if owners:
+                dists = ", ".join(f"{d} {version(d)}" for d in sorted(set(owners)))
+                found.append(f"{root / what} shadows the installed module '{name}' of {dists} wherever "
+                             f"{root} is first on sys.path (python -m ..., pytest, child processes "
+                             f"started there); rename it, or remove its __init__.py if it is a folder")
+    return found
+
+
+def shadow_check(roots: list[Path] | None = None) -> Check:
+    def run():
+        found = shadowing_modules(checkout_roots() if roots is None else roots)
+        assert not found, "; ".join(found)
+        return "no top-level module of " + ", ".join(str(r) for r in (roots or checkout_roots())) + \
+            " shadows an installed package"
+    return _timed("install: no shadowed third-party import", run)
+
+
 def _timed(name: str, fn) -> Check:
     start = time.perf_counter()
     try:
@@ -301,8 +354,9 @@ def verdict(checks: list[Check], devs: dict, device: str) -> str:
 
 def run(device: str) -> tuple[dict, str, int]:
     """Everything `tte doctor` does; returns (report dict, rendered text, exit code)."""
+    shadow = shadow_check()   # first: a shadowed import breaks what follows in confusing ways
     vers, devs = versions(), devices()
-    checks = kernel_checks(device) + forward_checks(device)
+    checks = [shadow] + kernel_checks(device) + forward_checks(device)
     found = notes(vers, devs, device)
     text = render(vers, devs, device, checks, found)
     code = RUN_FAILED if any(not c.ok for c in checks) else 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import console
 from ..errors import MissingExtra, RunError
 
 
@@ -25,7 +26,8 @@ class Dist:
 
 
 def setup_environment() -> None:
-    """Before DeepSpeed is imported: pick its CPU accelerator where there is no GPU."""
+    """Before DeepSpeed is imported: pick its CPU accelerator where there is no GPU (every command
+    already did, console.quiet_third_party; this is for the library used without the CLI)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -77,7 +79,8 @@ def init_distributed() -> Dist:
         # another process could take between picking a free port and binding it (EADDRINUSE).
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if not dist.is_initialized() or not deepspeed.comm.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        with console.quiet_stdout():   # it prints "DeepSpeed ... built successfully" per op it loads
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
 

@@ -116,9 +116,10 @@ def check_resumable(recipe: Recipe, run_dir: Path) -> None:
                          f"run_dir for a new run (changed: {[c[0] for c in changed]}).")
 
 
-def train(recipe: Recipe, resume: bool = False) -> dict:
+def train(recipe: Recipe, resume: bool = False, progress=None) -> dict:
     """Run the recipe's stages. Returns {"run_dir", "losses": {stage: [(step, loss), ...]},
-    "stopped": True if stop_after ended the run early}."""
+    "stopped": True if stop_after ended the run early}. `progress`: a caller's progress line
+    (`console.Progress`, updated once per step) in place of the run's own bar and messages."""
     require_deepspeed()
     recipe = absolute_paths(recipe)
     ds_json = check_inputs(recipe)
@@ -147,7 +148,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     if state and d.rank == 0:
         truncate_metrics(run_dir, state["step"])  # steps after the checkpoint run again
-    log = RunLog(recipe, run_dir, d, initial=state["step"] if state else 0)
+    log = RunLog(recipe, run_dir, d, initial=state["step"] if state else 0, progress=progress)
     if state:
         log.message(f"resuming {run_dir} from step {state['step']} ({state['stage']} step {state['stage_step']})")
     elif resume:

@@ -29,13 +29,14 @@ def memory_gb(device: torch.device) -> float:
 class RunLog:
     """Rank 0's outputs: metrics.jsonl, a progress bar and wandb (offline unless configured)."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, d: Dist, initial: int):
+    def __init__(self, recipe: Recipe, run_dir: Path, d: Dist, initial: int, progress=None):
         self.active = d.rank == 0
         self.file = self.bar = self.wandb = None
+        self.progress = progress    # a caller's progress line: it gets the steps and the messages
         if not self.active:
             return
         self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        if recipe.progress_bar:
+        if recipe.progress_bar and progress is None:
             from tqdm import tqdm
 
             # Redrawn at most every 30 s when stderr is a log file, not a terminal.
@@ -57,9 +58,14 @@ class RunLog:
     def advance(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
+        if self.progress is not None and self.active:
+            self.progress.update(1)
 
     def message(self, text: str) -> None:
         if not self.active:
+            return
+        if self.progress is not None:
+            self.progress.note = text
             return
         (self.bar.write if self.bar is not None else print)(text)
 

@@ -10,7 +10,8 @@ memory, any device), "ref" (the plain PyTorch definition). See README.md in this
 Tests: `pytest tests/test_kernels*.py -q`. Bench: `python -m tte_kernels.bench --help`; its
 measurement (peak memory, percentiles, fresh-process workers) is `tte_kernels.measure`, which the
 package's benchmarks share.
-The folder is kernels/ but the import name is tte_kernels (Hugging Face owns `kernels`).
+The package is kernels/tte_kernels/; kernels/ is not a package, so it never shadows Hugging Face's
+`kernels` (which transformers imports) when the repo root is on sys.path.
 """
 from .constants import IGNORE_INDEX
 from .dispatch import BACKENDS, ENV_BACKEND, ENV_INFONCE_CHUNK, ENV_POOL_CHUNK, resolve_backend
