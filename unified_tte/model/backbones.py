@@ -419,6 +419,16 @@ def crop_cache(cache, length: int) -> None:
             layer.values = layer.values[..., :length, :]
 
 
+def select_cache_rows(cache, rows: torch.Tensor) -> None:
+    """Keep only the batch rows `rows` (a 1-D index) in every layer of a DynamicCache, in place
+    (layers that were never run stay empty); the same layer attributes as `crop_cache`."""
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if keys is not None and keys.dim() >= 2 and keys.numel():
+            layer.keys = layer.keys.index_select(0, rows.to(keys.device))
+            layer.values = layer.values.index_select(0, rows.to(keys.device))
+
+
 def add_invocation_tokens(backbone: Backbone, tokens: Sequence[str]) -> list[int]:
     """Add the invocation tokens to the backbone's tokenizer; new embedding rows start at the mean
     row. Idempotent: tokens already present keep their rows. Returns their ids.

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from .backbones import DecoderStack, StaticKV, crop_cache
+from .backbones import DecoderStack, StaticKV, crop_cache, select_cache_rows
 from .inputs import EncodedPrompt, left_pad, stack_images, stack_videos
 
 
@@ -56,6 +56,21 @@ class ThinkState:
         del self.positions[n_pos:]
         if n_res is not None:
             del self.residuals[n_res:]
+
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep only these batch rows, in place (the rows a think gate lets decode): every row
+        keeps its own cache, mask, positions and residuals, so what follows runs as if the batch
+        had held those rows alone (left padding may leave masked columns, which change nothing)."""
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.attention_mask.device)
+        select_cache_rows(self.cache, index)
+        self.attention_mask = self.attention_mask.index_select(0, index)
+        # positions are [B, t] or, with M-RoPE, [3, B, t]: the batch is the second-to-last axis
+        self.positions = [p.index_select(-2, index.to(p.device)) for p in self.positions]
+        self.delta = self.delta.index_select(0, index.to(self.delta.device))
+        self.real_len = self.real_len.index_select(0, index.to(self.real_len.device))
+        self.pending = [list(self.pending[r]) for r in rows]
+        if self.residuals is not None:
+            self.residuals = [r.index_select(0, index.to(r.device)) for r in self.residuals]
 
 
 DECODE_MODES = ("auto", "eager", "static", "graph")
@@ -137,39 +152,49 @@ class Engine:
 
     def next_tokens(self, hidden_last: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
                     top_p: float = 1.0, generator: torch.Generator | None = None,
-                    suppress: Sequence[int] = ()) -> torch.Tensor:
+                    suppress: Sequence[int] = (), logprobs: list | None = None) -> torch.Tensor:
         """The next token of every row from the last hidden state [B, D]: greedy, or sampled
-        with temperature and nucleus (top-p) filtering; `suppress`ed ids are never chosen."""
+        with temperature and nucleus (top-p) filtering; `suppress`ed ids are never chosen.
+        `logprobs`, a list, gets each chosen token's log-probability under the model ([B])."""
         logits = self.stack.lm_head(self.stack.norm(hidden_last)).float()
         if suppress:
             logits[:, list(suppress)] = float("-inf")
         if not do_sample:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits / max(temperature, 1e-5), -1)
-        if top_p < 1.0:
-            sorted_p, order = probs.sort(-1, descending=True)
-            drop = sorted_p.cumsum(-1) - sorted_p > top_p
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            tokens = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / max(temperature, 1e-5), -1)
+            if top_p < 1.0:
+                sorted_p, order = probs.sort(-1, descending=True)
+                drop = sorted_p.cumsum(-1) - sorted_p > top_p
+                sorted_p = sorted_p.masked_fill(drop, 0.0)
+                probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        if logprobs is not None:
+            logprobs.append(torch.log_softmax(logits, -1).gather(-1, tokens.view(-1, 1)).squeeze(-1))
+        return tokens
 
     def decode(self, state: ThinkState, last: torch.Tensor, max_new_tokens: int, stop_ids: set[int],
-               eos_id: int, min_new_tokens: int = 0, **sampling) -> tuple[list[list[int]], list[bool]]:
+               eos_id: int, min_new_tokens: int = 0, logprobs: list | None = None,
+               **sampling) -> tuple[list[list[int]], list[bool]]:
         """Decode up to `max_new_tokens` per row from `last` ([B, D], the hidden state of each
         row's newest token). A row stops at any of `stop_ids`, which closes its turn with
         `eos_id`; before `min_new_tokens` the stop ids are suppressed (as in HF `generate`).
         The last decided token of every row is left pending in the state (with the closing
         `eos_id`), not fed: the embed step feeds it together with the invocation. `sampling`
         goes to `next_tokens`. Returns the token ids per row (stop token excluded) and which
-        rows stopped.
+        rows stopped; `logprobs`, a list, gets one list per row: the log-probability of each
+        returned token.
         """
         batch = last.shape[0]
         traces: list[list[int]] = [[] for _ in range(batch)]
         finished = [False] * batch
         stepper = self._static_decoder(state, max_new_tokens - 1)
+        step_logprobs = [] if logprobs is not None else None
+        row_logprobs: list[list[float]] = [[] for _ in range(batch)]
         for step in range(max_new_tokens):
             suppress = sorted(stop_ids) if step < min_new_tokens else ()
-            tokens = self.next_tokens(last, suppress=suppress, **sampling).tolist()
+            tokens = self.next_tokens(last, suppress=suppress, logprobs=step_logprobs, **sampling).tolist()
+            chosen = step_logprobs.pop().tolist() if step_logprobs is not None else None
             for row in range(batch):
                 if finished[row]:
                     continue
@@ -181,6 +206,8 @@ class Engine:
                 else:
                     traces[row].append(tokens[row])
                     state.pending[row] = [tokens[row]]
+                    if chosen is not None:
+                        row_logprobs[row].append(chosen[row])
             if all(finished) or step == max_new_tokens - 1:
                 break
             # Rows that already stopped feed nothing: left_pad gives them a masked pad.
@@ -195,6 +222,8 @@ class Engine:
         for row in range(batch):
             if not finished[row]:  # hit max_new_tokens: the last token is pending; close the turn
                 state.pending[row] = state.pending[row] + [eos_id]
+        if logprobs is not None:
+            logprobs.extend(row_logprobs)
         return traces, finished
 
     def _static_decode_mode(self) -> str:

@@ -78,11 +78,18 @@ class Trace:
     """A reasoning trace: its text and the token ids it was generated as.
 
     `token_ids` never include the end-of-turn token; the forward path always closes the trace
-    with it, whether the model stopped there (`finished`) or hit `max_new_tokens`.
+    with it, whether the model stopped there (`finished`) or hit `max_new_tokens`. A query the
+    think gate sent straight to its direct embedding has `thought=False` and an empty trace;
+    `answer_logprob` is the mean log-probability of the final-answer tokens (after `</think>`)
+    where the decode recorded it, and `used` says which embedding the query got ("tte", or
+    "direct" when the gate skipped decoding or the answer fallback replaced it).
     """
     text: str
     token_ids: list[int]
     finished: bool = True
+    thought: bool = True
+    answer_logprob: float | None = None
+    used: str = "tte"
 
 
 @dataclass

@@ -15,6 +15,13 @@ top_k the residual entering layer L-K); then run only the invocation tokens agai
 residuals (top_k). Plain twin (`embed_recompute`): one full Hugging Face forward of the whole
 sequence under the recompute semantics. Tests hold the two equal (tests/test_forward_path.py).
 
+No trace (`traces=None`, or None for a row) means no trace and no end-of-turn: the sequence is
+[prompt][invocation], as candidates are embedded. A query's *direct* embedding is exactly that,
+and it comes nearly free from the think prefill: the cache already holds the prompt, so only the
+invocation runs, and the cache is cropped back before decoding. `think_policy` (TTEConfig, or
+`think=` per call) picks per query: `always` decode, `never` direct, `auto` the think gate
+(model/gate.py) decides from the prefill before any decoding; only the rows that think decode.
+
     from unified_tte import UnifiedTTE, TTEInput
     from unified_tte.model import zoo
     tte = UnifiedTTE(zoo.tiny_qwen2vl(), mode="activated")
@@ -35,7 +42,9 @@ from ..errors import CheckpointError, InputError
 from . import adapters, checkpoint, zoo
 from .backbones import Backbone, DecoderStack, add_invocation_tokens
 from .config import TTEConfig
+from .config import THINK_POLICIES
 from .engine import Engine, ThinkState
+from .gate import ThinkGate, gate_features, load_gate, model_fingerprint
 from .inputs import EncodedPrompt, PromptEncoder, Trace, TTEInput, left_pad, stack_images, stack_videos
 
 
@@ -44,6 +53,16 @@ class ThinkOutput:
     traces: list[Trace]
     state: ThinkState
     prompts: list[EncodedPrompt] = field(repr=False, default_factory=list)
+
+
+@dataclass
+class BothEmbeddings:
+    """Per query, from one prefill: the direct embedding, the TTE embedding after its trace, the
+    trace and the gate's features (what the gate is trained and the frontier swept on)."""
+    direct: torch.Tensor        # fp32 [B, D]
+    tte: torch.Tensor           # fp32 [B, D]
+    traces: list[Trace]
+    features: torch.Tensor      # fp32 [B, F], model/gate.py gate_features
 
 
 class UnifiedTTE(nn.Module):
@@ -103,6 +122,7 @@ class UnifiedTTE(nn.Module):
         self.engine = Engine(self.stack, self.pad_id,
                              capture_at=self.split_layer if cfg.mode == "top_k" else None)
         self.set_trainable(None)
+        self.gate: ThinkGate | None = None    # think_policy "auto" needs one (set_gate)
 
     @classmethod
     def separate_embedder(cls, backbone: Backbone, **overrides) -> "UnifiedTTE":
@@ -149,6 +169,13 @@ class UnifiedTTE(nn.Module):
         checkpoint.check_backbone_type(src, backbone.model_type)
         tte = cls(backbone, src.config)
         checkpoint.load_into(tte, src)
+        gate = load_gate(src)
+        if gate is not None:
+            tte.set_gate(gate, where=str(src.folder / "gate"))
+        elif tte.config.think_policy == "auto":
+            raise CheckpointError(f"{src.folder / checkpoint.CONFIG_FILE} sets think_policy 'auto' but the "
+                                  f"folder holds no gate/ (a fitted think gate): train the recipe's `gate` "
+                                  "stage, or set think_policy to 'always' or 'never'")
         if isinstance(dtype, str):
             dtype = checkpoint.DTYPES[dtype]
         if dtype is not None:
@@ -156,6 +183,30 @@ class UnifiedTTE(nn.Module):
         if device is not None:
             tte.to(device)
         return tte.eval()
+
+    # ------------------------------------------------------------------ the think gate
+    def fingerprint(self) -> dict:
+        """What a think gate fitted on this model records (model/gate.py model_fingerprint)."""
+        from .backbones import weight_hash
+
+        return {"base_weight_hash": weight_hash(self.peft_model), **model_fingerprint(self)}
+
+    def set_gate(self, gate: ThinkGate | None, where: str = "the gate") -> None:
+        """Attach a fitted think gate (refused when it was fitted for another base, config or
+        adapters); None detaches it."""
+        if gate is not None:
+            gate.check(self.fingerprint(), where)
+        self.gate = gate
+
+    def _policy(self, think: str | None) -> str:
+        policy = self.config.think_policy if think is None else think
+        if policy not in THINK_POLICIES:
+            raise InputError(f"think must be one of {THINK_POLICIES}, got {policy!r}")
+        if policy == "auto" and self.gate is None:
+            raise InputError("think 'auto' needs a fitted think gate and this model has none: train the "
+                             "recipe's `gate` stage (or load a checkpoint that holds gate/), or use "
+                             "think 'always' or 'never'")
+        return policy
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -198,14 +249,15 @@ class UnifiedTTE(nn.Module):
 
     def tails(self, n: int, traces: Sequence[str | Trace | None] | None) -> list[list[int]]:
         """Token ids after each prompt and before the invocation: trace + end-of-turn, or nothing
-        when `traces` is None (candidates). The vlm2vec format appends a trace as raw text."""
+        for no trace (`traces` None, or a row's None: candidates, direct embeddings; "" is an
+        empty trace, which still closes the turn). The vlm2vec format appends a trace as raw text."""
         if traces is None:
             return [[] for _ in range(n)]
         if len(traces) != n:
             raise ValueError(f"got {len(traces)} traces for {n} inputs; pass one trace per input "
                              "(None for the whole batch embeds without traces)")
         close = [] if self.raw_prompts else [self.eos_id]
-        return [self.trace_ids(t) + close for t in traces]
+        return [[] if t is None else self.trace_ids(t) + close for t in traces]
 
     def encode(self, inputs: Sequence[TTEInput], traces=None, invocation: bool = True) -> list[EncodedPrompt]:
         """Encode prompts with room kept after each for its trace tail (and the invocation)."""
@@ -216,32 +268,66 @@ class UnifiedTTE(nn.Module):
     @torch.no_grad()
     def think(self, inputs: Sequence[TTEInput], max_new_tokens: int = 128, do_sample: bool = False,
               temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-              min_new_tokens: int = 0, on_prefill: Callable[[], None] | None = None) -> ThinkOutput:
+              min_new_tokens: int = 0, on_prefill: Callable[[], None] | None = None,
+              logprobs: bool = False) -> ThinkOutput:
         """Decode a trace per input, as one left-padded batch, with the think adapter.
 
         Stops a row at the end-of-turn token, but not before `min_new_tokens` (min = max decodes
         exactly that many). `on_prefill` is called once the prompt's forward pass is done (a
-        timing hook). Returns the traces and the state (cache, positions, residuals) that
-        `embed_from_state` reuses.
+        timing hook); `logprobs` fills each trace's `answer_logprob`. Returns the traces and the
+        state (cache, positions, residuals) that `embed_from_state` reuses.
         """
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if not 0 <= min_new_tokens <= max_new_tokens:
-            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={max_new_tokens}], got {min_new_tokens}")
+        self._check_budget(max_new_tokens, min_new_tokens)
+        prompts, last, state = self._think_prefill(inputs, max_new_tokens)
+        if on_prefill is not None:
+            on_prefill()
+        traces = self._decode(state, last, max_new_tokens, min_new_tokens, do_sample=do_sample,
+                              temperature=temperature, top_p=top_p, seed=seed, logprobs=logprobs)
+        return ThinkOutput(traces, state, prompts)
+
+    @staticmethod
+    def _check_budget(max_new_tokens, min_new_tokens=0) -> None:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) \
+                or not 0 <= min_new_tokens <= max_new_tokens:
+            raise InputError(f"min_new_tokens must be an integer in [0, max_new_tokens={max_new_tokens}], "
+                             f"got {min_new_tokens!r}")
+
+    def _think_prefill(self, inputs, max_new_tokens: int) -> tuple[list[EncodedPrompt], torch.Tensor, ThinkState]:
+        """The prompt through every layer with the think adapter, room kept for the decode:
+        (prompts, the last prompt token's final hidden state [B, D] before the norm, state)."""
         prompts = self.encoder.encode(inputs, reserve=max_new_tokens + 1 + len(self.invocation_ids))
+        with self.switch.use(self.think_adapters):
+            hidden, state = self.engine.prefill(prompts, [[] for _ in prompts], self.num_layers)
+        return prompts, hidden[:, -1], state
+
+    def _decode(self, state: ThinkState, last: torch.Tensor, max_new_tokens: int, min_new_tokens: int = 0,
+                do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                seed: int | None = None, logprobs: bool = False) -> list[Trace]:
+        """Decode from a think prefill's state (every row of it) with the think adapter."""
         generator = None
         if do_sample and seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
+        token_logprobs = [] if logprobs else None
         with self.switch.use(self.think_adapters):
-            hidden, state = self.engine.prefill(prompts, [[] for _ in prompts], self.num_layers)
-            if on_prefill is not None:
-                on_prefill()
             ids, finished = self.engine.decode(
-                state, hidden[:, -1], max_new_tokens, self.stop_ids, self.eos_id, min_new_tokens,
+                state, last, max_new_tokens, self.stop_ids, self.eos_id, min_new_tokens, logprobs=token_logprobs,
                 do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator)
-        out = [Trace(self.tokenizer.decode(row, skip_special_tokens=True), row, finished[r])
-               for r, row in enumerate(ids)]
-        return ThinkOutput(out, state, prompts)
+        return [Trace(self.tokenizer.decode(row, skip_special_tokens=True), row, finished[r],
+                      answer_logprob=None if token_logprobs is None else self.answer_logprob(row, token_logprobs[r]))
+                for r, row in enumerate(ids)]
+
+    def answer_logprob(self, token_ids: Sequence[int], logprobs: Sequence[float]) -> float:
+        """Mean log-probability of a decoded trace's final-answer tokens: those after `</think>`,
+        or all of them when the trace has no `</think>`; -inf when nothing follows `</think>`."""
+        start = 0
+        for k in range(len(token_ids)):
+            if "</think>" in self.tokenizer.decode(token_ids[:k + 1], skip_special_tokens=True):
+                start = k + 1
+                break
+        answer = list(logprobs[start:])
+        return sum(answer) / len(answer) if answer else float("-inf")
 
     def embed_from_state(self, state: ThinkState) -> torch.Tensor:
         """The embed step of the fast path: invocation tokens against the cache. The state is
@@ -317,14 +403,62 @@ class UnifiedTTE(nn.Module):
         return cut, [[] for _ in tails], held
 
     @torch.no_grad()
-    def think_then_embed(self, inputs: Sequence[TTEInput], max_new_tokens: int = 128,
-                         **sampling) -> tuple[torch.Tensor, list[Trace]]:
+    def think_then_embed(self, inputs: Sequence[TTEInput], max_new_tokens: int = 128, think: str | None = None,
+                         threshold: float | None = None, **sampling) -> tuple[torch.Tensor, list[Trace]]:
         """The single fast path: decode with think, then embed reusing the cache. fp32 [B, D].
-        No inputs give an empty [0, D] embedding and no traces."""
+        No inputs give an empty [0, D] embedding and no traces.
+
+        `think` (default: the config's think_policy): "always"; "never" (the direct embedding,
+        `embed(inputs)`, nothing decoded); "auto": one think prefill, the direct embedding from
+        it, the gate's decision per query (`threshold`, else its operating point), then only the
+        rows that think decode and get their TTE embedding (with `answer_fallback`, a row whose
+        answer log-probability is below the gate's threshold keeps its direct one). Rows that did
+        not decode get a `Trace` with `thought=False`; `used` says which embedding each row got."""
+        policy = self._policy(think)
+        self._check_budget(max_new_tokens)
         if len(inputs) == 0:
             return self._empty(), []
-        out = self.think(inputs, max_new_tokens=max_new_tokens, **sampling)
-        return self.embed_from_state(out.state), out.traces
+        if policy == "never":
+            return self.embed(inputs), [Trace("", [], False, thought=False, used="direct") for _ in inputs]
+        if policy == "always":
+            out = self.think(inputs, max_new_tokens=max_new_tokens, **sampling)
+            return self.embed_from_state(out.state), out.traces
+        prompts, last, state = self._think_prefill(inputs, max_new_tokens)
+        direct = self.embed_from_state(state)             # the cache is cropped back after it
+        features = gate_features(direct, self.stack.norm(last), torch.tensor([len(p.ids) for p in prompts]))
+        rows = self.gate.decide(features, threshold).nonzero().flatten().tolist()
+        traces = [Trace("", [], False, thought=False, used="direct") for _ in inputs]
+        out = direct.clone()
+        if rows:
+            if len(rows) < len(inputs):
+                state.select(rows)
+                last = last[rows]
+            fallback = self.config.answer_fallback and self.gate.answer_logprob_threshold is not None
+            decoded = self._decode(state, last, max_new_tokens, logprobs=fallback, **sampling)
+            after = self.embed_from_state(state)
+            for j, row in enumerate(rows):
+                trace = decoded[j]
+                if fallback and trace.answer_logprob < self.gate.answer_logprob_threshold:
+                    trace.used = "direct"
+                else:
+                    out[row] = after[j]
+                traces[row] = trace
+        return out, traces
+
+    @torch.no_grad()
+    def embed_both(self, inputs: Sequence[TTEInput], max_new_tokens: int = 128, **sampling) -> BothEmbeddings:
+        """Every query both ways from one prefill: its direct embedding, its TTE embedding after
+        a decoded trace, the trace (with its answer log-probability) and the gate's features.
+        The think gate is fitted, and the accuracy/compute frontier swept, on these."""
+        self._check_budget(max_new_tokens)
+        if len(inputs) == 0:
+            empty = self._empty()
+            return BothEmbeddings(empty, empty, [], torch.empty(0, 2 * empty.shape[1] + 1))
+        prompts, last, state = self._think_prefill(inputs, max_new_tokens)
+        direct = self.embed_from_state(state)
+        features = gate_features(direct, self.stack.norm(last), torch.tensor([len(p.ids) for p in prompts]))
+        traces = self._decode(state, last, max_new_tokens, logprobs=True, **sampling)
+        return BothEmbeddings(direct, self.embed_from_state(state), traces, features)
 
     # ------------------------------------------------------------------ think SFT
     def sft_loss(self, inputs: Sequence[TTEInput], traces: Sequence[str | Trace],
