@@ -32,7 +32,7 @@ setup(
     packages=["unified_tte", "unified_tte.model", "unified_tte.data", "unified_tte.train",
               "unified_tte.eval", "unified_tte.tools", "tte_kernels"],
     package_dir={"unified_tte": "unified_tte", "tte_kernels": "kernels/tte_kernels"},
-    package_data={"unified_tte.data": ["tasks/*.yaml", "suites/*.yaml"]},
+    package_data={"unified_tte.data": ["tasks/*.yaml", "suites/*.yaml", "labels/*.txt"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=5.0,<6",

@@ -10,6 +10,7 @@ from unified_tte.eval import evaluate as evaluate_mod
 from unified_tte.data import DataError, EvalRow, EvalTask, resolve_tasks
 from unified_tte.data.digits import WORDS, teacher_trace
 from unified_tte.eval.evaluate import candidate_key, eval_main, evaluate_model, format_table
+from unified_tte.eval.metrics import evaluate_scores
 from unified_tte.model.inputs import Trace, TTEInput
 
 LABELS = load_digits().target
@@ -134,6 +135,114 @@ def test_cosine_scores_give_hand_computed_metrics():
     assert m["ndcg@5"] == pytest.approx((1 / 1.5849625 + 1) / 2, rel=1e-6)
 
 
+class LevelEmbedder:
+    """Embeds a text by its first word: "top" 1.0, "mid" 0.6 and "low" 0.0 along the queries'
+    direction, so scores repeat exactly and ties are chosen by hand; a query is "q ...". The
+    second axis keeps every vector unit length."""
+
+    LEVELS = {"q": 1.0, "top": 1.0, "mid": 0.6, "low": 0.0}
+
+    def embed(self, inputs, traces=None):
+        rows = []
+        for x in inputs:
+            a = self.LEVELS[x.text.split()[0]]
+            rows.append([a, (1 - a * a) ** 0.5])
+        return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_both_scorers_give_the_same_numbers_on_duplicates_ties_and_graded_qrels():
+    def c(text):
+        return TTEInput(text)
+    rows = [EvalRow("dup", c("q 1"), [c("mid a"), c("low b"), c("mid a"), c("low c")], 2),   # the positive, twice
+            EvalRow("tie", c("q 2"), [c("mid a"), c("mid b"), c("low b"), c("mid b")], 0),   # ties "mid b" (twice)
+            EvalRow("clear", c("q 3"), [c("top a"), c("mid a"), c("low c")], 0)]
+    lists = EvalTask("lists", "T2T", rows)
+    corpus = {"p1": c("mid page"), "p2": c("mid other"), "p3": c("top page"), "p4": c("low page"), "p5": c("mid page")}
+    graded = EvalTask("graded", "T2T", [EvalRow("g1", c("q 4"), [], relevance={"p5": 3.0, "p2": 1.0}),   # p5 == p1
+                                        EvalRow("g2", c("q 5"), [], relevance={"p4": 2.0, "p3": 1.0})], corpus=corpus)
+    model = LevelEmbedder()
+
+    def scores(texts, query):
+        return (model.embed([c(t) for t in texts]) @ model.embed([query])[0]).numpy()
+
+    for rule in ("pessimistic", "reference"):
+        res = evaluate_model(model, [lists, graded], use_think=False, progress=False, tie_rule=rule)["tasks"]
+        texts = [[x.text for x in r.candidates] for r in rows]
+        want = evaluate_scores([scores(t, r.query) for t, r in zip(texts, rows)], [r.positive for r in rows],
+                               candidates=texts, tie_rule=rule)
+        # the corpus columns in VLM2Vec's candidate order: the rows' relevant pages, then the rest
+        ids = list(dict.fromkeys(["p5", "p2", "p4", "p3"] + list(corpus)))
+        pages = [corpus[i].text for i in ids]
+        want_graded = evaluate_scores([scores(pages, r.query) for r in graded.rows],
+                                      [{ids.index(i): g for i, g in r.relevance.items()} for r in graded.rows],
+                                      candidates=[pages] * 2, tie_rule=rule)
+        for got, expected in ((res["lists"], want), (res["graded"], want_graded)):
+            assert {k: got[k] for k in expected if k != "tied_queries"} == pytest.approx(
+                {k: v for k, v in expected.items() if k != "tied_queries"}), rule
+        assert res["lists"]["n_tied"] == 1 and res["graded"]["n_tied"] == 1      # "tie" and g1 (p5 vs p2)
+    # the rules part where the tie is: pessimistic ranks "tie"'s positive behind both copies of "mid b"
+    assert evaluate_model(model, [lists], use_think=False, progress=False)["tasks"]["lists"]["hit@1"] == 2 / 3
+
+
+def test_the_reference_rule_ranks_a_corpus_in_vlm2vecs_candidate_order():
+    flat = TableEmbedder({"q1": [1, 0], "q2": [1, 0], "a": [1, 0], "b": [1, 0], "c": [1, 0]})
+    corpus = {"c1": TTEInput("a"), "c2": TTEInput("b"), "c3": TTEInput("c")}
+    task = EvalTask("t", "T2T", [EvalRow("r1", TTEInput("q1"), [], relevance={"c3": 1.0}),
+                                 EvalRow("r2", TTEInput("q2"), [], relevance={"c1": 1.0})], corpus=corpus)
+    m = evaluate_model(flat, [task], use_think=False, progress=False, tie_rule="reference")["tasks"]["t"]
+    # candidates c3, c1 (the rows' relevant items, in row order), then c2: r1 ranks 1st, r2 2nd
+    assert m["mrr"] == pytest.approx((1 + 1 / 2) / 2) and m["n_tied"] == 2
+
+
+def write_v1_task(folder):
+    """An MMEB-eval V1 file (positive first) whose scores tie a lot under LevelEmbedder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lists = [["mid a", "mid b", "mid c", "low d"]] * 5 + [["mid a", "top b", "low c"], ["top a", "mid b", "mid c"],
+                                                          ["low a", "mid b"]]
+    folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"qry_text": f"q {i}", "qry_img_path": "", "tgt_text": texts,
+                                          "tgt_img_path": [""] * len(texts)} for i, texts in enumerate(lists)]),
+                   folder / "test-00000-of-00001.parquet")
+    return lists
+
+
+def test_tie_rule_reference_reproduces_mmeb_v1s_argmax_and_results_json_counts_the_ties(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    lists = write_v1_task(tmp_path / "Tied")
+    (tmp_path / "tasks.yaml").write_text("Tied:\n  path: Tied\n  group: classification\n")
+    model = LevelEmbedder()
+    monkeypatch.setattr(evaluate_mod, "_load_model", lambda *a, **k: model)
+    # MMEB-V1's rule from its definition: a hit when np.argmax (the first of equal maxima) is 0
+    q = model.embed([TTEInput("q 0")])[0].numpy()
+    v1 = np.mean([int(np.argmax(model.embed([TTEInput(t) for t in texts]).numpy() @ q)) == 0 for texts in lists])
+    got = {}
+    for rule in ("reference", "pessimistic"):
+        out = tmp_path / f"{rule}.json"
+        assert eval_main(["ckpt", "--tasks", str(tmp_path / "tasks.yaml"), "--no-think", "--no-progress",
+                          "--tie-rule", rule, "--out", str(out)]) == 0
+        got[rule] = json.loads(out.read_text())
+        assert got[rule]["settings"]["tie_rule"] == rule and got[rule]["tasks"]["Tied"]["n_tied"] == 5
+    assert v1 == 0.75 and got["reference"]["tasks"]["Tied"]["hit@1"] == v1
+    assert got["pessimistic"]["tasks"]["Tied"]["hit@1"] == 1 / 8
+    assert "5 queries in 1 task(s) (Tied 5)" in capsys.readouterr().out
+
+
+def test_eval_main_refuses_a_bogus_tie_rule_and_a_missing_label_set_in_one_line_each(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(evaluate_mod, "_load_model", lambda *a, **k: pytest.fail("model loaded for bad input"))
+    assert eval_main(["ckpt", "--tie-rule", "bogus", "--no-progress"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"tte eval: error: argument --tie-rule: invalid choice: 'bogus' "
+                        r"\(choose from '?pessimistic'?, '?reference'?\)", last), last   # quotes: by Python version
+    (tmp_path / "tasks.yaml").write_text("K700:\n  path: k700\n  labels: k700_labels.txt\n")
+    assert eval_main(["ckpt", "--tasks", str(tmp_path / "tasks.yaml"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"tte eval: error: {tmp_path / 'tasks.yaml'} task 'K700': field 'labels': "
+                                               f"label-set file {tmp_path / 'k700_labels.txt'} not found"), err
+
+
 def test_bad_task_is_rejected_before_the_model_runs():
     class Boom:
         def embed(self, *a, **k):
@@ -150,7 +259,11 @@ def test_format_table_shows_percentages_with_one_decimal_and_group_rows(digits_t
     assert lines[0] == "| task | group | reasoning | queries | Hit@1 | NDCG@5 | MRR |"
     assert "| digits/classify | I2T | no | 30 | 100.0 | 100.0 | 100.0 |" in lines
     assert any(l.startswith("| **I2T** avg") and "2 tasks" in l for l in lines)
-    assert lines[-1].startswith("| **overall** avg")
+    assert lines[-3].startswith("| **overall** avg")
+    # without a trace, plus_two's queries score every number word 0: the table says who decided
+    assert res["tasks"]["digits/plus_two"]["n_tied"] == 30 and res["tasks"]["digits/classify"]["n_tied"] == 0
+    assert lines[-1] == ("Exact ties involving a positive, ranked by the pessimistic tie rule (--tie-rule): "
+                         "30 queries in 1 task(s) (digits/plus_two 30).")
     numbers = re.findall(r"\| (\d+\.\d+)", table)
     assert numbers and all(re.fullmatch(r"\d+\.\d", n) for n in numbers)
 

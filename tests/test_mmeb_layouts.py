@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from unified_tte.data import DataError, load_eval_task, load_train_rows, resolve_tasks
-from unified_tte.data.registry import SUITES, load_registry
+from unified_tte.data.registry import LABEL_SETS, SUITES, load_registry
 from unified_tte.data.traces import ecr_prompt, generate_traces, join_traces
 from unified_tte.eval.evaluate import evaluate_model, format_table
 from unified_tte.model.inputs import Trace, TTEInput
@@ -121,7 +121,7 @@ class ConceptEmbedder:
 
     def embed(self, inputs, traces=None):
         self.embedded += len(inputs)
-        out = torch.zeros(len(inputs), 32)
+        out = torch.zeros(len(inputs), 128)
         for i, x in enumerate(inputs):
             out[i, self.vocab.setdefault(self._concept(x), len(self.vocab))] = 1.0
         return out
@@ -169,6 +169,27 @@ def test_a_v2_file_missing_a_column_names_file_row_and_column(tmp_path):
         load_eval_task(path.parent)
 
 
+def test_a_null_candidate_text_with_no_image_names_file_row_and_field(tmp_path):
+    rows = [{"qry_text": "what is it?", "qry_img_path": "", "tgt_text": ["crane", "tench"], "tgt_img_path": ["", ""]},
+            {"qry_text": "and this?", "qry_img_path": "", "tgt_text": ["crane", None], "tgt_img_path": ["", ""]}]
+    path = write_parquet(tmp_path / "T" / TEST_SHARD, rows)
+    with pytest.raises(DataError, match=r"test-00000-of-00001.parquet row 1: task 'T' row 'T:1': field 'tgt_text\[1\]' "
+                                        r"is null and 'tgt_img_path\[1\]' names no image"):
+        load_eval_task(path.parent)
+    image(tmp_path / "tench.png")                        # a shard's images are relative to its parent's parent
+    rows[1]["tgt_img_path"] = ["", "tench.png"]          # an image-only candidate is fine
+    task = load_eval_task(write_parquet(tmp_path / "T" / TEST_SHARD, rows).parent)
+    assert task.rows[1].candidates[1].text == "" and task.rows[1].candidates[1].images
+
+
+def test_a_null_option_of_a_video_qa_row_names_file_row_and_field(tmp_path):
+    frames_folder(tmp_path / "frames" / "v1")
+    qa = write_parquet(tmp_path / "NExTQA" / TEST_SHARD, [
+        {"video": "v1", "question": "what is he doing?", "options": ["swim", None], "answer": "A"}])
+    with pytest.raises(DataError, match=r"parquet row 0: field 'options\[1\]' is null"):
+        load_eval_task(qa.parent, frame_root=tmp_path / "frames")
+
+
 def frames_folder(folder: Path, n=3) -> None:
     for i in range(n):
         image(folder / f"{i:04d}.jpg", (40 * i, 0, 0), (28, 28))
@@ -213,6 +234,66 @@ def test_video_classification_and_qa_layouts(tmp_path):
     assert [r.positive for r in task.rows] == [1, 1] and task.rows[0].query.videos
 
 
+def shipped_labels(name: str) -> list[str]:
+    return [line for line in LABEL_SETS[name].read_text().splitlines() if line and not line.startswith("#")]
+
+
+def hmdb51_suite_task(root: Path, n_rows: int) -> list[str]:
+    """An HMDB51 task under an MMEB-V2 data root: n_rows videos, each of another class, its frames
+    in a folder named after its class (what ConceptEmbedder sees)."""
+    labels = shipped_labels("hmdb51")[:n_rows]
+    frames = root / "video-tasks/frames/video_cls/HMDB51"
+    for label in labels:
+        frames_folder(frames / label, n=1)
+    write_parquet(root / "video-tasks" / "HMDB51" / TEST_SHARD,
+                  [{"video_id": label, "pos_text": label} for label in labels])
+    return labels
+
+
+def test_a_video_classification_task_ranks_against_its_whole_label_set(tmp_path):
+    hmdb51_suite_task(tmp_path, 20)
+    (task,) = resolve_tasks("mmeb_v2/HMDB51", data_root=tmp_path)
+    assert len(task.rows) == 20 and len(task.corpus) == 51
+    m = evaluate_model(ConceptEmbedder(), [task], use_think=False, progress=False)["tasks"]["HMDB51"]
+    assert m["n_candidates"] == 51 and m["n_distinct_candidates"] == 51 and m["hit@1"] == 1.0
+
+
+def test_the_shipped_label_sets_have_the_published_class_counts_and_the_suite_names_them(tmp_path):
+    counts = {name: len(shipped_labels(name)) for name in LABEL_SETS}
+    assert counts == {"breakfast": 10, "hmdb51": 51, "kinetics700": 700, "smthsmthv2": 174, "ucf101": 101}
+    for name in LABEL_SETS:
+        assert len(set(shipped_labels(name))) == counts[name], name                 # no class twice
+        assert "TIGER-AI-Lab/VLM2Vec" in LABEL_SETS[name].read_text().splitlines()[3]  # the source, cited
+    specs = load_registry(SUITES["mmeb_v2"], data_root=tmp_path)
+    cls = {n: len(s.labels) for n, s in specs.items() if s.group == "video-classification"}
+    assert cls == {"K700": 700, "SmthSmthV2": 174, "HMDB51": 51, "UCF101": 101, "Breakfast": 10}
+
+
+def test_without_a_label_set_a_video_classification_task_warns_it_ranks_the_labels_seen(tmp_path):
+    labels = hmdb51_suite_task(tmp_path, 3)
+    with pytest.warns(UserWarning, match=r"rank against the 3 labels seen in"):
+        task = load_eval_task(tmp_path / "video-tasks" / "HMDB51", frame_root=tmp_path / "video-tasks/frames/video_cls/HMDB51")
+    assert list(task.corpus) == labels
+    with pytest.raises(DataError, match=r"label\(s\) \['ride_bike'\] of .* are not among the task's 2 labels"):
+        load_eval_task(tmp_path / "video-tasks" / "HMDB51", frame_root=tmp_path / "video-tasks/frames/video_cls/HMDB51",
+                       labels=["wave", "dive"])
+
+
+def test_a_missing_or_unknown_label_set_is_one_clear_error(tmp_path):
+    registry = tmp_path / "tasks.yaml"
+    registry.write_text("HMDB51:\n  path: video-tasks/HMDB51\n  labels: labels/hmdb51.txt\n")
+    with pytest.raises(DataError, match=r"tasks.yaml task 'HMDB51': field 'labels': label-set file .*labels/hmdb51.txt "
+                                        r"not found"):
+        load_registry(registry)
+    registry.write_text("HMDB51:\n  path: video-tasks/HMDB51\n  labels: hmdb52\n")
+    with pytest.raises(DataError, match=r"field 'labels': 'hmdb52' is no shipped label set \(breakfast, hmdb51, "):
+        load_registry(registry)
+    (tmp_path / "mine.txt").write_text("# my classes\nrun\njump\nrun\n")
+    registry.write_text("HMDB51:\n  path: video-tasks/HMDB51\n  labels: mine.txt\n")
+    with pytest.raises(DataError, match=r"class name\(s\) \['run'\] listed twice"):
+        load_registry(registry)
+
+
 def test_a_video_folder_with_no_frames_names_file_row_and_field(video_root):
     empty = video_root / "video-tasks/frames/video_ret/MSR-VTT/video9"
     for f in empty.iterdir():
@@ -229,10 +310,8 @@ def png_bytes(color) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture
-def visdoc(tmp_path):
+def write_visdoc(folder: Path) -> Path:
     """A ViDoRe-style BEIR task: corpus pages stored as image bytes, graded qrels."""
-    folder = tmp_path / "visdoc-tasks" / "docvqa_test_subsampled_beir"
     pages = {"p1": "red", "p2": "blue", "p3": "green", "p4": "red"}      # p4 repeats p1's content
     write_parquet(folder / "corpus" / TEST_SHARD,
                   [{"corpus-id": k, "image": {"bytes": png_bytes(c), "path": None}} for k, c in pages.items()])
@@ -243,6 +322,11 @@ def visdoc(tmp_path):
                                                   {"query-id": "q2", "corpus-id": "p2", "score": 2},
                                                   {"query-id": "q2", "corpus-id": "p3", "score": 1}])
     return folder
+
+
+@pytest.fixture
+def visdoc(tmp_path):
+    return write_visdoc(tmp_path / "visdoc-tasks" / "docvqa_test_subsampled_beir")
 
 
 class PixelEmbedder:
@@ -283,7 +367,7 @@ def test_visdoc_corpus_with_graded_qrels_scores_ndcg_as_mmeb_v2(visdoc, tmp_path
     assert swapped["tasks"]["ViDoRe_docvqa"]["ndcg@5"] == pytest.approx(want)
     assert swapped["tasks"]["ViDoRe_docvqa"]["recall@1"] == pytest.approx((1 + 0.5) / 2)
     assert swapped["mmeb"]["visdoc"]["score"] == pytest.approx(want)
-    assert "| MMEB-V2 |" in format_table(swapped) and "MRR@10" in format_table(swapped)
+    assert "| MMEB |" in format_table(swapped) and "MRR@10" in format_table(swapped)
 
 
 def test_qrels_naming_an_unknown_corpus_id_names_file_row_and_field(visdoc):
@@ -291,6 +375,27 @@ def test_qrels_naming_an_unknown_corpus_id_names_file_row_and_field(visdoc):
                                                   {"query-id": "q1", "corpus-id": "p99", "score": 1}])
     with pytest.raises(DataError, match=r"qrels/test-00000-of-00001.parquet row 1: field 'corpus-id': 'p99' is not in"):
         load_eval_task(visdoc)
+
+
+def test_a_qrels_pair_judged_twice_keeps_its_highest_grade(visdoc):
+    write_parquet(visdoc / "qrels" / TEST_SHARD, [{"query-id": "q2", "corpus-id": "p2", "score": 2},
+                                                  {"query-id": "q2", "corpus-id": "p2", "score": 1},
+                                                  {"query-id": "q2", "corpus-id": "p3", "score": 1}])
+    assert load_eval_task(visdoc).rows[0].relevance == {"p2": 2.0, "p3": 1.0}
+
+
+def test_the_fixed_visdoc_pages_are_read_and_the_old_release_with_a_warning(tmp_path, recwarn):
+    old = write_visdoc(tmp_path / "visdoc-tasks" / "ViDoSeek-page")
+    with pytest.warns(UserWarning, match=r"ViDoSeek-page-fixed not found, reading the older release in .*ViDoSeek-page"):
+        (task,) = resolve_tasks("mmeb_v2/ViDoSeek-page", data_root=tmp_path)
+    assert task.corpus["p1"].images[0].startswith(str(tmp_path / "visdoc-tasks/images/ViDoSeek-page/"))
+    old.rename(tmp_path / "visdoc-tasks" / "ViDoSeek-page-fixed")
+    recwarn.clear()
+    (task,) = resolve_tasks("mmeb_v2/ViDoSeek-page", data_root=tmp_path)
+    assert not [w for w in recwarn if "older release" in str(w.message)]
+    assert task.corpus["p1"].images[0].startswith(str(tmp_path / "visdoc-tasks/images/ViDoSeek-page-fixed/"))
+    assert load_registry(SUITES["mmeb_v2"], data_root=tmp_path)["MMLongBench-page"].path == \
+        tmp_path / "visdoc-tasks/MMLongBench-page-fixed"
 
 
 # ----------------------------------------------------------------------------- suites, image size

@@ -24,15 +24,17 @@ folder of subset folders (train), or a list of those; .jsonl/.json/.parquet ever
   `sentence`) and a video (`video_id` | `videoID` | `video` | `video_path` | `id`); the query is
   the caption, the task's corpus is every video, the row's own video the positive.
   classification (K700, HMDB51, UCF101, Breakfast; SmthSmthV2 with `neg_text`): `video_id`
-  and `pos_text`; the video is the query, the corpus the class names (`labels`, default every
-  `pos_text` in the file) or, with `neg_text`, the row's own candidates.
+  and `pos_text`; the video is the query, the corpus the dataset's class names (`labels`: the
+  registry names a shipped label set, data/labels/; without one, with a warning, the `pos_text`s
+  seen in the file) or, with `neg_text`, the row's own candidates.
   QA (NExTQA, EgoSchema, MVBench, Video-MME): `question`, options (`options` | `option` |
   `candidates`), `answer` (an index, a letter A-Z, or the option's text) and a video field.
   `qry_inst` / `tgt_inst` (registry keys) are the task's instructions, as VLM2Vec's code holds them.
 * Visual documents (ViDoRe / VisRAG, BEIR style): a folder with `queries`, `corpus` and `qrels`
   (each a file or a folder of shards): queries `query-id`, `query`; corpus `corpus-id` and an
   `image` (Hugging Face image struct {bytes, path}, or a path) or `image_root/<corpus-id>.png`;
-  qrels `query-id`, `corpus-id`, `score` (graded; several positives per query).
+  qrels `query-id`, `corpus-id`, `score` (graded; several positives per query; a pair judged
+  twice keeps its highest grade).
 
 Conventions:
 * Row ids: the row's `id` if present, else "{subset}:{n}" with n the 1-based line of a .jsonl
@@ -43,13 +45,15 @@ Conventions:
   a TTEInput's images before its text itself.
 * `max_pixels` (a registry key) caps the images of one task, e.g. document pages.
 
-Every problem raises `DataError` naming the file, the row, the field and what to do. With
+Every problem raises `DataError` naming the file, the row, the field and what to do (a candidate
+with neither text nor image is one: it would tie every other empty candidate). With
 `skip_bad=True` the train loader skips bad rows instead and reports them in `.skipped`.
 """
 from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -221,7 +225,7 @@ def load_eval_task(path: str | os.PathLike, image_root: str | os.PathLike | None
                    max_rows: int | None = None, *, frame_root: str | os.PathLike | None = None,
                    qry_inst: str = "", tgt_inst: str = "", labels: Sequence[str] | None = None,
                    max_pixels: int | None = None, modality: str | None = None,
-                   primary: str | None = None) -> EvalTask:
+                   primary: str | None = None, distribution: str | None = None) -> EvalTask:
     """Read one eval task in any layout of the module docstring (detected from the columns, or
     a visdoc folder from its queries/corpus/qrels parts). Returns a validated EvalTask."""
     path = Path(path)
@@ -253,16 +257,21 @@ def load_eval_task(path: str | os.PathLike, image_root: str | os.PathLike | None
         task.rows = rows
         if layout == "video-ret":
             task.corpus = {r.meta["video"]: TTEInput(tgt_inst, videos=[r.meta["frames"]]) for r in rows}
-        elif layout == "video-cls" and any(r.relevance is not None for r in rows):
-            names = list(labels) if labels else list(dict.fromkeys(r.meta["label"] for r in rows))
-            unknown = sorted({r.meta["label"] for r in rows} - set(names))
+        elif layout == "video-cls":
+            seen = list(dict.fromkeys(r.meta["label"] for r in rows))
+            unknown = sorted(set(seen) - set(labels or seen))
             if unknown:
                 raise DataError(f"task {name!r}: label(s) {unknown[:3]} of {path} are not among the task's "
-                                f"{len(names)} labels; add them to the registry's labels list.")
-            task.corpus = {label: TTEInput(label) for label in names}
+                                f"{len(labels)} labels; fix the rows' pos_text or the registry's labels.")
+            if any(r.relevance is not None for r in rows):
+                if not labels:
+                    warnings.warn(f"task {name!r}: no label set (registry key `labels`), so its videos rank "
+                                  f"against the {len(seen)} labels seen in {path} only; name the dataset's "
+                                  "label set to rank against all of its classes.", stacklevel=2)
+                task.corpus = {label: TTEInput(label) for label in (labels or seen)}
     task.modality_group, task.needs_reasoning = group, needs_reasoning
     task.task_type = task_type or task_type_for(task.name)
-    task.modality = modality
+    task.modality, task.distribution = modality, distribution
     task.primary = primary or ("ndcg@5" if modality == "visdoc" else "hit@1")
     if max_pixels is not None:
         for item in _all_inputs(task):
@@ -317,14 +326,25 @@ def _video_row(rec, where, path: Path, number: int, frame_root: Path, task: str,
             raise DataError(f"{where}: task {task!r}: field 'pos_text' (the class name) is empty.")
         negs = _as_list(rec.get("neg_text"), where, "neg_text")
         if negs:
-            return EvalRow(rid, query_video, [TTEInput(label)] + [TTEInput(clean_text(n)) for n in negs], 0)
+            negatives = [TTEInput(_candidate_text(n, where, f"neg_text[{i}]")) for i, n in enumerate(negs)]
+            return EvalRow(rid, query_video, [TTEInput(label)] + negatives, 0, meta={"label": label})
         return EvalRow(rid, query_video, [], relevance={label: 1.0}, meta={"label": label})
     ofld, options = _first(rec, OPTION_FIELDS)
-    options = [clean_text(o) for o in _as_list(options, where, ofld or "options")]
+    ofld = ofld or "options"
+    options = [_candidate_text(o, where, f"{ofld}[{i}]") for i, o in enumerate(_as_list(options, where, ofld))]
     answer = rec.get("answer")
     positive = _answer_index(answer, options, where)
     query = TTEInput(_join(qry_inst, rec.get("question")), videos=[frames])
     return EvalRow(rid, query, [TTEInput(o) for o in options], positive)
+
+
+def _candidate_text(value, where: str, fld: str) -> str:
+    """A text-only candidate's text, refused when null or empty (it would tie every other empty one)."""
+    text = clean_text(value, where, fld)
+    if not text:
+        raise DataError(f"{where}: field {fld!r} is {'null' if value is None else 'empty'}: a text candidate "
+                        "needs its text; fill it in or drop the candidate.")
+    return text
 
 
 def _answer_index(answer, options: list[str], where: str) -> int:
@@ -406,8 +426,9 @@ def _load_visdoc(folder: Path, image_root, name: str, group: str, qry_inst: str,
             raise DataError(f"{where}: field 'corpus-id': {cid!r} is not in the corpus of {folder} "
                             f"({len(corpus)} items); fix the qrels or supply the full corpus.")
         score = float(rec.get("score", 1) or 0)
-        if score > 0:
-            qrels.setdefault(str(rec["query-id"]), {})[cid] = score
+        if score > 0:   # a pair judged twice keeps its highest grade, as VLM2Vec's load_qrels_mapping
+            judged = qrels.setdefault(str(rec["query-id"]), {})
+            judged[cid] = max(judged.get(cid, 0.0), score)
     rows = []
     for where, _, _, rec in _records(_visdoc_part(folder, "queries")):
         if max_rows is not None and len(rows) >= max_rows:
@@ -454,10 +475,15 @@ def _eval_row(rec: dict, where: str, path: Path, number: int, root: Path, task: 
     imgs = imgs or [""] * n
     insts = _as_list(rec.get("tgt_inst"), where, "tgt_inst") if v2 else []
     insts = insts if len(insts) == n else (insts[:1] * n if insts else [""] * n)
-    cands = [TTEInput(text=_join(inst, t, where=where, fields=("tgt_inst", f"tgt_text[{i}]")) if v2
-                      else clean_text(t, where, f"tgt_text[{i}]"),
-                      images=resolve_image(im, root, where, f"tgt_img_path[{i}]"))
-             for i, (inst, t, im) in enumerate(zip(insts, texts, imgs))]
+    cands = []
+    for i, (inst, text, im) in enumerate(zip(insts, texts, imgs)):
+        own_text, images = clean_text(text, where, f"tgt_text[{i}]"), resolve_image(im, root, where, f"tgt_img_path[{i}]")
+        if not (own_text or images):   # an empty candidate would tie every other empty one
+            raise DataError(f"{where}: task {task!r} row {rid!r}: field 'tgt_text[{i}]' is "
+                            f"{'null' if text is None else 'empty'} and 'tgt_img_path[{i}]' names no image, "
+                            f"so candidate {i} has no content; give it a text or an image, or drop it "
+                            f"from both lists.")
+        cands.append(TTEInput(_join(inst, own_text, where=where, fields=("tgt_inst",)) if v2 else own_text, images))
     positive = 0
     if rec.get("positive") is not None:
         positive = rec["positive"]

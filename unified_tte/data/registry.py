@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +27,10 @@ from .schema import EvalTask
 
 BUILTIN_TASK_DIR = Path(__file__).parent / "tasks"
 SUITE_DIR = Path(__file__).parent / "suites"
+# A label set name -> its class names file (one a line, `#` comments cite the source): the fixed
+# candidates of classification tasks, e.g. `labels: kinetics700` in a registry entry.
+LABEL_SET_DIR = Path(__file__).parent / "labels"
+LABEL_SETS = {p.stem: p for p in sorted(LABEL_SET_DIR.glob("*.txt"))}
 # A suite name -> its registry YAML; its relative paths are taken from the data root.
 SUITES = {p.stem: p for p in sorted(SUITE_DIR.glob("*.yaml"))}
 DATA_ROOT_ENV = "TTE_MMEB_ROOT"
@@ -84,10 +90,44 @@ class TaskSpec:
     max_pixels: int | None = None     # cap on this task's images, e.g. document pages
     modality: str | None = None       # MMEB-V2: image | video | visdoc
     primary: str | None = None        # the metric MMEB-V2 averages (default by modality)
+    distribution: str | None = None   # MMEB-V1: IND | OOD
+    legacy_path: Path | None = None   # an older release's folder, read (with a warning) without `path`
+    legacy_image_root: Path | None = None
 
 
 _SPEC_KEYS = {"path", "image_root", "group", "needs_reasoning", "task_type", "builtin", "frame_root",
-              "qry_inst", "tgt_inst", "labels", "max_pixels", "modality", "primary"}
+              "qry_inst", "tgt_inst", "labels", "max_pixels", "modality", "primary", "distribution",
+              "legacy_path", "legacy_image_root"}
+DISTRIBUTIONS = ("IND", "OOD")
+
+
+def read_label_set(value, base: Path, where: str) -> list[str] | None:
+    """A registry entry's `labels`: a list of class names, a shipped set's name (LABEL_SETS) or a
+    text file of class names (one a line, `#` comment lines; relative to `base`)."""
+    if value is None or (isinstance(value, list) and all(isinstance(x, str) for x in value)):
+        labels = value
+    elif isinstance(value, str) and value in LABEL_SETS:
+        labels = _label_lines(LABEL_SETS[value])
+    elif isinstance(value, str) and (Path(value).suffix or "/" in value):
+        path = Path(value) if Path(value).is_absolute() else base / value
+        if not path.is_file():
+            raise DataError(f"{where}: field 'labels': label-set file {path} not found. Give a list of class "
+                            f"names, a shipped set ({', '.join(LABEL_SETS)}) or a file of names, one a line.")
+        labels = _label_lines(path)
+    else:
+        raise DataError(f"{where}: field 'labels': {value!r} is no shipped label set ({', '.join(LABEL_SETS)}); "
+                        f"give a list of class names, a shipped set's name or a .txt file of names, one a line.")
+    if labels is not None:
+        repeated = sorted(x for x, n in Counter(labels).items() if n > 1)
+        if not labels or repeated:
+            raise DataError(f"{where}: field 'labels': " + (f"class name(s) {repeated[:3]} listed twice"
+                            if repeated else "no class names") + "; each class must appear once.")
+    return labels
+
+
+def _label_lines(path: Path) -> list[str]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
 def load_registry(yaml_path: str | os.PathLike, data_root: str | os.PathLike | None = None) -> dict[str, TaskSpec]:
@@ -97,10 +137,10 @@ def load_registry(yaml_path: str | os.PathLike, data_root: str | os.PathLike | N
                        needs_reasoning: false, task_type: classification}`
     A built-in one:  `{builtin: digits, seed: 0, image_size: 56, ...}` (other keys are options
                       for the builder).
-    More keys for MMEB-V2 files: `frame_root`, `qry_inst`, `tgt_inst`, `labels`, `max_pixels`,
-    `modality`, `primary` (see TaskSpec). Relative `path` / `image_root` / `frame_root` are taken
-    from `data_root`, else the YAML file's folder. `group` defaults to "retrieval", `image_root`
-    to the data file's folder.
+    More keys for MMEB files: `frame_root`, `qry_inst`, `tgt_inst`, `labels` (see
+    read_label_set), `max_pixels`, `modality`, `primary`, `distribution`, `legacy_path` /
+    `legacy_image_root` (see TaskSpec). Relative paths are taken from `data_root`, else the YAML
+    file's folder. `group` defaults to "retrieval", `image_root` to the data file's folder.
     """
     yaml_path = Path(yaml_path)
     doc = read_yaml_mapping(yaml_path, DataError, "registry")
@@ -126,9 +166,11 @@ def load_registry(yaml_path: str | os.PathLike, data_root: str | os.PathLike | N
             value = entry.get(key)
             return None if value is None else (Path(value) if Path(value).is_absolute() else base / value)
 
-        labels = entry.get("labels")
-        if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
-            raise DataError(f"{where}: 'labels' must be a list of class names.")
+        labels = read_label_set(entry.get("labels"), base, where)
+        distribution = entry.get("distribution")
+        if distribution is not None and distribution not in DISTRIBUTIONS:
+            raise DataError(f"{where}: field 'distribution' must be one of {', '.join(DISTRIBUTIONS)}, "
+                            f"got {distribution!r}.")
         max_pixels = entry.get("max_pixels")
         if max_pixels is not None and (not isinstance(max_pixels, int) or max_pixels < 28 * 28):
             raise DataError(f"{where}: 'max_pixels' must be an integer >= 784 (28*28), got {max_pixels!r}.")
@@ -139,7 +181,8 @@ def load_registry(yaml_path: str | os.PathLike, data_root: str | os.PathLike | N
             task_type=entry.get("task_type"), frame_root=local("frame_root"),
             qry_inst=str(entry.get("qry_inst", "")), tgt_inst=str(entry.get("tgt_inst", "")),
             labels=labels, max_pixels=max_pixels, modality=entry.get("modality"),
-            primary=entry.get("primary"))
+            primary=entry.get("primary"), distribution=distribution,
+            legacy_path=local("legacy_path"), legacy_image_root=local("legacy_image_root"))
     return specs
 
 
@@ -158,11 +201,16 @@ def build_tasks(spec: TaskSpec, max_rows: int | None = None, **overrides) -> lis
         if max_rows is not None:
             options["max_eval_per_task"] = max_rows
         return build_builtin(spec.builtin, **options).eval_tasks
-    return [load_eval_task(spec.path, spec.image_root, name=spec.name, group=spec.group,
+    path, image_root = spec.path, spec.image_root
+    if spec.legacy_path is not None and not path.exists() and spec.legacy_path.exists():
+        warnings.warn(f"task {spec.name!r}: {path} not found, reading the older release in {spec.legacy_path}; "
+                      f"its scores compare only with numbers computed on that release.", stacklevel=2)
+        path, image_root = spec.legacy_path, spec.legacy_image_root or image_root
+    return [load_eval_task(path, image_root, name=spec.name, group=spec.group,
                            needs_reasoning=spec.needs_reasoning, task_type=spec.task_type,
                            max_rows=max_rows, frame_root=spec.frame_root, qry_inst=spec.qry_inst,
                            tgt_inst=spec.tgt_inst, labels=spec.labels, max_pixels=spec.max_pixels,
-                           modality=spec.modality, primary=spec.primary)]
+                           modality=spec.modality, primary=spec.primary, distribution=spec.distribution)]
 
 
 def suite_specs(name: str, data_root: str | os.PathLike | None) -> dict[str, TaskSpec]:
@@ -184,8 +232,8 @@ def resolve_tasks(names_or_yaml: str | os.PathLike | Sequence[str], registry: st
     `names_or_yaml`: a list, or a comma-separated string, of items. An item is a registry YAML
     path (all its tasks), a task name from `registry` or from the built-in registries
     ("digits": every digits sub-task), or "digits/<sub-task>" for one sub-task, or an MMEB
-    suite: "mmeb_v1" / "mmeb_v2" (all its tasks), "mmeb_v2/<modality or group>", "mmeb_v2/<task>",
-    read under `data_root`.
+    suite: "mmeb_v1" / "mmeb_v2" (all its tasks), "mmeb_v2/<modality or group>", "mmeb_v1/IND"
+    (or OOD), "mmeb_v2/<task>", read under `data_root`.
     `max_rows` caps the queries per task; `builtin_overrides` go to built-in builders
     (e.g. `seed=1, image_size=28` for digits; eval must use the seed training used).
     """
@@ -202,7 +250,7 @@ def resolve_tasks(names_or_yaml: str | os.PathLike | Sequence[str], registry: st
         if suite in SUITES:
             specs = suite_specs(suite, data_root)
             chosen = [sp for sp in specs.values()
-                      if not part or part in (sp.name, sp.modality, sp.group)]
+                      if not part or part in (sp.name, sp.modality, sp.group, sp.distribution)]
             if not chosen:
                 raise DataError(f"{item!r}: no task, modality or group {part!r} in suite {suite!r}; "
                                 f"modalities: {sorted({sp.modality for sp in specs.values()})}.")

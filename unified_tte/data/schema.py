@@ -41,8 +41,9 @@ class EvalRow:
 class EvalTask:
     """A named eval task. `modality_group` is what results are averaged over: a modality pair
     ("I2T", "T2I", "I2I", "T2T") or an MMEB meta-task ("classification", "vqa", "retrieval",
-    "grounding"). MMEB-V2 tasks also name their `modality` ("image", "video", "visdoc") and the
-    `primary` metric MMEB-V2 averages (Hit@1 for image and video, NDCG@5 for visdoc)."""
+    "grounding"). MMEB tasks also name their `modality` ("image", "video", "visdoc") and the
+    `primary` metric MMEB averages (Hit@1 for image and video, NDCG@5 for visdoc); MMEB-V1 tasks
+    their `distribution` ("IND": a dataset MMEB-train holds, "OOD": one it does not)."""
     name: str
     modality_group: str
     rows: list[EvalRow]
@@ -51,6 +52,7 @@ class EvalTask:
     corpus: dict[str, TTEInput] | None = None   # corpus id -> item, for rows ranked by relevance
     modality: str | None = None
     primary: str = "hit@1"
+    distribution: str | None = None
 
 
 def row_fingerprint(*parts) -> str:

@@ -18,9 +18,10 @@ content once per task (candidate lists repeat across queries; they are deduplica
 image and video content). The score is the dot product of the unit vectors (cosine).
 
 Scoring follows MMEB: a candidate-list row's positive is the candidate at its index, and any
-candidate with the same content IS the positive (it was embedded once); ties among genuinely
-different candidates count against the positive (metrics.py). A corpus task (visdoc, video
-retrieval) ranks every query against the task's whole corpus with graded relevance.
+candidate with the same content IS the positive (it was embedded once); an exact tie between
+genuinely different candidates is decided by the tie rule (`tie_rule`, `--tie-rule`; metrics.py)
+and counted ("n_tied"). A corpus task (visdoc, video retrieval and classification) ranks every
+query against the task's whole corpus with graded relevance, laid out in VLM2Vec's candidate order.
 
 Scale-out: under torchrun each rank computes whole global batches (b = rank, rank + world, ...)
 of queries and candidates, rank 0 gathers them and scores, so N ranks give the same embeddings,
@@ -48,7 +49,8 @@ from ..data.traces import check_ecr_shape, set_pixels
 from ..errors import DataError, command, positive_int
 from ..model import UnifiedTTE, zoo
 from .cache import EmbeddingCache, model_key
-from .metrics import MMEB_METRICS, METRICS, aggregate, mean_metrics, mmeb_averages, ranking_metrics
+from .metrics import (MMEB_METRICS, METRICS, TIE_RULES, aggregate, check_tie_rule, distinct_candidates,
+                      mmeb_averages, score_queries)
 
 N_EXAMPLES = 3   # traces kept per task in the results, to eyeball what the reasoner wrote
 
@@ -102,9 +104,12 @@ class TaskPlan:
             return index[key]
 
         self.corpus_ids = {cid: add(item) for cid, item in (task.corpus or {}).items()}
-        corpus_items = sorted(set(self.corpus_ids.values()))
+        # The corpus in VLM2Vec's candidate order (generate_cand_dataset: the rows' relevant items
+        # in row order, then the rest of the corpus), the order the "reference" tie rule keeps.
+        corpus_items = list(dict.fromkeys([self.corpus_ids[cid] for row in task.rows
+                                           for cid in (row.relevance or {})] + list(self.corpus_ids.values())))
         self.items: list[list[int]] = []     # per query: distinct indices it is ranked over
-        self.gains: list[list[float]] = []
+        self.gains: list[np.ndarray] = []
         for row in task.rows:
             if row.relevance is not None:
                 gain = {}
@@ -112,13 +117,13 @@ class TaskPlan:
                     i = self.corpus_ids[cid]
                     gain[i] = max(gain.get(i, 0.0), float(g))
                 self.items.append(corpus_items)
-                self.gains.append([gain.get(i, 0.0) for i in corpus_items])
+                self.gains.append(np.asarray([gain.get(i, 0.0) for i in corpus_items]))
             else:
                 idx = [add(c) for c in row.candidates]
-                mine = list(dict.fromkeys(idx))          # each distinct content once
-                pos = idx[row.positive]
-                self.items.append(mine)
-                self.gains.append([1.0 if i == pos else 0.0 for i in mine])
+                positive = [1.0 if c == row.positive else 0.0 for c in range(len(idx))]
+                keep, gains = distinct_candidates(idx, positive)   # each distinct content once
+                self.items.append([idx[c] for c in keep])
+                self.gains.append(gains)
         self.keys = [_digest("item", candidate_key(x, memo)) for x in self.distinct]
         self.query_keys = [_digest("query", candidate_key(r.query, memo)) for r in task.rows]
 
@@ -166,8 +171,9 @@ class _Borrowed:
 
 def evaluate_task(model, task: EvalTask, batch_size: int = 16, use_think: bool = True,
                   max_new_tokens: int = 64, progress: bool = True, ranks: Ranks | None = None,
-                  cache_dir: str | os.PathLike | None = None, model_hash: str | None = None) -> dict | None:
-    """Metrics of one task: {"hit@1", "ndcg@5", "mrr", "mrr@10", "recall@k", "n", "group", ...}
+                  cache_dir: str | os.PathLike | None = None, model_hash: str | None = None,
+                  tie_rule: str = "pessimistic") -> dict | None:
+    """Metrics of one task: {"hit@1", "ndcg@5", "mrr", "mrr@10", "recall@k", "n", "n_tied", "group", ...}
     (see evaluate_model). Under several ranks only rank 0 returns them (others: None)."""
     import torch
     from tqdm.auto import tqdm
@@ -218,8 +224,9 @@ def evaluate_task(model, task: EvalTask, batch_size: int = 16, use_think: bool =
     C = np.stack([c_all[i][0] for i in range(len(plan.distinct))])        # [n_distinct, D]
     traces = [q_all[i][1] for i in range(len(task.rows))]
     sims = Q @ C.T                                                        # cosine of unit vectors
-    out = mean_metrics([ranking_metrics(sims[q, idx], gains)
-                        for q, (idx, gains) in enumerate(zip(plan.items, plan.gains))])
+    out = score_queries(((sims[q, idx], gains) for q, (idx, gains) in enumerate(zip(plan.items, plan.gains))),
+                        tie_rule)
+    del out["tied_queries"]                                               # results keep the count
     out.update(group=task.modality_group, needs_reasoning=task.needs_reasoning,
                n_candidates=float(np.mean([len(r.candidates) or len(task.corpus or {}) for r in task.rows])),
                n_distinct_candidates=len(plan.distinct))
@@ -227,6 +234,8 @@ def evaluate_task(model, task: EvalTask, batch_size: int = 16, use_think: bool =
         out["cached_items"] = sum(p[2] for p in parts)   # read back from the cache, not recomputed
     if task.modality:
         out.update(modality=task.modality, primary=task.primary)
+    if task.distribution:
+        out["distribution"] = task.distribution
     if use_think:
         out["trace_valid"] = sum(check_ecr_shape(t) for t in traces) / len(traces)
         out["examples"] = [{"id": r.id, "trace": t} for r, t in
@@ -236,17 +245,20 @@ def evaluate_task(model, task: EvalTask, batch_size: int = 16, use_think: bool =
 
 def evaluate_model(model, tasks: Sequence[EvalTask], batch_size: int = 16, use_think: bool = True,
                    max_new_tokens: int = 64, progress: bool = True, ranks: Ranks | None = None,
-                   cache_dir: str | os.PathLike | None = None) -> dict | None:
+                   cache_dir: str | os.PathLike | None = None, tie_rule: str = "pessimistic") -> dict | None:
     """Evaluate `model` (duck-typed: `embed`, and `think_then_embed` when `use_think`).
     `progress`: a bar per task (True), none (False), or a caller's progress line (an object with
-    `update(n)`, e.g. `console.Progress`) that counts every embedded item.
+    `update(n)`, e.g. `console.Progress`) that counts every embedded item. `tie_rule`:
+    "pessimistic" or "reference" (metrics.py).
 
-    Returns {"tasks": {name: {"hit@1", "ndcg@5", "mrr", "mrr@10", "recall@1/5/10", "n", "group",
-    "needs_reasoning", "n_candidates", "n_distinct_candidates", ["modality", "primary"],
-    ["trace_valid", "examples"]}}, "groups": {group: {metric, "n_tasks"}}, "overall": {metric,
-    "n_tasks"}, ["mmeb": {modality: {"score", "n_tasks"}, "overall": ...}], "settings": {...}}
-    on rank 0 (None on the other ranks of a torchrun launch).
+    Returns {"tasks": {name: {"hit@1", "ndcg@5", "mrr", "mrr@10", "recall@1/5/10", "n", "n_tied"
+    (queries with an exact tie the tie rule decided), "group", "needs_reasoning", "n_candidates",
+    "n_distinct_candidates", ["modality", "primary"], ["distribution"], ["trace_valid",
+    "examples"]}}, "groups": {group: {metric, "n_tasks"}}, "overall": {metric, "n_tasks"},
+    ["mmeb": {modality or distribution: {"score", "n_tasks"}, "overall": ...}], "settings":
+    {..., "tie_rule"}} on rank 0 (None on the other ranks of a torchrun launch).
     """
+    check_tie_rule(tie_rule)
     ranks = ranks or Ranks()
     names = [t.name for t in tasks]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -258,14 +270,14 @@ def evaluate_model(model, tasks: Sequence[EvalTask], batch_size: int = 16, use_t
     per_task = {}
     for task in tasks:
         per_task[task.name] = evaluate_task(model, task, batch_size, use_think, max_new_tokens,
-                                            progress, ranks, cache_dir, model_hash)
+                                            progress, ranks, cache_dir, model_hash, tie_rule)
     if not ranks.main:
         return None
     metrics = METRICS + (MMEB_METRICS if any("modality" in m for m in per_task.values()) else ())
     agg = aggregate(per_task, {n: m["group"] for n, m in per_task.items()}, metrics)
     out = {"tasks": per_task, **agg,
            "settings": {"use_think": use_think, "max_new_tokens": max_new_tokens,
-                        "batch_size": batch_size, "ranks": ranks.world}}
+                        "batch_size": batch_size, "ranks": ranks.world, "tie_rule": tie_rule}}
     mmeb = mmeb_averages(per_task)
     if mmeb:
         out["mmeb"] = mmeb
@@ -298,8 +310,14 @@ def format_table(results: dict) -> str:
         cells += [""] if think else []
         lines.append("| " + " | ".join(cells) + " |")
     if results.get("mmeb"):
-        lines += ["", "| MMEB-V2 | tasks | score (Hit@1 image/video, NDCG@5 visdoc) |", "|---|---:|---:|"]
+        lines += ["", "| MMEB | tasks | score (Hit@1 image/video, NDCG@5 visdoc) |", "|---|---:|---:|"]
         lines += [f"| {k} | {v['n_tasks']} | {_pct(v['score'])} |" for k, v in results["mmeb"].items()]
+    tied = {name: m["n_tied"] for name, m in tasks.items() if m.get("n_tied")}
+    if tied:   # ties decide these scores: say so where the scores are read
+        rule = results.get("settings", {}).get("tie_rule", "pessimistic")
+        shown = ", ".join(f"{name} {n}" for name, n in list(tied.items())[:5]) + (", ..." if len(tied) > 5 else "")
+        lines += ["", f"Exact ties involving a positive, ranked by the {rule} tie rule (--tie-rule): "
+                      f"{sum(tied.values())} queries in {len(tied)} task(s) ({shown})."]
     return "\n".join(lines)
 
 
@@ -341,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option for the built-in tasks' builders (default: the registry's), e.g. "
                         "seed=1; must match what training used (repeatable)")
+    p.add_argument("--tie-rule", choices=TIE_RULES, default="pessimistic",
+                   help="how an exact tie between a positive and another candidate ranks: pessimistic "
+                        "(the positive last, the default) or reference (the earlier candidate first, "
+                        "as VLM2Vec ranks); results count the queries it decided (n_tied)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -363,7 +385,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     results = evaluate_model(model, tasks, batch_size=args.batch_size,
                              use_think=not args.no_think, max_new_tokens=args.max_new_tokens,
-                             progress=not args.no_progress, ranks=ranks, cache_dir=args.cache_dir)
+                             progress=not args.no_progress, ranks=ranks, cache_dir=args.cache_dir,
+                             tie_rule=args.tie_rule)
     if not ranks.main:
         return 0
     seconds = time.perf_counter() - start
