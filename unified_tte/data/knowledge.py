@@ -292,7 +292,7 @@ def build_knowledge(seed: int = 0, test_fraction: float = 0.4, min_population: i
             train_rows.append(TrainRow(
                 id=f"{name}/train/{n}", task=name, qry=TTEInput(text=text), pos=TTEInput(text=pos),
                 neg=TTEInput(text=negs[0]), trace=teacher_trace(sub, fact),
-                meta={**fact, "answer_text": pos}))
+                meta={**fact, "answer_text": pos, "entities": _entities(sub, fact)}))
         rng = np.random.default_rng([seed, k, 1])
         rows = []
         for n, (text, fact) in enumerate(_queries(sub, test_facts, rng, max_eval_per_task)):
@@ -373,6 +373,14 @@ def _queries(sub: str, facts: list[dict], rng, cap) -> list[tuple[str, dict]]:
     order = rng.permutation(len(items))
     items = [items[i] for i in order]
     return items if cap is None else items[:cap]
+
+
+def _entities(sub: str, fact: dict) -> list[str]:
+    """The countries or elements a row is about (a comparison names two): what a recipe's
+    `data.holdout_by: entities` holds out together."""
+    if sub in PAIRS:
+        return [_name(sub, fact), fact["other"]]
+    return [fact["element"] if sub == "symbol" else fact["country"]]
 
 
 def _name(sub: str, fact: dict) -> str:

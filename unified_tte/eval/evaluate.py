@@ -48,40 +48,12 @@ from ..data.registry import task_options
 from ..data.traces import check_ecr_shape, set_pixels
 from ..errors import DataError, command, positive_int
 from ..model import UnifiedTTE, zoo
+from ..model.inputs import content_key as candidate_key
 from .cache import EmbeddingCache, model_key
 from .metrics import (MMEB_METRICS, METRICS, TIE_RULES, aggregate, check_tie_rule, distinct_candidates,
                       mmeb_averages, score_queries)
 
 N_EXAMPLES = 3   # traces kept per task in the results, to eyeball what the reasoner wrote
-
-
-def _image_key(image, memo: dict) -> str:
-    """Content key of an image: its resolved path, or a hash of a PIL image's pixels."""
-    if isinstance(image, (str, os.PathLike)):
-        return "path:" + os.path.abspath(image)
-    k = memo.get(id(image))
-    if k is None:
-        h = hashlib.sha1(f"{image.mode}{image.size}".encode())
-        h.update(image.tobytes())
-        k = memo[id(image)] = "pil:" + h.hexdigest()
-    return k
-
-
-def _video_key(video, memo: dict) -> str:
-    source = getattr(video, "source", video)
-    opts = (getattr(video, "fps", None), getattr(video, "max_frames", None))
-    if isinstance(source, (str, os.PathLike)):
-        return f"video:{os.path.abspath(source)}:{opts}"
-    return f"video:{[_image_key(f, memo) for f in source]}:{opts}"
-
-
-def candidate_key(item, memo: dict) -> tuple:
-    """Two TTEInputs with the same key embed to the same vector."""
-    key = (item.text, tuple(_image_key(im, memo) for im in item.images))
-    videos = getattr(item, "videos", None)
-    if videos or getattr(item, "max_pixels", None):
-        key += (tuple(_video_key(v, memo) for v in videos), item.max_pixels)
-    return key
 
 
 def _digest(role: str, key: tuple, settings: str = "") -> str:
@@ -270,7 +242,7 @@ def evaluate_model(model, tasks: Sequence[EvalTask], batch_size: int = 16, use_t
     per_task = {}
     for task in tasks:
         per_task[task.name] = evaluate_task(model, task, batch_size, use_think, max_new_tokens,
-                                            progress, ranks, cache_dir, model_hash, tie_rule)
+                                            progress, ranks, cache_dir, model_hash, tie_rule=tie_rule)
     if not ranks.main:
         return None
     metrics = METRICS + (MMEB_METRICS if any("modality" in m for m in per_task.values()) else ())

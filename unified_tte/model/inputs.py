@@ -22,6 +22,7 @@ media first, then the text. "vlm2vec" renders VLM2Vec's raw prompt for Qwen2-VL:
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -278,3 +279,33 @@ def stack_images(prompts: Sequence[EncodedPrompt]) -> tuple[torch.Tensor | None,
 def stack_videos(prompts: Sequence[EncodedPrompt]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """`stack_images` for the videos of a batch."""
     return _stack(prompts, "pixel_values_videos", "video_grid_thw")
+
+
+def _image_key(image, memo: dict) -> str:
+    """Content key of an image: its resolved path, or a hash of a PIL image's pixels."""
+    if isinstance(image, (str, os.PathLike)):
+        return "path:" + os.path.abspath(image)
+    k = memo.get(id(image))
+    if k is None:
+        h = hashlib.sha1(f"{image.mode}{image.size}".encode())
+        h.update(image.tobytes())
+        k = memo[id(image)] = "pil:" + h.hexdigest()
+    return k
+
+
+def _video_key(video, memo: dict) -> str:
+    source = getattr(video, "source", video)
+    opts = (getattr(video, "fps", None), getattr(video, "max_frames", None))
+    if isinstance(source, (str, os.PathLike)):
+        return f"video:{os.path.abspath(source)}:{opts}"
+    return f"video:{[_image_key(f, memo) for f in source]}:{opts}"
+
+
+def content_key(item, memo: dict) -> tuple:
+    """Two TTEInputs with the same key embed to the same vector (text, image content or path,
+    video frames and sampling, size cap); `memo` caches the pixel hashes of PIL images by id."""
+    key = (item.text, tuple(_image_key(im, memo) for im in item.images))
+    videos = getattr(item, "videos", None)
+    if videos or getattr(item, "max_pixels", None):
+        key += (tuple(_video_key(v, memo) for v in videos), item.max_pixels)
+    return key

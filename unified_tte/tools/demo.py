@@ -243,7 +243,7 @@ class CachedCandidates:
         return self.model.think_then_embed(inputs, max_new_tokens=max_new_tokens)
 
     def embed(self, inputs, traces=None):
-        from ..eval.evaluate import candidate_key
+        from ..model.inputs import content_key as candidate_key
 
         if traces is not None:
             return self.model.embed(inputs, traces)

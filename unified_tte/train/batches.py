@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
+
 from ..data import load_train_rows
 from ..data.sampling import BatchSampler, SubsetSpec, apply_subsets
 from ..data.traces import join_traces, swap_answers
@@ -37,6 +39,50 @@ def load_rows(recipe: Recipe) -> list:
     if not rows:
         raise TrainError("the recipe's data has no rows.")
     return list(rows)
+
+
+def split_holdout(recipe: Recipe, rows: list) -> tuple[list, list]:
+    """(rows the think and embed stages train on, rows held out for the gate stage): a seeded
+    `data.holdout` fraction of the rows, or of the `data.holdout_by` groups (a row is held out
+    when any of its entities is). Depends on the rows and the recipe's seed only, so every run
+    with the same data and seed holds out the same rows."""
+    fraction, key = recipe.data.holdout, recipe.data.holdout_by
+    if not fraction:
+        return rows, []
+    if key is None:
+        groups = [[r.id] for r in rows]
+    else:
+        missing = [r.id for r in rows if key not in r.meta]
+        if missing:
+            raise TrainError(f"data.holdout_by={key!r}: {len(missing)} of {len(rows)} rows have no meta "
+                             f"key {key!r} (first: {missing[:3]}); name a key every row has, or drop holdout_by.")
+        groups = [r.meta[key] if isinstance(r.meta[key], (list, tuple)) else [r.meta[key]] for r in rows]
+    names = sorted({str(g) for group in groups for g in group})
+    order = np.random.default_rng([recipe.seed, 7]).permutation(len(names))
+    held = {names[i] for i in order[:max(1, round(fraction * len(names)))]}
+    fit, out = [], []
+    for row, group in zip(rows, groups):
+        (out if any(str(g) in held for g in group) else fit).append(row)
+    if not fit or not out:
+        raise TrainError(f"data.holdout={fraction} leaves {len(fit)} rows to train on and {len(out)} "
+                         f"held out of {len(rows)}; choose a fraction that leaves both some rows.")
+    return fit, out
+
+
+def without_traces(rows: list, fraction: float, seed: int, step: int) -> list:
+    """`embed.no_trace_fraction`: these rows with the trace of a seeded share of them removed
+    (the query embeds directly, with no trace); the draw depends on the seed, the global step
+    and the row id only, so a resumed run draws the same."""
+    if not fraction:
+        return rows
+    import dataclasses
+    import hashlib
+
+    def draw(row_id: str) -> float:   # uniform in [0, 1), a function of (seed, step, id) alone
+        digest = hashlib.sha256(f"{seed}:{step}:{row_id}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+    return [r if draw(r.id) >= fraction else dataclasses.replace(r, trace=None) for r in rows]
 
 
 def stage_rows(recipe: Recipe, stage: str, rows: list) -> list:
