@@ -27,7 +27,8 @@ every result counts the queries that had one ("n_tied"). `tie_rule` decides them
       worst rank, never a lucky Hit@1.
   "reference": among equal scores the earlier candidate ranks first, as VLM2Vec ranks: MMEB-V1's
       `np.argmax` takes the first index (the positive, listed first), and for MMEB-V2 a stable sort
-      by candidate order (VLM2Vec's own `np.argsort` is not stable beyond 16 items).
+      by candidate order (VLM2Vec's own `np.argsort` is not stable; the README says which
+      published numbers each rule reproduces).
 NaN scores are an error.
 """
 from __future__ import annotations
