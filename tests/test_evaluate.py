@@ -241,6 +241,18 @@ def test_eval_main_refuses_a_bogus_tie_rule_and_a_missing_label_set_in_one_line_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"tte eval: error: {tmp_path / 'tasks.yaml'} task 'K700': field 'labels': "
                                                f"label-set file {tmp_path / 'k700_labels.txt'} not found"), err
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "Nulls").mkdir()
+    pq.write_table(pa.Table.from_pylist([{"qry_text": "q 0", "qry_img_path": "", "tgt_text": ["top a", None],
+                                          "tgt_img_path": ["", ""]}]), tmp_path / "Nulls" / "test.parquet")
+    (tmp_path / "tasks.yaml").write_text("Nulls:\n  path: Nulls/test.parquet\n")
+    assert eval_main(["ckpt", "--tasks", str(tmp_path / "tasks.yaml"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"tte eval: error: {tmp_path / 'Nulls' / 'test.parquet'} row 0: task 'Nulls' row 'test:0': field "
+                   "'tgt_text[1]' is null and 'tgt_img_path[1]' names no image, so candidate 1 has no content; give "
+                   "it a text or an image, or drop it from both lists."], err
 
 
 def test_bad_task_is_rejected_before_the_model_runs():
