@@ -65,6 +65,15 @@ class MissingExtra(TTEError, ImportError):
         self.extra, self.package = extra, package
 
 
+class SettingError(TTEError, ValueError):
+    """An environment variable the package reads holds a value it cannot use; the message names it."""
+
+
+class InUse(TTEError, RuntimeError):
+    """A run folder, trace file or cache another process holds (`unified_tte.locks`); the message
+    names the holder (pid, host, since when) and its lock file."""
+
+
 class RunError(TTEError, RuntimeError):
     """A run that started and cannot go on; the message says why and what to do."""
     exit_code = RUN_FAILED
@@ -78,6 +87,21 @@ class NonFiniteLoss(TrainError):
     """A step produced a non-finite loss or update; the run stopped at the last good checkpoint."""
     exit_code = RUN_FAILED
     every_rank = True   # all ranks raise it together; rank 0 reports it
+
+
+def write_failed(exc: BaseException, path, advice: str) -> RunError:
+    """The one-line RunError for a write that failed under `path` (a full disk: OSError, torch's
+    "unexpected pos", safetensors' SafetensorError), with the free space there and `advice`."""
+    import shutil
+    from pathlib import Path
+
+    folder = next((p for p in (Path(path), *Path(path).parents) if p.is_dir()), Path("."))
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2 ** 20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return RunError(f"writing {path} failed ({type(exc).__name__}: {reason}; {free}); {advice}")
 
 
 def require(module: str, extra: str, what: str):

@@ -26,14 +26,16 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from .errors import CheckpointError, command
+from .errors import CheckpointError, TTEError, command, write_failed
+from .locks import lock_folder
 from .model import UnifiedTTE, adapters, zoo
 from .model.backbones import Backbone, add_invocation_tokens, weight_hash
 from .model.checkpoint import (ADAPTER_WEIGHTS, CONFIG_FILE, DTYPES, FORMAT, MANIFEST_FILE, MERGED_WEIGHTS,
-                               SIGNATURE_FILE, apply_merged, check_base, dtype_name, load_safetensors,
-                               read_checkpoint_config, read_run, sign_manifest, verify_checkpoint,
-                               write_manifest)
+                               SIGNATURE_FILE, apply_merged, check_base, dtype_name, is_run_folder,
+                               load_safetensors, read_checkpoint_config, read_run, run_entry, sign_manifest,
+                               verify_checkpoint, write_manifest)
 
 __all__ = ["export_model", "export_run", "load_checkpoint", "prepare_base", "export_main", "CheckpointError"]
 
@@ -80,6 +82,39 @@ def _owned_files(out_dir: Path) -> set[str]:
     return {rel for rel in files if isinstance(rel, str)} | {MANIFEST_FILE, SIGNATURE_FILE}
 
 
+def check_out(out_dir: Path) -> None:
+    """Refuse an --out that is a training run folder or lies in one of its own files or folders
+    (think/, checkpoints/, ...): an export there replaces the run's tte_config.json and adds a
+    manifest that makes the run unreadable to eval and export. A new subfolder of a run folder
+    (runs/x/export) is an export's own folder and is fine."""
+    out = out_dir.resolve()
+    for folder in (out, *out.parents):
+        if not is_run_folder(folder):
+            continue
+        inside = out.relative_to(folder).parts
+        if not inside or run_entry(inside[0]):
+            where = "is the training run folder" if not inside else \
+                f"is inside the training run folder {folder}, in its own {inside[0]}"
+            raise CheckpointError(f"--out {out_dir} {where}; an export there would replace or mix in with the "
+                                  "run's files (with or without --overwrite). Export to a folder of its own, e.g. "
+                                  f"{folder / 'export'} or checkpoints/NAME")
+
+
+def _refuse_links(out_dir: Path, rels: set[str]) -> None:
+    """Export writes only regular files inside `out_dir`: refuse before touching anything when a
+    path it would write or remove passes through a symbolic link (say think/ -> ../../userdir)."""
+    for rel in sorted(rels):
+        path = out_dir
+        for part in Path(rel).parts:
+            path = path / part
+            if path.is_symlink():
+                raise CheckpointError(f"{path} is a symbolic link (to {os.readlink(path)}); export writes only "
+                                      f"regular files inside --out {out_dir}, never through a link: remove the "
+                                      "link, or choose another --out")
+            if not path.exists():
+                break
+
+
 def _place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     """Move a finished export from `tmp` into `out_dir`, touching only files exports own.
 
@@ -104,6 +139,7 @@ def _place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
                               "another --out, or pass --overwrite to write the checkpoint's files there "
                               "and keep every other file")
     new = {p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()}
+    _refuse_links(out_dir, new | (owned & present))
     for rel in (MANIFEST_FILE, SIGNATURE_FILE):
         (out_dir / rel).unlink(missing_ok=True)
     for rel in sorted(owned & (present - new)):
@@ -111,7 +147,7 @@ def _place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     for rel in sorted(new - {MANIFEST_FILE, SIGNATURE_FILE}) + [r for r in (MANIFEST_FILE, SIGNATURE_FILE) if r in new]:
         (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp / rel, out_dir / rel)
-    for folder in sorted((p for p in out_dir.rglob("*") if p.is_dir()), reverse=True):
+    for folder in sorted((p for p in out_dir.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
         if not any(folder.iterdir()):
             folder.rmdir()  # emptied by this export (e.g. think/ after --merge-think)
 
@@ -136,12 +172,14 @@ def export_model(tte: UnifiedTTE, out_dir: str | Path, dtype: str = "fp32", merg
     if merge_think and tte.config.think != "lora":
         raise ValueError("merge_think needs a think adapter, but this model has think='none'")
     out_dir = Path(out_dir)
+    check_out(out_dir)
     store = DTYPES[dtype]
     base_ref = backbone_spec or tte.backbone.name
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    written = False   # the temporary folder is whole: what fails after this is _place's own error
     try:
         config = tte.config.to_dict()
         info = {
@@ -173,7 +211,13 @@ def export_model(tte: UnifiedTTE, out_dir: str | Path, dtype: str = "fp32", merg
         (tmp / CONFIG_FILE).write_text(json.dumps({**config, **info}, indent=2) + "\n")
         write_manifest(tmp)
         sign_manifest(tmp)
+        written = True
         _place(tmp, out_dir, overwrite)
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        if written or isinstance(exc, TTEError):
+            raise
+        raise write_failed(exc, tmp, f"{out_dir} was not touched. Free space on that disk (or fix its "
+                           "permissions), then export again.") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -185,11 +229,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, dtype: str = "fp32", me
 
     `backbone` overrides the run's recorded spec (a Backbone or a spec string)."""
     _, spec = read_run(run_dir)
+    check_out(Path(out_dir))   # before the model loads
     spec_override = backbone if isinstance(backbone, str) else None
-    bb = zoo.load(backbone) if isinstance(backbone, str) else backbone
-    tte = UnifiedTTE.from_checkpoint(run_dir, backbone=bb)
-    return export_model(tte, out_dir, dtype=dtype, merge_think=merge_think, backbone_spec=spec_override or spec,
-                        overwrite=overwrite)
+    with lock_folder(run_dir, "tte export", read_only=True):   # never a run that is still training
+        bb = zoo.load(backbone) if isinstance(backbone, str) else backbone
+        tte = UnifiedTTE.from_checkpoint(run_dir, backbone=bb)
+        return export_model(tte, out_dir, dtype=dtype, merge_think=merge_think,
+                            backbone_spec=spec_override or spec, overwrite=overwrite)
 
 
 def prepare_base(backbone: Backbone, checkpoint: str | Path) -> Backbone:

@@ -40,6 +40,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,7 @@ import torch
 from ..errors import CheckpointError
 from . import adapters
 from .backbones import weight_hash
-from .config import TTEConfig
+from .config import TTEConfig, value_errors
 
 FORMAT = "unified_tte.checkpoint/1"
 CONFIG_FILE = "tte_config.json"
@@ -91,9 +92,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 def config_from_dict(d: dict, where: Path) -> TTEConfig:
     """TTEConfig from a saved dict; keys that are not TTEConfig fields (backbone, hashes) are skipped."""
     try:
-        return TTEConfig.from_dict(d)
+        config = TTEConfig.from_dict(d)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: not a valid TTEConfig ({exc})") from exc
+    for key, problem in value_errors(config):   # found here, not at the first query
+        raise CheckpointError(f"{where}: field '{key}' {problem} The file is altered: fix that field, "
+                              "or export (or train) the checkpoint again.")
+    return config
 
 
 def read_json(path: Path) -> dict:
@@ -122,12 +127,22 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
                               "it is truncated or altered: re-export the checkpoint") from exc
 
 
+# How files that pickle, torch.save and numpy write begin (pickle protocol 2-5, a zip, .npy).
+PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04", b"\x93NUMPY")
+
+
 def refuse_pickles(folder: Path) -> None:
+    """Refuse any file named as torch and pickle files are (PICKLE_SUFFIXES), opened for at most
+    its first bytes, never loaded: the reason says whether it begins like a pickle."""
     for path in sorted(folder.rglob("*")):
         if path.is_file() and path.name.lower().endswith(PICKLE_SUFFIXES):
+            with open(path, "rb") as f:
+                head = f.read(8)
+            what = "pickle files are refused (loading one can run arbitrary code)" if head.startswith(PICKLE_MAGIC) \
+                else (f"refused by its name: it does not begin like a pickle, torch or numpy file, but torch and "
+                      f"pickle load files named *{path.suffix}, so a checkpoint never holds one")
             raise CheckpointError(
-                f"{path}: pickle files are refused (loading one can run arbitrary code); "
-                "checkpoints hold safetensors only — remove that file from the checkpoint folder "
+                f"{path}: {what}; checkpoints hold safetensors only — remove or rename that file, "
                 "or re-export with `tte export`.")
 
 
@@ -190,10 +205,14 @@ def verify_checkpoint(folder: str | Path) -> dict:
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise CheckpointError(f"{folder / MANIFEST_FILE} lists {rel!r}, outside the checkpoint folder")
         if rel.lower().endswith(PICKLE_SUFFIXES):
-            raise CheckpointError(f"{path}: pickle files are refused; checkpoints hold safetensors only")
-        if not isinstance(entry, dict) or not {"bytes", "sha256"} <= set(entry):
-            raise CheckpointError(f"{folder / MANIFEST_FILE}: the entry for {rel!r} is malformed; "
-                                  "re-export the checkpoint")
+            raise CheckpointError(f"{folder / MANIFEST_FILE} lists {rel!r}, a name torch and pickle load; "
+                                  "checkpoints hold safetensors only: re-export the checkpoint")
+        if not isinstance(entry, dict) or not {"bytes", "sha256"} <= set(entry) \
+                or isinstance(entry["bytes"], bool) or not isinstance(entry["bytes"], int) or entry["bytes"] < 0 \
+                or not isinstance(entry["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
+            raise CheckpointError(f"{folder / MANIFEST_FILE}: the entry for {rel!r} is malformed ({entry!r}; "
+                                  "an entry holds 'bytes', a whole number >= 0, and 'sha256', 64 lowercase hex "
+                                  "digits); re-export the checkpoint")
         if not path.is_file():
             raise CheckpointError(f"{path} is missing (listed in {MANIFEST_FILE}); the checkpoint is incomplete")
         size = path.stat().st_size
@@ -218,10 +237,48 @@ def read_checkpoint_config(folder: Path) -> dict:
     info = read_json(folder / CONFIG_FILE)
     if info.get("format") != FORMAT:
         raise CheckpointError(f"{folder / CONFIG_FILE}: not a {FORMAT} config (format={info.get('format')!r})")
+    digest = lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None  # noqa: E731
+    required = [   # what loading reads, checked before any model is built
+        ("invocation_ids", lambda v: isinstance(v, list) and v and all(type(i) is int and i >= 0 for i in v),
+         "a list of token ids"),
+        ("base_weight_hash", digest, "64 lowercase hex digits"),
+        ("base_model_type", lambda v: isinstance(v, str) and v, "a model type such as 'qwen2_vl'"),
+        ("think_merged", lambda v: isinstance(v, bool), "true or false"),
+    ]
+    if info.get("think_merged") is True:
+        required.append(("merged_weight_hash", digest, "64 lowercase hex digits"))
+    for key, ok, what in required:
+        if key not in info:
+            raise CheckpointError(f"{folder / CONFIG_FILE} has no {key!r} (it should hold {what}); the file is "
+                                  "altered or was not written by `tte export`: export the checkpoint again")
+        if not ok(info[key]):
+            raise CheckpointError(f"{folder / CONFIG_FILE}: field {key!r} must be {what}, got {info[key]!r}; the "
+                                  "file is altered: export the checkpoint again")
     return info
 
 
 # ---------------------------------------------------------------------------------------- sources
+# What a training run folder holds (train/loop.py's layout, metrics.jsonl.N included): its own
+# files and folders, which an export never writes into.
+RUN_ENTRIES = (".tte.lock", "recipe.yaml", CONFIG_FILE, "metrics.jsonl", "checkpoints", "think", "embed", "gate",
+               "wandb", "wandb_run_id")
+
+
+def is_run_folder(folder: Path) -> bool:
+    """A training run folder: a tte_config.json that is not an export's (no manifest, no format)."""
+    if not (folder / CONFIG_FILE).is_file() or (folder / MANIFEST_FILE).is_file():
+        return False
+    try:
+        return json.loads((folder / CONFIG_FILE).read_text()).get("format") != FORMAT
+    except (OSError, ValueError, AttributeError):
+        return True   # unreadable: a run's own file all the same, never an export to replace
+
+
+def run_entry(name: str) -> bool:
+    """True for the name of a file or folder a run folder owns (RUN_ENTRIES)."""
+    return name in RUN_ENTRIES or name.startswith("metrics.jsonl.")
+
+
 def read_run(run_dir: str | Path) -> tuple[TTEConfig, str]:
     """The TTEConfig and backbone spec of a training run dir, after checking its files exist."""
     run_dir = Path(run_dir)

@@ -5,11 +5,12 @@ finished stages' weights, and the run's own config files. Layout: train/loop.py'
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
 
-from ..errors import TrainError
+from ..errors import TrainError, TTEError, write_failed
 from ..model import adapters
 from .distributed import Dist, barrier
 from .engine import gathered
@@ -32,20 +33,48 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def discard_unfinished(run_dir: Path) -> None:
+    """Delete checkpoint folders that never became good (pending, or cut by a crash or a full
+    disk). Called by the lock's holder before it trains: whatever wrote them is gone, --resume
+    never reads them, and a later save of the same step must not land among their files."""
+    good = {p for _, p in checkpoints(run_dir)}
+    root = run_dir / "checkpoints"
+    for p in sorted(root.glob("step_*")) if root.is_dir() else []:
+        if p.is_dir() and p not in good:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Turn a failed write under the run folder (a full disk: torch's "iostream error" or
+    "unexpected pos", safetensors' SafetensorError, OSError) into one RunError naming `path`."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except TTEError:
+        raise
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        raise write_failed(exc, path, "the run stopped. Free space on that disk (or fix its permissions), "
+                           "then resume with --resume from the newest good checkpoint.") from exc
+
+
 def save_checkpoint(engine, run_dir: Path, state: dict, d: Dist) -> Path:
     """Write the engine state, data position and every rank's RNG as a *pending* checkpoint:
     `promote` makes it one that --resume uses, once the weights it holds are known to be good."""
     import torch.distributed as dist
 
     tag = f"step_{state['step']}"
-    engine.save_checkpoint(str(run_dir / "checkpoints"), tag=tag, save_latest=False,
-                           exclude_frozen_parameters=True)
+    path = run_dir / "checkpoints" / tag
+    with writing(path):
+        engine.save_checkpoint(str(run_dir / "checkpoints"), tag=tag, save_latest=False,
+                               exclude_frozen_parameters=True)
     rngs = [None] * d.world
     dist.all_gather_object(rngs, rng_state())
-    path = run_dir / "checkpoints" / tag
     if d.rank == 0:
         tmp = path / (PENDING_FILE + ".tmp")
-        tmp.write_text(json.dumps({**state, "rng": {str(r): s for r, s in enumerate(rngs)}}))
+        with writing(tmp):
+            tmp.write_text(json.dumps({**state, "rng": {str(r): s for r, s in enumerate(rngs)}}))
         tmp.replace(path / PENDING_FILE)
     barrier()
     return path
@@ -74,23 +103,33 @@ def save_stage(tte, run_dir: Path, stage: str, full: bool, d: Dist) -> None:
     with gathered(trained):
         if d.rank == 0:
             out = run_dir / stage
-            out.mkdir(parents=True, exist_ok=True)
-            if full:
-                from safetensors.torch import save_file
+            with writing(out):
+                out.mkdir(parents=True, exist_ok=True)
+                if full:
+                    from safetensors.torch import save_file
 
-                state = {n: p.detach().cpu().contiguous().clone()
-                         for n, p in tte.peft_model.named_parameters() if p.requires_grad}
-                save_file(state, str(out / "model.safetensors"))
-            else:
-                adapters.save_adapter(tte.peft_model, stage, out)
+                    state = {n: p.detach().cpu().contiguous().clone()
+                             for n, p in tte.peft_model.named_parameters() if p.requires_grad}
+                    save_file(state, str(out / "model.safetensors"))
+                else:
+                    adapters.save_adapter(tte.peft_model, stage, out)
     barrier()
+
+
+def write_recipe(recipe: Recipe, run_dir: Path) -> None:
+    """RUN_DIR/recipe.yaml, replaced whole (a crash leaves the old one or the new one)."""
+    tmp = run_dir / "recipe.yaml.tmp"
+    with writing(tmp):
+        tmp.write_text(dump_yaml(recipe))
+    tmp.replace(run_dir / "recipe.yaml")
 
 
 def write_run_files(recipe: Recipe, tte, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(dump_yaml(recipe))
+    write_recipe(recipe, run_dir)
     config = {**tte.config.to_dict(), "backbone": recipe.backbone, "backbone_name": tte.backbone.name}
-    (run_dir / "tte_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    with writing(run_dir / "tte_config.json"):
+        (run_dir / "tte_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def load_stage_weights(tte, folder: Path, stage: str, full: bool = False) -> None:

@@ -58,15 +58,25 @@ def import_deepspeed():
     return deepspeed
 
 
+def _launched() -> bool:
+    # A launcher sets RANK with MASTER_ADDR; RANK alone is what a plain launch of init_distributed
+    # left behind in the environment of a parent process (tests, `tte plan`'s workers).
+    return "RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def launch_rank() -> int:
+    """This process's rank as its launcher set it (0 for a plain launch), known before any
+    process group is joined: who takes the run folder's lock."""
+    return int(os.environ["RANK"]) if _launched() else 0
+
+
 def init_distributed() -> Dist:
     """Join the process group the launcher set up (torchrun / deepspeed set RANK, WORLD_SIZE, ...),
     or make a one-process group when launched plainly."""
     deepspeed = import_deepspeed()
     import torch.distributed as dist
 
-    # A launcher sets RANK with MASTER_ADDR; RANK alone is what a plain launch of this function
-    # left behind in the environment of a parent process (tests, `tte plan`'s workers).
-    plain_launch = not ("RANK" in os.environ and "MASTER_ADDR" in os.environ)
+    plain_launch = not _launched()
     if plain_launch:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpointing import writing
 from .distributed import Dist
 from .recipe import Recipe
 
@@ -47,8 +48,9 @@ class RunLog:
     def log(self, record: dict) -> None:
         if not self.active:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        with writing(Path(self.file.name)):
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
         if self.wandb is not None:
             self.wandb.log({f"{record['stage']}/{k}": v for k, v in record.items()
                             if isinstance(v, (int, float)) and k != "step"}, step=record["step"])
@@ -131,6 +133,22 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     tmp.replace(path)
+
+
+def set_aside_log(run_dir: Path) -> Path | None:
+    """Before a fresh start (no good checkpoint) in a folder an earlier run logged into: move its
+    metrics.jsonl to metrics.jsonl.N (the first free N) and forget its wandb run id, so each log
+    holds one run. Returns where the old log went (None when there was none)."""
+    path = run_dir / "metrics.jsonl"
+    (run_dir / "wandb_run_id").unlink(missing_ok=True)
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    n = 1
+    while path.with_name(f"{path.name}.{n}").exists():
+        n += 1
+    target = path.with_name(f"{path.name}.{n}")
+    path.rename(target)
+    return target
 
 
 def _netrc_has(host: str) -> bool:
