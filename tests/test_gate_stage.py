@@ -133,3 +133,23 @@ def test_a_gate_stage_run_fits_saves_and_reloads_a_gate(tmp_path):
         next(iter(other.adapter_params("embed").values())).add_(0.01)
     with pytest.raises(CheckpointError, match="other think/embed adapter weights"):
         other.set_gate(tte.gate)
+    # tte eval: the policy's think rate and tokens per query, and the frontier files
+    from unified_tte.cli import main
+
+    out = tmp_path / "eval" / "results.json"
+    assert main(["eval", str(run), "--tasks", "digits", "--task-option", "max_eval_per_task=4",
+                 "--max-new-tokens", "6", "--think", "auto", "--frontier", "--out", str(out), "--no-progress"]) == 0
+    results = json.loads(out.read_text())
+    assert {"think_rate", "decoded_tokens_per_query"} <= set(next(iter(results["tasks"].values())))
+    frontier = json.loads((out.parent / "frontier.json").read_text())
+    assert frontier["curve"][0]["think_rate"] == 0.0 and frontier["curve"][-1]["think_rate"] == 1.0
+    assert set(frontier["points"]) == {"quality", "compute"}
+    assert frontier["oracle"]["metric"] >= max(frontier["never"]["overall"]["metric"],
+                                               frontier["always"]["overall"]["metric"])
+    assert (out.parent / "frontier.png").stat().st_size > 0
+    # a run without its gate cannot serve think auto: one error line, exit 2, before any work
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(run, bare, ignore=shutil.ignore_patterns("gate", "checkpoints"))
+    assert main(["eval", str(bare), "--tasks", "digits", "--think", "auto", "--out", str(tmp_path / "x.json")]) == 2

@@ -42,6 +42,11 @@ def model_key(model) -> str | None:
             h.update(name.encode())
             h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     h.update(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    gate = getattr(model, "gate", None)   # a think gate decides which queries get a trace
+    if gate is not None:
+        for t in (gate.weight, gate.bias, gate.mean, gate.std):
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(json.dumps(gate.info.get("operating_points"), sort_keys=True).encode())
     enc = model.encoder   # its image and video settings may be overridden after loading
     h.update(repr((enc.max_pixels, enc.min_pixels, enc.max_frames, enc.fps, enc.prompt_format)).encode())
     return h.hexdigest()[:24]

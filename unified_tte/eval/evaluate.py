@@ -4,6 +4,7 @@ primary metric), as a markdown table and a JSON file; on one process or sharded 
 
     tte eval checkpoints/run1 --tasks digits --out results.json
     tte eval checkpoints/run1 --tasks digits/plus_two,my_tasks.yaml --no-think
+    tte eval RUN_DIR --tasks knowledge --think auto --frontier   # the think gate, swept (frontier.py)
     tte eval RUN_DIR --tasks mmeb_v2 --data-root /data/MMEB-V2 --cache-dir /scratch/emb
     torchrun --nproc_per_node 8 -m unified_tte.cli eval RUN_DIR --tasks mmeb_v2 --data-root /data/MMEB-V2
     tte eval checkpoints/smollm2-tte --tasks knowledge --task-option seed=0
@@ -48,10 +49,13 @@ from ..data.registry import task_options
 from ..data.traces import check_ecr_shape, set_pixels
 from ..errors import DataError, command, positive_int
 from ..model import UnifiedTTE, zoo
+from ..model.config import THINK_POLICIES
+from ..model.gate import OPERATING_POINTS
 from ..model.inputs import content_key as candidate_key
 from .cache import EmbeddingCache, model_key
+from .frontier import build_frontier, write_frontier
 from .metrics import (MMEB_METRICS, METRICS, TIE_RULES, aggregate, check_tie_rule, distinct_candidates,
-                      mmeb_averages, score_queries)
+                      mmeb_averages, ranking_metrics, score_queries)
 
 N_EXAMPLES = 3   # traces kept per task in the results, to eyeball what the reasoner wrote
 
@@ -141,46 +145,33 @@ class _Borrowed:
         pass
 
 
-def evaluate_task(model, task: EvalTask, batch_size: int = 16, use_think: bool = True,
-                  max_new_tokens: int = 64, progress: bool = True, ranks: Ranks | None = None,
-                  cache_dir: str | os.PathLike | None = None, model_hash: str | None = None,
-                  tie_rule: str = "pessimistic") -> dict | None:
-    """Metrics of one task: {"hit@1", "ndcg@5", "mrr", "mrr@10", "recall@k", "n", "n_tied", "group", ...}
-    (see evaluate_model). Under several ranks only rank 0 returns them (others: None)."""
+def _embed_task(model, task: EvalTask, plan: TaskPlan, encode_queries, settings: str, batch_size: int,
+                progress, ranks: Ranks | None, cache_dir, model_hash):
+    """Every query (through `encode_queries`, batch -> (vectors, notes)) and every distinct item
+    (`model.embed`) of a task, by global batches over the ranks and through the cache under
+    `settings`. Returns (Q [n_queries, *], C [n_distinct, D], per-query notes, items read back
+    from the cache or None without one) on rank 0, None on the others."""
     import torch
     from tqdm.auto import tqdm
 
     ranks = ranks or Ranks()
-    plan = TaskPlan(task)
     cache = None
     if cache_dir is not None and model_hash is not None:
-        settings = f"think={use_think},max_new_tokens={max_new_tokens}" if use_think else "no-think"
         cache = EmbeddingCache(cache_dir, model_hash, f"{task.name}-{settings}")
         if ranks.main:
             cache.clean()
         barrier(ranks)
-
-    def encode_queries(batch):
-        if use_think:
-            emb, tr = model.think_then_embed(batch, max_new_tokens=max_new_tokens)
-            return emb, [getattr(t, "text", t) for t in tr]
-        return model.embed(batch), [""] * len(batch)
-
-    def encode_items(batch):
-        return model.embed(batch), [""] * len(batch)
-
-    total = len(task.rows) + len(plan.distinct)
     if hasattr(progress, "update"):   # a caller's progress line (console.Progress) counts the items
         bar = _Borrowed(progress) if ranks.main else tqdm(disable=True)
     else:
-        bar = tqdm(total=total, desc=task.name, unit="item", disable=not (progress and ranks.main),
-                   dynamic_ncols=True)
+        bar = tqdm(total=len(task.rows) + len(plan.distinct), desc=task.name, unit="item",
+                   disable=not (progress and ranks.main), dynamic_ncols=True)
     reused = [0]
     with torch.no_grad():
         queries = _embed_batches([(i, k, r.query) for i, (k, r) in enumerate(zip(plan.query_keys, task.rows))],
                                  batch_size, encode_queries, ranks, cache, bar, reused)
         items = _embed_batches([(i, k, x) for i, (k, x) in enumerate(zip(plan.keys, plan.distinct))],
-                               batch_size, encode_items, ranks, cache, bar, reused)
+                               batch_size, lambda b: (model.embed(b), [""] * len(b)), ranks, cache, bar, reused)
     bar.close()
     parts = gather((queries, items, reused[0]), ranks)
     if not ranks.main:
@@ -192,9 +183,36 @@ def evaluate_task(model, task: EvalTask, batch_size: int = 16, use_think: bool =
     if len(q_all) != len(task.rows) or len(c_all) != len(plan.distinct):
         raise RuntimeError(f"task {task.name!r}: {len(q_all)} query and {len(c_all)} candidate embeddings "
                            f"for {len(task.rows)} and {len(plan.distinct)} inputs")
-    Q = np.stack([q_all[i][0] for i in range(len(task.rows))])            # [n_queries, D]
-    C = np.stack([c_all[i][0] for i in range(len(plan.distinct))])        # [n_distinct, D]
-    traces = [q_all[i][1] for i in range(len(task.rows))]
+    Q = np.stack([q_all[i][0] for i in range(len(task.rows))])
+    C = np.stack([c_all[i][0] for i in range(len(plan.distinct))])
+    cached = sum(p[2] for p in parts) if cache is not None else None
+    return Q, C, [q_all[i][1] for i in range(len(task.rows))], cached
+
+
+def evaluate_task(model, task: EvalTask, batch_size: int = 16, use_think: bool = True,
+                  max_new_tokens: int = 64, progress: bool = True, ranks: Ranks | None = None,
+                  cache_dir: str | os.PathLike | None = None, model_hash: str | None = None,
+                  tie_rule: str = "pessimistic", think: str | None = None, threshold: float | None = None,
+                  frontier: bool = False) -> dict | None:
+    """Metrics of one task: {"hit@1", "ndcg@5", "mrr", "mrr@10", "recall@k", "n", "n_tied", "group", ...}
+    (see evaluate_model). Under several ranks only rank 0 returns them (others: None)."""
+    if think is not None or frontier:
+        return _evaluate_policy(model, task, batch_size, max_new_tokens, progress, ranks, cache_dir,
+                                model_hash, tie_rule, think or "auto", threshold, frontier)
+    plan = TaskPlan(task)
+
+    def encode_queries(batch):
+        if use_think:
+            emb, tr = model.think_then_embed(batch, max_new_tokens=max_new_tokens)
+            return emb, [getattr(t, "text", t) for t in tr]
+        return model.embed(batch), [""] * len(batch)
+
+    settings = f"think={use_think},max_new_tokens={max_new_tokens}" if use_think else "no-think"
+    embedded = _embed_task(model, task, plan, encode_queries, settings, batch_size, progress, ranks,
+                           cache_dir, model_hash)
+    if embedded is None:
+        return None
+    Q, C, traces, cached = embedded
     sims = Q @ C.T                                                        # cosine of unit vectors
     out = score_queries(((sims[q, idx], gains) for q, (idx, gains) in enumerate(zip(plan.items, plan.gains))),
                         tie_rule)
@@ -202,8 +220,8 @@ def evaluate_task(model, task: EvalTask, batch_size: int = 16, use_think: bool =
     out.update(group=task.modality_group, needs_reasoning=task.needs_reasoning,
                n_candidates=float(np.mean([len(r.candidates) or len(task.corpus or {}) for r in task.rows])),
                n_distinct_candidates=len(plan.distinct))
-    if cache is not None:
-        out["cached_items"] = sum(p[2] for p in parts)   # read back from the cache, not recomputed
+    if cached is not None:
+        out["cached_items"] = cached   # read back from the cache, not recomputed
     if task.modality:
         out.update(modality=task.modality, primary=task.primary)
     if task.distribution:
@@ -215,9 +233,91 @@ def evaluate_task(model, task: EvalTask, batch_size: int = 16, use_think: bool =
     return out
 
 
+def _policy_encoders(model, think: str, threshold, frontier: bool, max_new_tokens: int):
+    """encode(batch) -> (vectors, per-query JSON notes) for a think policy. With `frontier` each
+    vector is [direct | TTE | gate score] (from `embed_both`), so every threshold can be scored."""
+    def note(trace, score=None) -> str:
+        tokens = len(trace.token_ids) + int(trace.finished) if trace.thought else 0
+        return json.dumps({"trace": trace.text, "thought": trace.thought, "tokens": tokens,
+                           "used": trace.used, "score": score})
+
+    def encode(batch):
+        import torch
+
+        if frontier:
+            both = model.embed_both(batch, max_new_tokens=max_new_tokens)
+            scores = model.gate.score(both.features) if model.gate is not None else torch.zeros(len(batch))
+            vectors = torch.cat([both.direct, both.tte, scores.view(-1, 1).to(both.direct)], dim=1)
+            return vectors, [note(t, float(s)) for t, s in zip(both.traces, scores)]
+        emb, traces = model.think_then_embed(batch, max_new_tokens=max_new_tokens, think=think,
+                                             threshold=threshold)
+        return emb, [note(t) for t in traces]
+    return encode
+
+
+def _evaluate_policy(model, task, batch_size, max_new_tokens, progress, ranks, cache_dir, model_hash,
+                     tie_rule, think, threshold, frontier) -> dict | None:
+    """evaluate_task under a think policy (always | never | auto), recording per task the think
+    rate and the decoded tokens per query; with `frontier`, also per query the metric of the
+    direct and the TTE embedding and the gate's score (frontier.py sweeps them)."""
+    plan = TaskPlan(task)
+    settings = f"policy={'frontier' if frontier else think},threshold={threshold},max_new_tokens={max_new_tokens}"
+    embedded = _embed_task(model, task, plan, _policy_encoders(model, think, threshold, frontier, max_new_tokens),
+                           settings, batch_size, progress, ranks, cache_dir, model_hash)
+    if embedded is None:
+        return None
+    Q, C, notes, cached = embedded
+    notes = [json.loads(n) for n in notes]
+    n = len(task.rows)
+    D = C.shape[1]
+
+    def per_query(vectors):
+        sims = vectors @ C.T
+        return [ranking_metrics(sims[q, idx], gains, tie_rule) for q, (idx, gains) in enumerate(zip(plan.items, plan.gains))]
+
+    if frontier:
+        direct, after = per_query(Q[:, :D]), per_query(Q[:, D:2 * D])
+        scores = Q[:, 2 * D].astype(float)
+        if model.gate is not None:
+            point_threshold = model.gate.threshold() if threshold is None else float(threshold)
+            chosen = scores > point_threshold
+        else:
+            chosen = np.ones(n, dtype=bool) if think != "never" else np.zeros(n, dtype=bool)
+        per = [a if c else d for a, d, c in zip(after, direct, chosen)]
+        tokens = [nt["tokens"] for nt in notes]
+        thought = chosen.tolist()
+        spent = [t if c else 0 for t, c in zip(tokens, chosen)]
+    else:
+        per = per_query(Q)
+        thought = [nt["thought"] for nt in notes]
+        spent = [nt["tokens"] for nt in notes]
+    out = {k: float(np.mean([m[k] for m in per])) for k in per[0]}
+    out.update(n=n, group=task.modality_group, needs_reasoning=task.needs_reasoning,
+               n_candidates=float(np.mean([len(r.candidates) or len(task.corpus or {}) for r in task.rows])),
+               n_distinct_candidates=len(plan.distinct), think=think, think_rate=float(np.mean(thought)),
+               decoded_tokens_per_query=float(np.mean(spent)))
+    if task.modality:
+        out.update(modality=task.modality, primary=task.primary)
+    if cached is not None:
+        out["cached_items"] = cached
+    texts = [nt["trace"] for nt, t in zip(notes, thought) if t]
+    if texts:
+        out["trace_valid"] = sum(check_ecr_shape(t) for t in texts) / len(texts)
+    out["examples"] = [{"id": r.id, "trace": nt["trace"], "thought": t}
+                       for r, nt, t in list(zip(task.rows, notes, thought))[:N_EXAMPLES]]
+    if frontier:
+        metric = task.primary or "hit@1"
+        out["frontier_data"] = {"metric": metric, "score": scores.tolist(), "tokens": tokens,
+                                "direct": [m[metric] for m in direct], "tte": [m[metric] for m in after],
+                                "direct_hit@1": [m["hit@1"] for m in direct], "tte_hit@1": [m["hit@1"] for m in after]}
+    return out
+
+
 def evaluate_model(model, tasks: Sequence[EvalTask], batch_size: int = 16, use_think: bool = True,
                    max_new_tokens: int = 64, progress: bool = True, ranks: Ranks | None = None,
-                   cache_dir: str | os.PathLike | None = None, tie_rule: str = "pessimistic") -> dict | None:
+                   cache_dir: str | os.PathLike | None = None, tie_rule: str = "pessimistic",
+                   think: str | None = None, threshold: float | None = None,
+                   frontier: bool = False) -> dict | None:
     """Evaluate `model` (duck-typed: `embed`, and `think_then_embed` when `use_think`).
     `progress`: a bar per task (True), none (False), or a caller's progress line (an object with
     `update(n)`, e.g. `console.Progress`) that counts every embedded item. `tie_rule`:
@@ -229,6 +329,12 @@ def evaluate_model(model, tasks: Sequence[EvalTask], batch_size: int = 16, use_t
     "examples"]}}, "groups": {group: {metric, "n_tasks"}}, "overall": {metric, "n_tasks"},
     ["mmeb": {modality or distribution: {"score", "n_tasks"}, "overall": ...}], "settings":
     {..., "tie_rule"}} on rank 0 (None on the other ranks of a torchrun launch).
+
+    `think` ("always" | "never" | "auto", a UnifiedTTE's think_then_embed policy; None: today's
+    use_think switch) adds per task "think_rate" and "decoded_tokens_per_query"; `threshold`
+    overrides the gate's operating point. `frontier` embeds every query both ways (the gate's
+    decisions are then applied to those) and adds "frontier" (eval/frontier.py: the accuracy
+    against the think rate of every gate threshold, never / always / oracle, the operating points).
     """
     check_tie_rule(tie_rule)
     ranks = ranks or Ranks()
@@ -242,14 +348,26 @@ def evaluate_model(model, tasks: Sequence[EvalTask], batch_size: int = 16, use_t
     per_task = {}
     for task in tasks:
         per_task[task.name] = evaluate_task(model, task, batch_size, use_think, max_new_tokens,
-                                            progress, ranks, cache_dir, model_hash, tie_rule=tie_rule)
+                                            progress, ranks, cache_dir, model_hash, tie_rule=tie_rule,
+                                            think=think, threshold=threshold, frontier=frontier)
     if not ranks.main:
         return None
+    sweep = None
+    if frontier:
+        data = {name: m.pop("frontier_data") for name, m in per_task.items()}
+        sweep = build_frontier(data, getattr(model, "gate", None), threshold)
     metrics = METRICS + (MMEB_METRICS if any("modality" in m for m in per_task.values()) else ())
     agg = aggregate(per_task, {n: m["group"] for n, m in per_task.items()}, metrics)
     out = {"tasks": per_task, **agg,
            "settings": {"use_think": use_think, "max_new_tokens": max_new_tokens,
                         "batch_size": batch_size, "ranks": ranks.world, "tie_rule": tie_rule}}
+    if think is not None or frontier:
+        out["settings"].update(think=think or "auto", threshold=threshold, frontier=frontier)
+        out["think"] = {"think_rate": float(np.mean([m["think_rate"] for m in per_task.values()])),
+                        "decoded_tokens_per_query": float(np.mean([m["decoded_tokens_per_query"]
+                                                                   for m in per_task.values()]))}
+    if sweep is not None:
+        out["frontier"] = sweep
     mmeb = mmeb_averages(per_task)
     if mmeb:
         out["mmeb"] = mmeb
@@ -267,12 +385,15 @@ def format_table(results: dict) -> str:
     metrics = METRICS + (MMEB_METRICS if any("modality" in m for m in tasks.values()) else ())
     head = ["task", "group", "reasoning", "queries"] + [_LABELS[k] for k in metrics]
     head += ["valid traces"] if think else []
+    policy = any("think_rate" in m for m in tasks.values())
+    head += ["think rate", "tokens / query"] if policy else []
     lines = ["| " + " | ".join(head) + " |",
              "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
     for name, m in tasks.items():
         cells = [name, m["group"], "yes" if m.get("needs_reasoning") else "no", str(m["n"])]
         cells += [_pct(m[k]) for k in metrics]
         cells += [_pct(m["trace_valid"]) if "trace_valid" in m else ""] if think else []
+        cells += [f"{m['think_rate']:.2f}", f"{m['decoded_tokens_per_query']:.1f}"] if policy else []
         lines.append("| " + " | ".join(cells) + " |")
     rows = [(f"**{g}** avg", v) for g, v in results.get("groups", {}).items()]
     if results.get("overall"):
@@ -280,6 +401,7 @@ def format_table(results: dict) -> str:
     for label, v in rows:
         cells = [label, "", "", f"{v['n_tasks']} tasks"] + [_pct(v[k]) for k in metrics]
         cells += [""] if think else []
+        cells += ["", ""] if policy else []
         lines.append("| " + " | ".join(cells) + " |")
     if results.get("mmeb"):
         lines += ["", "| MMEB | tasks | score (Hit@1 image/video, NDCG@5 visdoc) |", "|---|---:|---:|"]
@@ -313,7 +435,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "may use (schema: unified_tte/data/tasks/digits.yaml)")
     p.add_argument("--out", default="eval_results.json", help="JSON results file")
     p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--no-think", action="store_true", help="embed queries without a trace")
+    p.add_argument("--no-think", action="store_true", help="embed queries without a trace (as --think never)")
+    p.add_argument("--think", choices=THINK_POLICIES, default=None,
+                   help="which queries decode a trace: always, never (the direct embedding) or auto "
+                        "(the checkpoint's think gate decides per query); results add each task's think "
+                        "rate and decoded tokens per query (default: always, untracked)")
+    p.add_argument("--gate-point", choices=OPERATING_POINTS, default=None,
+                   help="with --think auto: the gate's operating point (default: the one it was fitted with)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="with --think auto: think where the gate's score (in [0, 1]) exceeds this")
+    p.add_argument("--frontier", action="store_true",
+                   help="embed every query both ways and sweep the gate's threshold: writes "
+                        "frontier.json and frontier.png (accuracy against think rate, with never, "
+                        "always, the oracle and the gate's operating points) beside --out")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="trace length limit")
     p.add_argument("--max-queries", type=positive_int, default=None, help="at most N queries per task")
     p.add_argument("--backbone", default=None, help="the base to load the adapters on: tiny | "
@@ -342,7 +476,18 @@ def build_parser() -> argparse.ArgumentParser:
 @command("eval")
 def eval_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `tte eval`: prints the table, writes the JSON."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.no_think and args.think not in (None, "never"):
+        parser.error(f"--no-think and --think {args.think} disagree; use one")
+    think = "never" if args.no_think and args.think is not None else args.think
+    if (args.gate_point or args.threshold is not None) and think != "auto" and not args.frontier:
+        parser.error("--gate-point and --threshold pick the think gate's operating point: use them with "
+                     "--think auto or --frontier")
+    if args.gate_point and args.threshold is not None:
+        parser.error("--gate-point and --threshold both pick the gate's threshold; give one")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        parser.error(f"--threshold is a gate score in [0, 1], got {args.threshold}")
     overrides = {k: v for k, v in (("seed", args.digits_seed), ("image_size", args.image_size))
                  if v is not None}
     overrides.update(task_options(args.task_option))
@@ -350,6 +495,11 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
                           data_root=args.data_root, **overrides)
     ranks = init_ranks()
     model = _load_model(args.checkpoint, args.backbone)
+    if (think == "auto" or args.gate_point or args.threshold is not None) and model.gate is None:
+        raise DataError(f"{args.checkpoint} holds no think gate (gate/), so --think auto, --gate-point and "
+                        "--threshold have nothing to decide with: train the recipe's `gate` stage, or use "
+                        "--think always / never")
+    threshold = model.gate.threshold(args.gate_point) if args.gate_point else args.threshold
     set_pixels(model, args.max_pixels, args.min_pixels)
     if ranks.device.type == "cuda":
         model.to(ranks.device)
@@ -358,7 +508,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     results = evaluate_model(model, tasks, batch_size=args.batch_size,
                              use_think=not args.no_think, max_new_tokens=args.max_new_tokens,
                              progress=not args.no_progress, ranks=ranks, cache_dir=args.cache_dir,
-                             tie_rule=args.tie_rule)
+                             tie_rule=args.tie_rule, think=think, threshold=threshold,
+                             frontier=args.frontier)
     if not ranks.main:
         return 0
     seconds = time.perf_counter() - start
@@ -372,6 +523,9 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out}")
+    if "frontier" in results:
+        paths = write_frontier(results["frontier"], out.parent, title=f"{args.checkpoint}: {args.tasks}")
+        print(f"wrote {paths[0]} and {paths[1]}")
     return 0
 
 
