@@ -34,12 +34,17 @@ This module is the loop; its plumbing is beside it: recipe.py (the typed recipe)
 
 Run folder (RUN_DIR = the recipe's run_dir):
 
-    recipe.yaml               the resolved recipe: overrides applied, absolute paths
+    .tte.lock                 while a process trains here: its host, pid and start time (locks.py);
+                              a second `tte train` (or `tte export`) of the folder is refused
+    recipe.yaml               the resolved recipe: overrides applied, absolute paths (rewritten by a
+                              resume, so it holds the steps the run goes on with)
     tte_config.json           TTEConfig.to_dict() + "backbone" (the recipe's spec: tiny | smollm2 |
                               a folder) + "backbone_name"
-    metrics.jsonl             one JSON object per logged step (rank 0)
+    metrics.jsonl             one JSON object per logged step (rank 0); a fresh start (no good
+                              checkpoint) moves an earlier run's log to metrics.jsonl.N first
     checkpoints/step_N/       DeepSpeed engine state (trainable weights, optimizer, LR scheduler)
-                              + trainer_state.json {step, stage, stage_step, samples, rng: {rank: ..}};
+                              + trainer_state.json {step, stage, stage_step, samples, zero_stage,
+                              rng: {rank: ..}};
                               N counts optimizer steps over all stages, think first. It is written
                               with trainer_state.pending.json, renamed to trainer_state.json (a good
                               checkpoint, what --resume uses) once the next step's loss on its
@@ -53,6 +58,7 @@ Run folder (RUN_DIR = the recipe's run_dir):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -65,15 +71,18 @@ import torch
 
 from ..data.records import read_yaml_mapping
 from ..errors import NonFiniteLoss, TrainError, command
+from ..locks import lock_folder
 from ..model import TTEConfig, UnifiedTTE, zoo
-from .batches import load_rows, stage_rows, stage_sampler
-from .checkpointing import (checkpoints, discard, load_stage_weights, promote, save_checkpoint, save_stage,
-                            write_run_files)
-from .distributed import Dist, all_reduce, init_distributed, require_deepspeed
+from ..model.environment import check_kernel_environment
+from .batches import load_rows, split_holdout, stage_rows, stage_sampler, without_traces
+from .checkpointing import (checkpoints, discard, discard_unfinished, load_stage_weights, promote, save_checkpoint,
+                            save_stage, write_recipe, write_run_files)
+from .distributed import Dist, all_reduce, barrier, init_distributed, launch_rank, require_deepspeed
 from .engine import lr_lambda, make_engine, stage_shape, update_is_finite
-from .recipe import Recipe, absolute_paths, check_inputs, dump_yaml, load_recipe
+from .gate import fit_gate_stage
+from .recipe import Recipe, absolute_paths, check_inputs, dump_yaml, load_recipe, zero_stage
 from .rng import seed_everything, set_rng_state
-from .run_log import RunLog, memory_gb, truncate_metrics
+from .run_log import RunLog, memory_gb, set_aside_log, truncate_metrics
 from .steps import embed_backward, think_backward
 
 
@@ -95,8 +104,9 @@ def build_model(recipe: Recipe, dtype: torch.dtype) -> UnifiedTTE:
 IDENTITY_KEYS = ("backbone", "stages", "model", "think.method", "seed")
 
 
-def check_resumable(recipe: Recipe, run_dir: Path) -> None:
-    """Refuse --resume when the recipe changes what the run's checkpoints are made of."""
+def check_resumable(recipe: Recipe, run_dir: Path, checkpoint: Path, state: dict, ds_json: dict) -> None:
+    """Refuse --resume from `checkpoint` (its trainer_state.json is `state`) when the recipe changes
+    what the run's checkpoints are made of, the ZeRO stage that wrote them, or their numbering."""
     saved_file = run_dir / "recipe.yaml"
     if not saved_file.is_file():
         return
@@ -114,6 +124,28 @@ def check_resumable(recipe: Recipe, run_dir: Path) -> None:
         raise TrainError(f"--resume: {key} was {old!r} in {saved_file} and is {new!r} now; a run "
                          f"resumes with the {', '.join(IDENTITY_KEYS)} it started with. Use another "
                          f"run_dir for a new run (changed: {[c[0] for c in changed]}).")
+    written_by, stage_now = state.get("zero_stage"), zero_stage(ds_json)
+    if written_by is not None and written_by != stage_now:
+        raise TrainError(f"--resume: deepspeed: {checkpoint} was written under ZeRO stage {written_by} and "
+                         f"{recipe.deepspeed} is stage {stage_now}; a DeepSpeed checkpoint loads only under the "
+                         f"stage that wrote it: resume with a stage-{written_by} config (the run's recipe.yaml "
+                         f"names {get(saved, 'deepspeed')}).")
+    # Global step N counts every earlier stage's steps, so those are fixed once a stage is done;
+    # the stage the checkpoint is in may grow, but not end before the step the checkpoint holds.
+    current, done = state["stage"], state["stage_step"]
+    allowed = (f"the steps of the stages after {current}, and {current}.steps (to {done} or more) while "
+               f"{current} is unfinished")
+    for name in recipe.stages[:recipe.stages.index(current) + 1]:
+        before, after = get(saved, f"{name}.steps"), recipe.stage(name).steps
+        finished = name != current or done >= before
+        if finished and after != before:
+            raise TrainError(f"--resume: {name}.steps was {before} in {saved_file} and is {after} now, but stage "
+                             f"{name} has finished (the newest checkpoint, {checkpoint.name}, is {current} step "
+                             f"{done}): a finished stage's steps number every checkpoint after it. A resume may "
+                             f"change {allowed}; use another run_dir to train {name} again.")
+        if after < done:
+            raise TrainError(f"--resume: {name}.steps={after} ends stage {name} before step {done}, which "
+                             f"{checkpoint.name} has already done; a resume may change {allowed}.")
 
 
 def train(recipe: Recipe, resume: bool = False, progress=None) -> dict:
@@ -123,10 +155,18 @@ def train(recipe: Recipe, resume: bool = False, progress=None) -> dict:
     require_deepspeed()
     recipe = absolute_paths(recipe)
     ds_json = check_inputs(recipe)
-    rows = load_rows(recipe)
-    per_stage = {s: stage_rows(recipe, s, rows) for s in recipe.stages}
+    check_kernel_environment()
+    # One process per run folder, refused here before it loads any data; rank 0 holds the lock
+    # for every rank of its launch.
+    with lock_folder(recipe.run_dir, "tte train") if launch_rank() == 0 else contextlib.nullcontext():
+        return _train_locked(recipe, ds_json, resume, progress)
+
+
+def _train_locked(recipe: Recipe, ds_json: dict, resume: bool, progress) -> dict:
+    rows, held_out = split_holdout(recipe, load_rows(recipe))   # held-out rows: the gate stage's
+    per_stage = {s: stage_rows(recipe, s, rows) for s in recipe.training_stages}
     d = init_distributed()
-    for i, s in enumerate(recipe.stages):
+    for i, s in enumerate(recipe.training_stages):
         stage_shape(recipe, s, d.world)  # batch shapes that do not split fail here
         stage_sampler(recipe, s, i, per_stage[s])  # subsets that cannot fill a same-task batch too
         if len(per_stage[s]) < recipe.stage(s).batch_size:
@@ -139,16 +179,25 @@ def train(recipe: Recipe, resume: bool = False, progress=None) -> dict:
                          "--resume to continue that run, or set another run_dir.")
     state = None
     if resume and found:
-        check_resumable(recipe, run_dir)
         state = json.loads((found[-1][1] / "trainer_state.json").read_text())
+        check_resumable(recipe, run_dir, found[-1][1], state, ds_json)
     bf16 = uses_bf16(recipe, d.device)
     dtype = torch.bfloat16 if bf16 else torch.float32
 
     seed_everything(recipe.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if state and d.rank == 0:
-        truncate_metrics(run_dir, state["step"])  # steps after the checkpoint run again
+    earlier_log = None
+    if d.rank == 0:
+        discard_unfinished(run_dir)   # pending or cut checkpoints of a process that is gone
+        if state:
+            truncate_metrics(run_dir, state["step"])  # steps after the checkpoint run again
+            write_recipe(recipe, run_dir)   # the schedule it goes on with, which the next resume checks
+        else:
+            earlier_log = set_aside_log(run_dir)   # a fresh start: one run's log holds one run
     log = RunLog(recipe, run_dir, d, initial=state["step"] if state else 0, progress=progress)
+    if earlier_log is not None:
+        log.message(f"no good checkpoint in {run_dir}: a new run starts; the earlier run's metrics are "
+                    f"kept in {earlier_log.name}")
     if state:
         log.message(f"resuming {run_dir} from step {state['step']} ({state['stage']} step {state['stage_step']})")
     elif resume:
@@ -157,9 +206,9 @@ def train(recipe: Recipe, resume: bool = False, progress=None) -> dict:
     step_offset = 0
     stopped = False
     try:
-        for index, stage in enumerate(recipe.stages):
+        for index, stage in enumerate(recipe.training_stages):
             spec = recipe.stage(stage)
-            resumed_index = recipe.stages.index(state["stage"]) if state else -1
+            resumed_index = recipe.training_stages.index(state["stage"]) if state else -1
             if index < resumed_index:  # finished before the checkpoint: its weights are in RUN_DIR
                 step_offset += spec.steps
                 continue
@@ -171,9 +220,14 @@ def train(recipe: Recipe, resume: bool = False, progress=None) -> dict:
             step_offset += spec.steps
             if stopped:
                 break
+        gate = None
+        if "gate" in recipe.stages and not stopped:
+            if d.rank == 0:   # a small head on held-out rows: one process fits it, the others wait
+                gate = fit_gate_stage(recipe, run_dir, held_out, dtype, d.device, progress, log.message)
+            barrier()
     finally:
         log.close()
-    return {"run_dir": str(run_dir), "losses": losses, "stopped": stopped}
+    return {"run_dir": str(run_dir), "losses": losses, "stopped": stopped, "gate": gate}
 
 
 @dataclass
@@ -231,10 +285,11 @@ class StageRun:
             group["lr"] = spec.lr * factor(sched.last_epoch)
         sched._last_lr = [group["lr"] for group in engine.optimizer.param_groups]
 
-    def backward(self, engine, rows: list, micro: int) -> tuple[float, int, bool]:
+    def backward(self, engine, rows: list, micro: int, step: int) -> tuple[float, int, bool]:
         if self.stage == "think":
             return think_backward(engine, rows, micro)
         e = self.recipe.embed
+        rows = without_traces(rows, e.no_trace_fraction, self.recipe.seed, step)
         return embed_backward(engine, rows, e.gradcache_chunk, e.temperature, e.use_traces,
                               e.hard_negatives, e.gather_negatives, e.gradcache_keep_prefix)
 
@@ -264,7 +319,7 @@ class StageRun:
                 idx = sampler.batch(s)
                 mine = [self.rows[i] for i in idx[d.rank * local:(d.rank + 1) * local]]
                 lr = engine.lr_scheduler.get_last_lr()[0]
-                loss, tokens, finite = self.backward(engine, mine, micro)
+                loss, tokens, finite = self.backward(engine, mine, micro, step)
                 loss_sum, tokens, bad = all_reduce([loss if finite else 0.0, tokens, 0.0 if finite else 1.0])
                 if bad:
                     stop_run(f"non-finite loss on {int(bad)} rank(s)", step, s)
@@ -288,7 +343,8 @@ class StageRun:
                 last = s + 1 == spec.steps or stop
                 if (every and step % every == 0) or last:
                     pending = save_checkpoint(engine, run_dir, {"step": step, "stage": stage, "stage_step": s + 1,
-                                                                "samples": (s + 1) * spec.batch_size}, d)
+                                                                "samples": (s + 1) * spec.batch_size,
+                                                                "zero_stage": zero_stage(self.ds_json)}, d)
                     if last:  # no next step to vouch for it; its weights are finite (checked above)
                         last_good, pending = promote(pending, run_dir, recipe.keep_checkpoints, d), None
                 if stop and s + 1 < spec.steps:

@@ -35,9 +35,11 @@ from ..data.registry import BUILTIN_TASKS, builder_options
 from ..data.sampling import SubsetSpec
 from ..errors import RecipeError
 from ..model import TTEConfig, zoo
+from ..model.config import value_errors
 
 BUILTIN_BACKBONES = tuple(zoo.BUILTIN)
-STAGES = ("think", "embed")
+STAGES = ("think", "embed", "gate")
+TRAINING_STAGES = ("think", "embed")    # the DeepSpeed stages; `gate` fits a small head after them
 # DeepSpeed keys the recipe fills in; a JSON config that sets them would be silently overridden.
 RECIPE_OWNED_DS_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu",
                         "gradient_accumulation_steps", "gradient_clipping", "bf16", "fp16",
@@ -77,6 +79,14 @@ class DataConfig:
     options: dict = field(default_factory=dict)
     """Options of a built-in task's builder, e.g. {seed: 0, max_train_per_task: 64} for knowledge
     (data/knowledge.py build_knowledge); for digits they override the digits block."""
+    holdout: float = 0.0
+    """Fraction of the train rows (seeded by the recipe's seed) held out of the think and embed
+    stages; the `gate` stage fits the think gate on them. Every run that shares a think gate's
+    adapters must hold out the same rows (same data, seed, holdout and holdout_by)."""
+    holdout_by: str | None = None
+    """Hold rows out by a group instead of one by one: the name of a row `meta` key whose value
+    (or list of values) names the row's entities; a row is held out when any of its entities is
+    (knowledge rows: `entities`, so held-out countries never occur in think or embed training)."""
 
     @property
     def builtin(self) -> bool:
@@ -135,6 +145,10 @@ class EmbedConfig(StageConfig):
     another row's answer (data/traces.py swap_answers) while the positive stays right: a
     reasoner is sometimes wrong, and an embedder trained only on right traces copies the
     trace's answer even when no candidate matches it; with noise it learns to weigh the query."""
+    no_trace_fraction: float = 0.0
+    """With use_traces, the fraction of queries embedded without their trace in each step
+    (seeded per step and row): one embed adapter then serves the direct embedding (no trace,
+    what the think gate falls back on) and the TTE embedding."""
     gradcache_chunk: int | None = 8
     """GradCache: rows per rank per forward. Embeddings are computed without grad chunk by chunk,
     the loss on the whole batch, then each chunk is re-run with grad. null: one forward with grad
@@ -149,6 +163,30 @@ class EmbedConfig(StageConfig):
     batching: Literal["mixed", "same_task"] = "mixed"
     """mixed: rows of all subsets in one batch; same_task: every global batch from one subset
     (drawn by data.subsets weights), so all in-batch and gathered negatives share its task."""
+
+
+@dataclass
+class GateConfig:
+    """Stage `gate`, after embed: the think gate (model/gate.py) on the rows `data.holdout` kept
+    out of training, each embedded directly and after the think adapter's greedy trace, labelled
+    by whether the trace raised the query's rank (margin on a tie) among its task's held-out
+    candidates."""
+    operating_point: Literal["quality", "compute"] = "quality"
+    """The gate's default decision rule: quality (the best held-out Hit@1) or compute (the best
+    Hit@1 within token_budget); both are stored, `tte eval --gate-point` picks either."""
+    token_budget: float = 0.6
+    """The compute point's decoded tokens, as a fraction of thinking on every query."""
+    target_think_rate: float | None = None
+    """Instead of the operating points' own rule: think on this fraction of held-out queries."""
+    threshold: float | None = None
+    """Instead of the operating points' own rule: this score threshold."""
+    max_new_tokens: int = 64
+    """Trace budget of the held-out decodes (use the serving budget)."""
+    batch_size: int = 16
+    folds: int = 5
+    """Cross-fitting: thresholds are picked on out-of-fold scores."""
+    max_rows: int | None = None
+    """Fit on at most this many held-out rows (null: all)."""
 
 
 @dataclass
@@ -172,13 +210,14 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     deepspeed: str = "recipes/deepspeed/zero2.json"
     """DeepSpeed JSON: ZeRO stage, offload, communication (see recipes/deepspeed/)."""
-    stages: list[Literal["think", "embed"]] = field(default_factory=lambda: ["think", "embed"])
+    stages: list[Literal["think", "embed", "gate"]] = field(default_factory=lambda: ["think", "embed"])
     seed: int = 0
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
     model: TTEConfig = field(default_factory=TTEConfig)
     think: ThinkConfig = field(default_factory=ThinkConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
     checkpoint_every: int = 100
     """Save engine state, data position and RNG every N global steps (and at each stage's end);
     0: only at stage ends."""
@@ -200,8 +239,13 @@ class Recipe:
         return getattr(self, name)
 
     @property
+    def training_stages(self) -> list[str]:
+        """The stages that take optimizer steps (think, embed), in order; `gate` runs after them."""
+        return [s for s in self.stages if s in TRAINING_STAGES]
+
+    @property
     def total_steps(self) -> int:
-        return sum(self.stage(s).steps for s in self.stages)
+        return sum(self.stage(s).steps for s in self.training_stages)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -384,8 +428,8 @@ def validate(recipe: Recipe, source: str) -> None:
     if not recipe.stages:
         fail("stages", "name at least one stage: [think], [embed] or [think, embed].")
     if len(set(recipe.stages)) != len(recipe.stages) or list(recipe.stages) != [s for s in STAGES if s in recipe.stages]:
-        fail("stages", f"each stage once, in the order think, embed; got {recipe.stages}.")
-    for name in recipe.stages:
+        fail("stages", f"each stage once, in the order think, embed, gate; got {recipe.stages}.")
+    for name in recipe.training_stages:
         st = recipe.stage(name)
         for key in ("steps", "batch_size"):
             if getattr(st, key) < 1:
@@ -420,15 +464,42 @@ def validate(recipe: Recipe, source: str) -> None:
             fail("embed.trace_noise", f"must be in [0, 1), got {e.trace_noise}.")
         if e.gradcache_chunk is not None and e.gradcache_chunk < 1:
             fail("embed.gradcache_chunk", f"must be >= 1 or null, got {e.gradcache_chunk}.")
-    m = recipe.model
-    if m.lora_r < 1 or m.lora_alpha <= 0:
-        fail("model.lora_r", f"lora_r must be >= 1 and lora_alpha > 0, got {m.lora_r} and {m.lora_alpha}.")
-    if not 0 <= m.lora_dropout < 1:
-        fail("model.lora_dropout", f"must be in [0, 1), got {m.lora_dropout}.")
-    if m.embed_layers is not None and m.embed_layers < 1:
-        fail("model.embed_layers", f"must be >= 1 or null (L // 4), got {m.embed_layers}.")
-    if m.max_length is not None and m.max_length < 1:
-        fail("model.max_length", f"must be >= 1 or null, got {m.max_length}.")
+        if not 0.0 <= e.no_trace_fraction < 1.0:
+            fail("embed.no_trace_fraction", f"must be in [0, 1), got {e.no_trace_fraction}.")
+        if e.no_trace_fraction and not e.use_traces:
+            fail("embed.no_trace_fraction", "mixes queries without their trace into a TTE embedder; with "
+                 "embed.use_traces false every query already has none: leave it 0.")
+    if not 0.0 <= recipe.data.holdout < 1.0:
+        fail("data.holdout", f"must be in [0, 1), got {recipe.data.holdout}.")
+    if recipe.data.holdout_by is not None and not recipe.data.holdout:
+        fail("data.holdout_by", "groups the held-out rows; set data.holdout (a fraction) too.")
+    if "gate" in recipe.stages:
+        g = recipe.gate
+        if "embed" not in recipe.stages:
+            fail("stages", "the gate stage fits on the embed adapter of the same run: list embed before gate.")
+        if not recipe.data.holdout:
+            fail("data.holdout", "the gate stage fits on held-out train rows (never eval rows): set "
+                 "data.holdout, e.g. 0.2, so think and embed training leave those rows out.")
+        if recipe.model.think == "lora" and "think" not in recipe.stages and recipe.think_adapter is None:
+            fail("gate", "the gate compares the direct embedding with the one after the think adapter's "
+                 "trace: train think in this run or set think_adapter.")
+        if not 0.0 <= g.token_budget <= 1.0:
+            fail("gate.token_budget", f"must be in [0, 1], got {g.token_budget}.")
+        if g.target_think_rate is not None and not 0.0 <= g.target_think_rate <= 1.0:
+            fail("gate.target_think_rate", f"must be in [0, 1] (a fraction of queries), got {g.target_think_rate}.")
+        if g.threshold is not None and g.target_think_rate is not None:
+            fail("gate.threshold", "set either gate.threshold or gate.target_think_rate, not both.")
+        if g.threshold is not None and not 0.0 <= g.threshold <= 1.0:
+            fail("gate.threshold", f"is a score in [0, 1], got {g.threshold}.")
+        for key in ("max_new_tokens", "batch_size"):
+            if getattr(g, key) < 1:
+                fail(f"gate.{key}", f"must be >= 1, got {getattr(g, key)}.")
+        if g.folds < 2:
+            fail("gate.folds", f"must be >= 2 (thresholds are picked on out-of-fold scores), got {g.folds}.")
+        if g.max_rows is not None and g.max_rows < 2 * g.folds:
+            fail("gate.max_rows", f"must be at least 2 x gate.folds ({2 * g.folds}) or null, got {g.max_rows}.")
+    for key, problem in value_errors(recipe.model):
+        fail(f"model.{key}", problem)
     if recipe.data.max_rows is not None and recipe.data.max_rows < 1:
         fail("data.max_rows", f"must be >= 1 or null, got {recipe.data.max_rows}.")
     if not 0 < recipe.data.digits.test_fraction < 1:
@@ -452,10 +523,6 @@ def validate(recipe: Recipe, source: str) -> None:
                      f"or null, got {value!r}.")
     if isinstance(recipe.data.train, list) and not recipe.data.train:
         fail("data.train", f"name at least one train file, or a built-in task ({sorted(BUILTIN_TASKS)}).")
-    for key in ("max_pixels", "min_pixels"):
-        value = getattr(recipe.model, key, None)
-        if value is not None and value < 28 * 28:
-            fail(f"model.{key}", f"must be >= 784 (one 28 x 28 px image token) or null, got {value}.")
     if isinstance(recipe.data.train, str) and recipe.data.train not in BUILTIN_TASKS:
         recipe.data.train = [recipe.data.train]
     if recipe.data.options and not recipe.data.builtin:
@@ -475,6 +542,10 @@ def check_inputs(recipe: Recipe, source: str = "recipe") -> dict:
         raise RecipeError(f"{source}: {key}: {what} not found: {path} (relative paths are taken "
                           f"from the current folder, {Path.cwd()}).")
 
+    run_dir = Path(recipe.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RecipeError(f"{source}: run_dir: {run_dir} is a file, not a folder; the run writes its "
+                          "checkpoints and adapters into a folder: set run_dir to another path.")
     ds_path = Path(recipe.deepspeed)
     if not ds_path.is_file():
         missing("deepspeed", ds_path, "DeepSpeed config")
@@ -506,18 +577,30 @@ def load_deepspeed_json(path: str | Path) -> dict:
         raise RecipeError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}).") from None
     if not isinstance(ds, dict):
         raise RecipeError(f"{path}: a DeepSpeed config is a JSON object.")
+    # The sections this package reads must be objects before anything looks inside them.
+    for key in ("zero_optimization", "zero_optimization.offload_optimizer", "optimizer", "optimizer.params"):
+        parent, _, child = key.rpartition(".")
+        section = ds.get(parent, {}) if parent else ds
+        if isinstance(section, dict) and child in section and not isinstance(section[child], dict):
+            raise RecipeError(f"{path}: {key} must be a JSON object ({{...}}), got "
+                              f"{json.dumps(section[child])}; fix it or leave the key out.")
     owned = [k for k in RECIPE_OWNED_DS_KEYS if k in ds]
-    optimizer_params = ds.get("optimizer", {}).get("params", {}) if isinstance(ds.get("optimizer"), dict) else {}
+    optimizer_params = ds.get("optimizer", {}).get("params", {})
     owned += [f"optimizer.params.{k}" for k in RECIPE_OWNED_OPTIMIZER_KEYS if k in optimizer_params]
     if owned:
         raise RecipeError(f"{path}: sets {owned}, which the recipe owns (batch_size, "
                           f"micro_batch_size / gradcache_chunk, grad_clip, precision, warmup_steps, "
                           f"lr, betas and weight_decay); remove them from the JSON and set them in the "
                           f"recipe.")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
+    stage = zero_stage(ds)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise RecipeError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}.")
     return ds
+
+
+def zero_stage(ds: dict) -> int:
+    """The ZeRO stage of a DeepSpeed config as read (0 when it sets none)."""
+    return ds.get("zero_optimization", {}).get("stage", 0)
 
 
 def deepspeed_config(ds: dict, stage: StageConfig, micro_batch: int, accumulation: int,
@@ -552,16 +635,23 @@ def absolute_paths(recipe: Recipe) -> Recipe:
     """The recipe with its relative paths made absolute (the resolved recipe.yaml and resume
     then work from any folder)."""
     r = copy.deepcopy(recipe)
-    absolute = lambda p: str(Path(p).expanduser().resolve())  # noqa: E731
-    r.run_dir = absolute(r.run_dir)
-    r.deepspeed = absolute(r.deepspeed)
+
+    def absolute(path: str, key: str) -> str:
+        try:
+            return str(Path(path).expanduser().resolve())
+        except (RuntimeError, OSError) as exc:   # a symlink loop is a RuntimeError before Python 3.13
+            raise RecipeError(f"recipe: {key}: {path} cannot be resolved ({exc}); fix the symbolic "
+                              "link loop on that path, or give another path.") from None
+
+    r.run_dir = absolute(r.run_dir, "run_dir")
+    r.deepspeed = absolute(r.deepspeed, "deepspeed")
     if r.backbone not in BUILTIN_BACKBONES:
-        r.backbone = absolute(r.backbone)
+        r.backbone = absolute(r.backbone, "backbone")
     if not r.data.builtin:
-        r.data.train = [absolute(f) for f in r.data.train]
-    r.data.traces = [absolute(f) for f in r.data.traces]
+        r.data.train = [absolute(f, f"data.train[{i}]") for i, f in enumerate(r.data.train)]
+    r.data.traces = [absolute(f, f"data.traces[{i}]") for i, f in enumerate(r.data.traces)]
     if r.data.image_root is not None:
-        r.data.image_root = absolute(r.data.image_root)
+        r.data.image_root = absolute(r.data.image_root, "data.image_root")
     if r.think_adapter is not None:
-        r.think_adapter = absolute(r.think_adapter)
+        r.think_adapter = absolute(r.think_adapter, "think_adapter")
     return r
