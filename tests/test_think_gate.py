@@ -187,3 +187,46 @@ def test_the_policy_curve_spans_never_to_always_and_picks_its_operating_points()
     assert best_possible.accuracy == 1.0 and best_possible.think_rate == 0.4
     with pytest.raises(InputError, match="token budget"):
         pick_compute(curve, 1.5)
+
+
+@pytest.mark.parametrize("dtype,merge", [("fp32", False), ("bf16", False), ("fp32", True)])
+def test_an_exported_auto_checkpoint_reloads_to_the_same_decisions_and_a_tampered_gate_is_refused(
+        tmp_path, dtype, merge):
+    from unified_tte.export import export_model
+
+    tte = make(tiny_llama, "activated")
+    inputs = text_batch()
+    features = tte.embed_both(inputs, max_new_tokens=4).features
+    n = features.shape[1]
+    weight = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    scores = torch.sigmoid(((features - features.mean(0)) / (features.std(0) + 1e-3)) @ weight)
+    threshold = float(scores.median())
+    tte.set_gate(ThinkGate(weight, torch.tensor(0.0), features.mean(0), features.std(0) + 1e-3,
+                           {"fingerprint": tte.fingerprint(), "operating_point": "quality",
+                            "operating_points": {"quality": {"threshold": threshold}}}))
+    tte.config.think_policy = "auto"
+    folder = export_model(tte, tmp_path / "ck", dtype=dtype, merge_think=merge, backbone_spec="tiny-llama")
+    reloaded = UnifiedTTE.from_checkpoint(folder, backbone=tiny_llama())
+    assert reloaded.config.think_policy == "auto" and reloaded.gate is not None
+    emb, traces = tte.think_then_embed(inputs, max_new_tokens=4)
+    emb2, traces2 = reloaded.think_then_embed(inputs, max_new_tokens=4)
+    assert 0 < sum(t.thought for t in traces) < len(inputs)
+    if dtype == "fp32" and not merge:   # the same numbers; bf16 and a merged base round the weights
+        assert [t.thought for t in traces2] == [t.thought for t in traces]
+        assert torch.equal(emb, emb2)
+    again, _ = UnifiedTTE.from_checkpoint(folder, backbone=tiny_llama()).think_then_embed(inputs, max_new_tokens=4)
+    assert torch.equal(again, emb2)                                   # deterministic
+    config = folder / "gate" / "gate_config.json"
+    config.write_text(config.read_text().replace('"quality"', '"quality" ', 1))
+    with pytest.raises(CheckpointError, match="gate/gate_config.json is"):
+        UnifiedTTE.from_checkpoint(folder, backbone=tiny_llama())
+
+
+def test_an_auto_checkpoint_without_its_gate_is_refused(tmp_path):
+    from unified_tte.export import export_model
+
+    tte = make(tiny_llama, "activated")
+    tte.config.think_policy = "auto"
+    folder = export_model(tte, tmp_path / "ck", backbone_spec="tiny-llama")
+    with pytest.raises(CheckpointError, match="holds no gate"):
+        UnifiedTTE.from_checkpoint(folder, backbone=tiny_llama())

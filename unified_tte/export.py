@@ -72,6 +72,23 @@ def _merged_hash(tte: UnifiedTTE, stored: dict[str, torch.Tensor]) -> str:
             params[k].data = v
 
 
+def _write_gate(tte: UnifiedTTE, folder: Path, store: torch.dtype, info: dict, config: dict) -> None:
+    """The think gate, its fingerprint stamped for the model as exported: the adapters as stored
+    (cast to `store` and back), and with a merged think its merged base, think="none" and the
+    embed adapter alone."""
+    from .model.adapters import adapter_state
+    from .model.gate import FINGERPRINT_FIELDS, ThinkGate, adapters_sha256
+
+    kept = ["embed"] if info["think_merged"] else list(tte.embed_adapters)
+    states = {a: {k: v.to(store).to(v.dtype) for k, v in adapter_state(tte.peft_model, a).items()} for a in kept}
+    fingerprint = {**tte.fingerprint(), "config": {k: config[k] for k in FINGERPRINT_FIELDS},
+                   "adapters_sha256": adapters_sha256(states)}
+    if info["think_merged"]:
+        fingerprint["base_weight_hash"] = info["merged_weight_hash"]
+    gate = tte.gate
+    ThinkGate(gate.weight, gate.bias, gate.mean, gate.std, {**gate.info, "fingerprint": fingerprint}).save(folder)
+
+
 def _owned_files(out_dir: Path) -> set[str]:
     """Files in `out_dir` that an earlier export wrote: its manifest's list and the manifest itself
     (and its signature). Nothing, when there is no readable manifest."""
@@ -208,6 +225,8 @@ def export_model(tte: UnifiedTTE, out_dir: str | Path, dtype: str = "fp32", merg
                 _write_adapter(tte, adapter, tmp / adapter, store, base_ref)
         _write_adapter(tte, "embed", tmp / "embed", store, base_ref)
         info["adapters"] = sorted(p.name for p in tmp.iterdir() if (p / ADAPTER_WEIGHTS).is_file())
+        if tte.gate is not None:
+            _write_gate(tte, tmp / "gate", store, info, config)
         (tmp / CONFIG_FILE).write_text(json.dumps({**config, **info}, indent=2) + "\n")
         write_manifest(tmp)
         sign_manifest(tmp)

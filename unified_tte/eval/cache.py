@@ -52,6 +52,25 @@ def model_key(model) -> str | None:
     return h.hexdigest()[:24]
 
 
+class MemoryCache:
+    """EmbeddingCache's interface in memory, for candidate embeddings only: evaluating one model
+    twice (say with its own traces, then with given ones) embeds each distinct candidate once.
+    Keys are the items' content digests, so one memo serves one model."""
+
+    def __init__(self):
+        self.items: dict[str, tuple[np.ndarray, str]] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def get(self, keys: list[str]) -> dict[str, tuple[np.ndarray, str]]:
+        return {k: self.items[k] for k in keys if k in self.items}
+
+    def put(self, keys: list[str], vectors: np.ndarray, traces: list[str]) -> None:
+        for k, v, t in zip(keys, vectors, traces):
+            self.items[k] = (np.asarray(v, dtype=np.float32), t)
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name)
 

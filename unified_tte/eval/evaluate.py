@@ -33,13 +33,14 @@ progress bar with items per second and the time left.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -48,8 +49,10 @@ from ..data.ranks import Ranks, barrier, gather, init_ranks, my_batches
 from ..data.registry import task_options
 from ..data.traces import check_ecr_shape, set_pixels
 from ..errors import DataError, command, positive_int
+from ..locks import lock_folder
 from ..model import UnifiedTTE, zoo
 from ..model.config import THINK_POLICIES
+from ..model.environment import check_kernel_environment
 from ..model.gate import OPERATING_POINTS
 from ..model.inputs import content_key as candidate_key
 from .cache import EmbeddingCache, model_key
@@ -146,11 +149,12 @@ class _Borrowed:
 
 
 def _embed_task(model, task: EvalTask, plan: TaskPlan, encode_queries, settings: str, batch_size: int,
-                progress, ranks: Ranks | None, cache_dir, model_hash):
+                progress, ranks: Ranks | None, cache_dir, model_hash, candidate_memo=None):
     """Every query (through `encode_queries`, batch -> (vectors, notes)) and every distinct item
     (`model.embed`) of a task, by global batches over the ranks and through the cache under
-    `settings`. Returns (Q [n_queries, *], C [n_distinct, D], per-query notes, items read back
-    from the cache or None without one) on rank 0, None on the others."""
+    `settings` (items also through `candidate_memo`, a MemoryCache, when there is no cache).
+    Returns (Q [n_queries, *], C [n_distinct, D], per-query notes, items read back from the
+    cache or None without one) on rank 0, None on the others."""
     import torch
     from tqdm.auto import tqdm
 
@@ -171,7 +175,8 @@ def _embed_task(model, task: EvalTask, plan: TaskPlan, encode_queries, settings:
         queries = _embed_batches([(i, k, r.query) for i, (k, r) in enumerate(zip(plan.query_keys, task.rows))],
                                  batch_size, encode_queries, ranks, cache, bar, reused)
         items = _embed_batches([(i, k, x) for i, (k, x) in enumerate(zip(plan.keys, plan.distinct))],
-                               batch_size, lambda b: (model.embed(b), [""] * len(b)), ranks, cache, bar, reused)
+                               batch_size, lambda b: (model.embed(b), [""] * len(b)), ranks,
+                               cache if cache is not None else candidate_memo, bar, reused)
     bar.close()
     parts = gather((queries, items, reused[0]), ranks)
     if not ranks.main:
@@ -193,23 +198,40 @@ def evaluate_task(model, task: EvalTask, batch_size: int = 16, use_think: bool =
                   max_new_tokens: int = 64, progress: bool = True, ranks: Ranks | None = None,
                   cache_dir: str | os.PathLike | None = None, model_hash: str | None = None,
                   tie_rule: str = "pessimistic", think: str | None = None, threshold: float | None = None,
-                  frontier: bool = False) -> dict | None:
+                  frontier: bool = False, traces: Mapping[str, str] | None = None, candidate_memo=None,
+                  keep_traces: bool = False) -> dict | None:
     """Metrics of one task: {"hit@1", "ndcg@5", "mrr", "mrr@10", "recall@k", "n", "n_tied", "group", ...}
     (see evaluate_model). Under several ranks only rank 0 returns them (others: None)."""
     if think is not None or frontier:
-        return _evaluate_policy(model, task, batch_size, max_new_tokens, progress, ranks, cache_dir,
-                                model_hash, tie_rule, think or "auto", threshold, frontier)
+        if traces is not None:
+            raise ValueError("given traces and a think policy exclude each other: a given trace is always used")
+        out = _evaluate_policy(model, task, batch_size, max_new_tokens, progress, ranks, cache_dir,
+                               model_hash, tie_rule, think or "auto", threshold, frontier, candidate_memo)
+        if out is not None and not keep_traces:
+            out.pop("traces")
+        return out
     plan = TaskPlan(task)
+    given = None
+    if traces is not None:
+        missing = [r.id for r in task.rows if r.id not in traces]
+        if missing:
+            raise DataError(f"task {task.name!r}: no given trace for {len(missing)} queries (first: {missing[:3]})")
+        given = {id(r.query): traces[r.id] for r in task.rows}
 
     def encode_queries(batch):
+        if given is not None:
+            tr = [given[id(x)] for x in batch]
+            return model.embed(batch, tr), tr
         if use_think:
             emb, tr = model.think_then_embed(batch, max_new_tokens=max_new_tokens)
             return emb, [getattr(t, "text", t) for t in tr]
         return model.embed(batch), [""] * len(batch)
 
     settings = f"think={use_think},max_new_tokens={max_new_tokens}" if use_think else "no-think"
+    if given is not None:
+        settings = "given-" + hashlib.sha1(json.dumps([given[id(r.query)] for r in task.rows]).encode()).hexdigest()[:16]
     embedded = _embed_task(model, task, plan, encode_queries, settings, batch_size, progress, ranks,
-                           cache_dir, model_hash)
+                           cache_dir, model_hash, candidate_memo)
     if embedded is None:
         return None
     Q, C, traces, cached = embedded
@@ -226,10 +248,12 @@ def evaluate_task(model, task: EvalTask, batch_size: int = 16, use_think: bool =
         out.update(modality=task.modality, primary=task.primary)
     if task.distribution:
         out["distribution"] = task.distribution
-    if use_think:
+    if use_think or given is not None:
         out["trace_valid"] = sum(check_ecr_shape(t) for t in traces) / len(traces)
         out["examples"] = [{"id": r.id, "trace": t} for r, t in
                            zip(task.rows[:N_EXAMPLES], traces[:N_EXAMPLES])]
+    if keep_traces:
+        out["traces"] = {r.id: t for r, t in zip(task.rows, traces)}
     return out
 
 
@@ -256,14 +280,14 @@ def _policy_encoders(model, think: str, threshold, frontier: bool, max_new_token
 
 
 def _evaluate_policy(model, task, batch_size, max_new_tokens, progress, ranks, cache_dir, model_hash,
-                     tie_rule, think, threshold, frontier) -> dict | None:
+                     tie_rule, think, threshold, frontier, candidate_memo=None) -> dict | None:
     """evaluate_task under a think policy (always | never | auto), recording per task the think
     rate and the decoded tokens per query; with `frontier`, also per query the metric of the
     direct and the TTE embedding and the gate's score (frontier.py sweeps them)."""
     plan = TaskPlan(task)
     settings = f"policy={'frontier' if frontier else think},threshold={threshold},max_new_tokens={max_new_tokens}"
     embedded = _embed_task(model, task, plan, _policy_encoders(model, think, threshold, frontier, max_new_tokens),
-                           settings, batch_size, progress, ranks, cache_dir, model_hash)
+                           settings, batch_size, progress, ranks, cache_dir, model_hash, candidate_memo)
     if embedded is None:
         return None
     Q, C, notes, cached = embedded
@@ -305,6 +329,7 @@ def _evaluate_policy(model, task, batch_size, max_new_tokens, progress, ranks, c
         out["trace_valid"] = sum(check_ecr_shape(t) for t in texts) / len(texts)
     out["examples"] = [{"id": r.id, "trace": nt["trace"], "thought": t}
                        for r, nt, t in list(zip(task.rows, notes, thought))[:N_EXAMPLES]]
+    out["traces"] = {r.id: nt["trace"] for r, nt in zip(task.rows, notes)}
     if frontier:
         metric = task.primary or "hit@1"
         out["frontier_data"] = {"metric": metric, "score": scores.tolist(), "tokens": tokens,
@@ -317,7 +342,8 @@ def evaluate_model(model, tasks: Sequence[EvalTask], batch_size: int = 16, use_t
                    max_new_tokens: int = 64, progress: bool = True, ranks: Ranks | None = None,
                    cache_dir: str | os.PathLike | None = None, tie_rule: str = "pessimistic",
                    think: str | None = None, threshold: float | None = None,
-                   frontier: bool = False) -> dict | None:
+                   frontier: bool = False, traces: Mapping[str, str] | None = None, candidate_memo=None,
+                   keep_traces: bool = False) -> dict | None:
     """Evaluate `model` (duck-typed: `embed`, and `think_then_embed` when `use_think`).
     `progress`: a bar per task (True), none (False), or a caller's progress line (an object with
     `update(n)`, e.g. `console.Progress`) that counts every embedded item. `tie_rule`:
@@ -335,6 +361,9 @@ def evaluate_model(model, tasks: Sequence[EvalTask], batch_size: int = 16, use_t
     overrides the gate's operating point. `frontier` embeds every query both ways (the gate's
     decisions are then applied to those) and adds "frontier" (eval/frontier.py: the accuracy
     against the think rate of every gate threshold, never / always / oracle, the operating points).
+    `traces` ({row id: trace}) embeds every query with a given trace instead of decoding one;
+    `candidate_memo` (cache.MemoryCache) keeps candidate embeddings across calls on one model;
+    `keep_traces` adds per task "traces": {row id: the trace its query was embedded with}.
     """
     check_tie_rule(tie_rule)
     ranks = ranks or Ranks()
@@ -349,7 +378,8 @@ def evaluate_model(model, tasks: Sequence[EvalTask], batch_size: int = 16, use_t
     for task in tasks:
         per_task[task.name] = evaluate_task(model, task, batch_size, use_think, max_new_tokens,
                                             progress, ranks, cache_dir, model_hash, tie_rule=tie_rule,
-                                            think=think, threshold=threshold, frontier=frontier)
+                                            think=think, threshold=threshold, frontier=frontier, traces=traces,
+                                            candidate_memo=candidate_memo, keep_traces=keep_traces)
     if not ranks.main:
         return None
     sweep = None
@@ -473,6 +503,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_output_file(path: Path, option: str) -> None:
+    """Refuse, before any work, an output file that could not be written at the end: a folder,
+    or a path in a folder this process may not create files in (probed with an empty file)."""
+    if path.is_dir():
+        raise DataError(f"{option} {path} is a folder; give the file to write, e.g. {path / 'eval_results.json'}")
+    folder = next(p for p in (path.parent.absolute(), *path.parent.absolute().parents) if p.exists())
+    if not folder.is_dir():
+        raise DataError(f"{option} {path}: {folder} is a file, not a folder; choose another path")
+    probe = folder / f".{path.name}.probe-{os.getpid()}"
+    try:
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as exc:
+        raise DataError(f"{option} {path}: cannot create files in {folder} ({exc.strerror}); choose another "
+                        "path, or make that folder writable") from None
+
+
 @command("eval")
 def eval_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `tte eval`: prints the table, writes the JSON."""
@@ -488,28 +535,36 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         parser.error("--gate-point and --threshold both pick the gate's threshold; give one")
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         parser.error(f"--threshold is a gate score in [0, 1], got {args.threshold}")
+    # The settings and output paths first: a bad one is found before the tasks and the model load.
+    check_kernel_environment()
+    check_output_file(Path(args.out), "--out")
+    if args.cache_dir is not None and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        raise DataError(f"--cache-dir {args.cache_dir} is a file; give a folder for the embedding cache")
     overrides = {k: v for k, v in (("seed", args.digits_seed), ("image_size", args.image_size))
                  if v is not None}
     overrides.update(task_options(args.task_option))
     tasks = resolve_tasks(args.tasks, registry=args.registry, max_rows=args.max_queries,
                           data_root=args.data_root, **overrides)
     ranks = init_ranks()
-    model = _load_model(args.checkpoint, args.backbone)
-    if (think == "auto" or args.gate_point or args.threshold is not None) and model.gate is None:
-        raise DataError(f"{args.checkpoint} holds no think gate (gate/), so --think auto, --gate-point and "
-                        "--threshold have nothing to decide with: train the recipe's `gate` stage, or use "
-                        "--think always / never")
-    threshold = model.gate.threshold(args.gate_point) if args.gate_point else args.threshold
-    set_pixels(model, args.max_pixels, args.min_pixels)
-    if ranks.device.type == "cuda":
-        model.to(ranks.device)
-    barrier(ranks)                       # the timing starts when every rank has its model
-    start = time.perf_counter()
-    results = evaluate_model(model, tasks, batch_size=args.batch_size,
-                             use_think=not args.no_think, max_new_tokens=args.max_new_tokens,
-                             progress=not args.no_progress, ranks=ranks, cache_dir=args.cache_dir,
-                             tie_rule=args.tie_rule, think=think, threshold=threshold,
-                             frontier=args.frontier)
+    # One evaluation per cache folder at a time (rank 0 holds it for its launch).
+    with lock_folder(args.cache_dir, "tte eval") if args.cache_dir is not None and ranks.main \
+            else contextlib.nullcontext():
+        model = _load_model(args.checkpoint, args.backbone)
+        if (think == "auto" or args.gate_point or args.threshold is not None) and model.gate is None:
+            raise DataError(f"{args.checkpoint} holds no think gate (gate/), so --think auto, --gate-point and "
+                            "--threshold have nothing to decide with: train the recipe's `gate` stage, or use "
+                            "--think always / never")
+        threshold = model.gate.threshold(args.gate_point) if args.gate_point else args.threshold
+        set_pixels(model, args.max_pixels, args.min_pixels)
+        if ranks.device.type == "cuda":
+            model.to(ranks.device)
+        barrier(ranks)                       # the timing starts when every rank has its model
+        start = time.perf_counter()
+        results = evaluate_model(model, tasks, batch_size=args.batch_size,
+                                 use_think=not args.no_think, max_new_tokens=args.max_new_tokens,
+                                 progress=not args.no_progress, ranks=ranks, cache_dir=args.cache_dir,
+                                 tie_rule=args.tie_rule, think=think, threshold=threshold,
+                                 frontier=args.frontier)
     if not ranks.main:
         return 0
     seconds = time.perf_counter() - start

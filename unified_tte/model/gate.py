@@ -56,21 +56,26 @@ def gate_features(direct: torch.Tensor, think_hidden: torch.Tensor, prompt_token
     return torch.cat([direct.float(), hidden.to(direct.device), length], dim=-1)
 
 
+def adapters_sha256(states: dict[str, dict[str, torch.Tensor]]) -> str:
+    """A content hash of adapter weights ({adapter: {name: tensor}}), over fp32 copies in name
+    order: the same for bf16 weights held in a bf16 or an fp32 model."""
+    h = hashlib.sha256()
+    for adapter in sorted(states):
+        h.update(adapter.encode())
+        for name in sorted(states[adapter]):
+            h.update(name.encode())
+            h.update(states[adapter][name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def model_fingerprint(tte) -> dict:
-    """What a gate is only valid for: the base weights, the embedding-shaping config, and the
-    adapters' values (a content hash over fp32 copies, in parameter-name order)."""
+    """What a gate is only valid for: the embedding-shaping config and the adapters' values (the
+    base's weight hash and dtype are added by `UnifiedTTE.fingerprint`)."""
     from .adapters import adapter_state
 
     config = tte.config.to_dict()
-    h = hashlib.sha256()
-    for adapter in tte.embed_adapters:   # think (when a LoRA) and embed
-        state = adapter_state(tte.peft_model, adapter)
-        h.update(adapter.encode())
-        for name in sorted(state):
-            h.update(name.encode())
-            h.update(state[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return {"config": {k: config[k] for k in FINGERPRINT_FIELDS},
-            "adapters_sha256": h.hexdigest()}
+    states = {a: adapter_state(tte.peft_model, a) for a in tte.embed_adapters}   # think (a LoRA) and embed
+    return {"config": {k: config[k] for k in FINGERPRINT_FIELDS}, "adapters_sha256": adapters_sha256(states)}
 
 
 @dataclass
@@ -151,6 +156,9 @@ class ThinkGate:
         """Refuse to serve a model the gate was not fitted for, naming what differs."""
         saved = self.info.get("fingerprint", {})
         base, want = saved.get("base_weight_hash"), fingerprint.get("base_weight_hash")
+        if saved.get("base_dtype") != fingerprint.get("base_dtype"):
+            # the same base in another dtype hashes differently: then its name must agree
+            base, want = saved.get("base_model"), fingerprint.get("base_model")
         if base and want and base != want:
             raise CheckpointError(f"{where}: the gate was fitted on a backbone with weight hash {base[:16]}…, "
                                   f"this model's is {want[:16]}…: a gate from another backbone; retrain it "

@@ -189,7 +189,8 @@ class UnifiedTTE(nn.Module):
         """What a think gate fitted on this model records (model/gate.py model_fingerprint)."""
         from .backbones import weight_hash
 
-        return {"base_weight_hash": weight_hash(self.peft_model), **model_fingerprint(self)}
+        return {"base_weight_hash": weight_hash(self.peft_model), "base_dtype": str(self.stack.dtype),
+                "base_model": self.backbone.name, **model_fingerprint(self)}
 
     def set_gate(self, gate: ThinkGate | None, where: str = "the gate") -> None:
         """Attach a fitted think gate (refused when it was fitted for another base, config or

@@ -79,6 +79,11 @@ class DemoSettings:
     eval_batch_size: int = 50
     peft_check_queries: int = 0       # held-out queries decoded by plain PEFT + HF generate (smollm2)
     bench: list[str] = field(default_factory=lambda: ["--quick"])   # `tte bench` arguments
+    holdout: float = 0.2              # train rows kept out of every training run, for the think gate
+    holdout_by: str | None = "image_indices"   # ... by image (tiny) or by entity (smollm2)
+    no_trace_fraction: float = 0.5    # unified activated: queries trained without their trace too
+    gate_token_budget: float = 0.6    # the gate's compute point: this fraction of always-think's tokens
+    gate_folds: int = 5
 
     @property
     def eval_queries(self) -> int | None:
@@ -87,19 +92,21 @@ class DemoSettings:
 
 TINY = DemoSettings(task_options={"max_train_per_task": 400, "max_eval_per_task": 100})
 TINY_QUICK = replace(TINY, task_options={"max_train_per_task": 64, "max_eval_per_task": 12},
-                     think_steps=10, embed_steps=6, think_batch_size=16, batch_size=16, max_new_tokens=24)
+                     think_steps=10, embed_steps=6, think_batch_size=16, batch_size=16, max_new_tokens=24,
+                     gate_folds=3)
 SMOLLM2 = DemoSettings(
     backbone="smollm2", task="knowledge", precision="bf16",
     task_options={"max_train_per_task": 256, "max_eval_per_task": None},
     think_steps=60, think_batch_size=8, think_lr=2e-3, embed_steps=40, batch_size=16, embed_lr=1e-3,
     lora_r=16, lora_alpha=32, temperature=0.05, threads=None, top_k_layers=8,
     max_new_tokens=64, eval_batch_size=32,
-    peft_check_queries=32,
+    peft_check_queries=32, holdout_by="entities",
     bench=["--backbone", "smollm2", "--query-lens", "256", "--trace-lens", "32", "--batch-sizes", "1",
            "--repeats", "3", "--threads", "1"])
 SMOLLM2_QUICK = replace(
     SMOLLM2, task_options={"max_train_per_task": 12, "max_eval_per_task": 6},
     think_steps=4, think_batch_size=4, embed_steps=3, batch_size=4, max_new_tokens=40, peft_check_queries=4,
+    gate_folds=2,
     bench=["--backbone", "smollm2", "--query-lens", "64", "--trace-lens", "4", "--batch-sizes", "1",
            "--repeats", "1", "--threads", "1"])
 PRESETS = {("tiny", False): TINY, ("tiny", True): TINY_QUICK,
@@ -169,7 +176,10 @@ def run_specs(settings: DemoSettings, out: Path, seed: int) -> tuple[str, dict]:
         think_from = base = separate = s.backbone
         think = dict(method="lora")
         unified = {"think": "lora"}
-    data = {"train": s.task, "options": {**s.task_options, "seed": seed}}
+    # Every run holds out the same train rows (same data, seed and holdout): the think gate of
+    # unified activated is fitted on them, and no system trains on them.
+    data = {"train": s.task, "options": {**s.task_options, "seed": seed}, "holdout": s.holdout,
+            "holdout_by": s.holdout_by}
     common = dict(deepspeed=str(Path(__file__).resolve().parents[2] / "recipes/deepspeed/zero0.json"),
                   data=data, seed=seed, precision=s.precision, checkpoint_every=0, keep_checkpoints=1,
                   log_every=10, progress_bar=False, wandb={"mode": "disabled"})
@@ -186,7 +196,10 @@ def run_specs(settings: DemoSettings, out: Path, seed: int) -> tuple[str, dict]:
         "think": (out / "think", think_from, dict(
             stages=["think"], model={"mode": "activated", **unified, **lora}, think=think)),
         "unified TTE (activated)": (out / RUN_DIRS["unified TTE (activated)"], base, dict(
-            stages=["embed"], model={"mode": "activated", **unified, **lora}, embed=embed, **start)),
+            stages=["embed", "gate"], model={"mode": "activated", **unified, **lora},
+            embed={**embed, "no_trace_fraction": s.no_trace_fraction},
+            gate={"token_budget": s.gate_token_budget, "max_new_tokens": s.max_new_tokens,
+                  "batch_size": s.eval_batch_size, "folds": s.gate_folds}, **start)),
         "unified TTE (top_k)": (out / RUN_DIRS["unified TTE (top_k)"], base, dict(
             stages=["embed"], model={"mode": "top_k", "embed_layers": s.top_k_layers, **unified, **lora},
             embed=embed, **start)),
@@ -209,12 +222,13 @@ def train_runs(settings: DemoSettings, out: Path, seed: int, phases: console.Pha
     dirs = {}
     for name, (run_dir, _, raw) in run_specs(settings, out, seed).items():
         dirs[name] = run_dir
-        stage = raw["stages"][-1]
+        recipe = recipe_from_dict(raw, source=f"demo:{name}")
+        stage = recipe.training_stages[-1]
         full = raw.get("think", {}).get("method") == "full"
         weights = "model.safetensors" if full else "adapter_model.safetensors"
-        recipe = recipe_from_dict(raw, source=f"demo:{name}")
+        finished = [run_dir / stage / weights] + ([run_dir / "gate" / "gate_config.json"] if "gate" in recipe.stages else [])
         with phases.phase(f"training {name}", total=recipe.total_steps, unit="steps") as bar:
-            if (run_dir / stage / weights).is_file():
+            if all(p.is_file() for p in finished):
                 bar.note = f"reused {run_dir}"
             else:
                 shutil.rmtree(run_dir, ignore_errors=True)
@@ -232,66 +246,14 @@ def train_runs(settings: DemoSettings, out: Path, seed: int, phases: console.Pha
 
 
 # ----------------------------------------------------------------------------- 3. evaluation
-class CachedCandidates:
-    """A model whose candidate embeddings (no trace) are computed once per distinct candidate,
-    so evaluating it twice (reasoner's traces, teacher's traces) embeds the candidates once."""
-
-    def __init__(self, model):
-        self.model, self._memo, self._images = model, {}, {}
-
-    def think_then_embed(self, inputs, max_new_tokens=64):
-        return self.model.think_then_embed(inputs, max_new_tokens=max_new_tokens)
-
-    def embed(self, inputs, traces=None):
-        from ..model.inputs import content_key as candidate_key
-
-        if traces is not None:
-            return self.model.embed(inputs, traces)
-        keys = [candidate_key(x, self._images) for x in inputs]
-        todo = [(k, x) for k, x in dict(zip(keys, inputs)).items() if k not in self._memo]
-        if todo:
-            for k, emb in zip([k for k, _ in todo], self.model.embed([x for _, x in todo])):
-                self._memo[k] = emb
-        return torch.stack([self._memo[k] for k in keys])
-
-
-class RecordingModel:
-    """Keeps the traces a model writes (Trace objects, in evaluation order)."""
-
-    def __init__(self, model):
-        self.model, self.traces = model, []
-
-    def think_then_embed(self, inputs, max_new_tokens=64):
-        emb, traces = self.model.think_then_embed(inputs, max_new_tokens=max_new_tokens)
-        self.traces += list(traces)
-        return emb, traces
-
-    def embed(self, inputs, traces=None):
-        return self.model.embed(inputs, traces)
-
-
-class GivenTraces:
-    """An embedder fed traces written beforehand: by the reasoner (the two-model setup: its
-    reasoner is the same think adapter, so its greedy traces are the ones recorded) or by the
-    teacher (the upper bound). `traces` maps each query object (by identity) to its trace."""
-
-    def __init__(self, embedder, traces: dict[int, object]):
-        self.embedder, self.traces = embedder, traces
-
-    def think_then_embed(self, inputs, max_new_tokens=64):
-        traces = [self.traces[id(x)] for x in inputs]
-        return self.embedder.embed(inputs, traces), traces
-
-    def embed(self, inputs, traces=None):
-        return self.embedder.embed(inputs, traces)
-
-
 def load_system(name: str, dirs: dict[str, Path], settings: DemoSettings, out: Path,
                 dtype: torch.dtype | None = None):
     """One of SYSTEMS as a UnifiedTTE: the run's embed adapter (and, smollm2's unified models, the
-    think adapter) on a fresh copy of its backbone. `dtype` defaults to the settings' precision."""
+    think adapter; a run with a gate stage, its think gate) on a fresh copy of its backbone.
+    `dtype` defaults to the settings' precision."""
     from ..model import TTEConfig, UnifiedTTE
     from ..model.checkpoint import load_adapter
+    from ..model.gate import GATE_CONFIG, ThinkGate
     from ..model.zoo import load
 
     run_dir = dirs[name]
@@ -300,6 +262,8 @@ def load_system(name: str, dirs: dict[str, Path], settings: DemoSettings, out: P
     if tte.config.think == "lora":
         load_adapter(tte, "think", dirs["think"] / "think")
     load_adapter(tte, "embed", run_dir / "embed")
+    if (run_dir / "gate" / GATE_CONFIG).is_file() and (dtype or _dtype(settings)) == _dtype(settings):
+        tte.set_gate(ThinkGate.load(run_dir / "gate"), where=str(run_dir / "gate"))
     return tte.eval()
 
 
@@ -308,62 +272,87 @@ def trace_answer(trace: str) -> str:
     return trace.split("</think>")[-1].strip().strip(".").strip().casefold()
 
 
-def answers_right(traces, tasks) -> dict[str, float]:
-    """Per task: the fraction of traces whose final answer is the row's `answer_text`; traces in
-    evaluation order (tasks, then rows)."""
-    rows = [(t.name, r) for t in tasks for r in t.rows]
-    right: dict[str, list[bool]] = {t.name: [] for t in tasks}
-    for trace, (task, row) in zip(traces, rows):
-        right[task].append(trace_answer(getattr(trace, "text", trace)) == row.meta["answer_text"].casefold())
-    return {name: sum(v) / len(v) for name, v in right.items()}
+def answers_right(traces: dict[str, str], tasks) -> dict[str, float]:
+    """Per task: the fraction of traces ({row id: trace}) whose final answer is the row's
+    `answer_text`."""
+    return {t.name: sum(trace_answer(traces[r.id]) == r.meta["answer_text"].casefold() for r in t.rows) / len(t.rows)
+            for t in tasks}
 
 
 def evaluate_systems(settings: DemoSettings, dirs: dict[str, Path], out: Path, tasks,
                      phases: console.Phases) -> dict:
-    """Every system on the held-out tasks: {"model traces": {system: results},
-    "teacher traces": {system: results}, "answers right": {task: fraction},
-    "same traces": whether unified top_k decoded exactly unified activated's traces}."""
+    """Every system on the held-out tasks: {"model traces": {system: results}, "teacher traces":
+    {system: results}, "answers right": {task: fraction}, "same traces": whether unified top_k
+    decoded exactly unified activated's traces, "frontier": unified activated's think gate swept
+    (eval/frontier.py), "examples"}.
+
+    Unified activated is evaluated once with `frontier=True`: every query embedded directly and
+    after its trace from one prefill, so its always-think row, its direct (never) row, the gate's
+    operating points and the oracle all come from the same embeddings."""
     from ..eval import evaluate_model
+    from ..eval.cache import MemoryCache
     from ..eval.evaluate import TaskPlan
 
     items = sum(len(t.rows) + len(TaskPlan(t).distinct) for t in tasks)   # what one evaluation embeds
-    queries = [r.query for t in tasks for r in t.rows]
-    teacher = {id(r.query): r.meta["teacher_trace"] for t in tasks for r in t.rows}
+    teacher = {r.id: r.meta["teacher_trace"] for t in tasks for r in t.rows}
     kwargs = dict(batch_size=settings.eval_batch_size, max_new_tokens=settings.max_new_tokens)
-    model_traces, teacher_traces, written = {}, {}, {}
+    model_traces, teacher_traces, written, frontier = {}, {}, {}, None
     # Decoding systems first: the two-model embedder is fed the traces unified-activated decoded.
     for name in ("unified TTE (activated)", "unified TTE (top_k)", "two-model TTE", "no-think embedder"):
         runs = 1 if name == "no-think embedder" else 2   # with its own traces, with the teacher's
         with phases.phase(f"evaluating {name}", total=runs * items, unit="items") as bar:
-            model = CachedCandidates(load_system(name, dirs, settings, out))
+            model, memo = load_system(name, dirs, settings, out), MemoryCache()
+            common = dict(kwargs, progress=bar, candidate_memo=memo)
             if name == "no-think embedder":
-                model_traces[name] = evaluate_model(model, tasks, use_think=False, progress=bar, **kwargs)
+                model_traces[name] = evaluate_model(model, tasks, use_think=False, **common)
             else:
                 if name == "two-model TTE":
-                    reasoner = written["unified TTE (activated)"]
-                    runner = GivenTraces(model, {id(q): t for q, t in zip(queries, reasoner)})
+                    result = evaluate_model(model, tasks, traces=written["unified TTE (activated)"], **common)
+                elif name == "unified TTE (activated)" and model.gate is not None:
+                    result = evaluate_model(model, tasks, frontier=True, keep_traces=True, **common)
+                    frontier = result.pop("frontier")
                 else:
-                    runner = RecordingModel(model)
-                model_traces[name] = evaluate_model(runner, tasks, use_think=True, progress=bar, **kwargs)
-                if isinstance(runner, RecordingModel):
-                    written[name] = runner.traces
-                teacher_traces[name] = evaluate_model(GivenTraces(model, teacher), tasks, use_think=True,
-                                                      progress=bar, **kwargs)
+                    result = evaluate_model(model, tasks, keep_traces=True, **common)
+                if name != "two-model TTE":
+                    written[name] = {rid: tr for m in result["tasks"].values() for rid, tr in m.pop("traces").items()}
+                model_traces[name] = result
+                teacher_traces[name] = evaluate_model(model, tasks, traces=teacher, **common)
             del model
     reasoner = written["unified TTE (activated)"]
     right = answers_right(reasoner, tasks)
     for name in TTE_SYSTEMS:   # the same reasoner serves all three
         model_traces[name]["answer_accuracy"] = averages(right, tasks)[1]
-    examples, start = {}, 0
-    for t in tasks:   # the first traces of each task, to eyeball what the reasoner wrote
-        examples[t.name] = [{"query": r.query.text, "trace": tr.text, "answer": r.meta["answer_text"]}
-                            for r, tr in zip(t.rows[:3], reasoner[start:start + 3])]
-        start += len(t.rows)
-    return {"model traces": {n: model_traces[n] for n in SYSTEMS},
+    if frontier is not None:   # the activated row is always-think; the gate's rows beside it
+        model_traces.update(gate_rows(frontier, tasks))
+    examples = {t.name: [{"query": r.query.text, "trace": reasoner[r.id], "answer": r.meta["answer_text"]}
+                         for r in t.rows[:3]] for t in tasks}   # what the reasoner wrote, to eyeball
+    return {"model traces": {n: model_traces[n] for n in SYSTEMS + tuple(GATE_ROWS) if n in model_traces},
             "teacher traces": {n: teacher_traces[n] for n in TTE_SYSTEMS},
-            "answers right": right,
-            "same traces": all(a.token_ids == b.token_ids for a, b in zip(reasoner, written["unified TTE (top_k)"])),
+            "answers right": right, "frontier": frontier,
+            "same traces": written["unified TTE (top_k)"] == reasoner,
             "examples": examples}
+
+
+GATE_ROWS = {"unified TTE (direct)": "never", "unified TTE (auto, quality)": "quality",
+             "unified TTE (auto, compute)": "compute", "oracle (per query)": "oracle"}
+
+
+def gate_rows(frontier: dict, tasks) -> dict:
+    """The think gate's rows in the results' shape ({"tasks": {name: {"hit@1", "think_rate",
+    "decoded_tokens_per_query"}}}), from unified activated's frontier; its always-think row
+    replaces the task results (which followed the gate's default point)."""
+    def shaped(per_task: dict) -> dict:
+        return {"tasks": {n: {"hit@1": m["hit@1"], "think_rate": m.get("think_rate"),
+                              "decoded_tokens_per_query": m.get("decoded_tokens_per_query")}
+                          for n, m in per_task.items()}}
+
+    rows = {"unified TTE (activated)": shaped(frontier["always"]["tasks"])}
+    for row, point in GATE_ROWS.items():
+        source = frontier["oracle"] if point == "oracle" else frontier["never"] if point == "never" \
+            else frontier["points"].get(point)
+        if source is not None:
+            rows[row] = shaped(source["tasks"])
+    return rows
 
 
 # ----------------------------------------------------------------------------- tables and claims
@@ -389,8 +378,24 @@ def hit_table(results: dict[str, dict], tasks, answers: dict[str, float] | None 
         hits = {n: 100 * m["hit@1"] for n, m in res["tasks"].items()}
         cells = [system] + [f"{hits[t.name]:.1f}" for t in tasks] + [f"{v:.1f}" for v in averages(hits, tasks)]
         if answers is not None:
-            cells.append("-" if system == "no-think embedder" else f"{right:.1f}")
+            cells.append(f"{right:.1f}" if system in TTE_SYSTEMS else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def think_table(results: dict[str, dict], tasks) -> str:
+    """Per sub-task, how often each gate row decoded a trace, and the decoded tokens per query."""
+    rows = [(name, results[name]) for name in ("unified TTE (activated)", *GATE_ROWS) if name in results]
+    head = ["system"] + [_short(t.name) for t in tasks] + ["all", "decoded tokens / query"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for name, res in rows:
+        per = res["tasks"]
+        if per[tasks[0].name].get("think_rate") is None:
+            continue
+        rates = [per[t.name]["think_rate"] for t in tasks]
+        tokens = sum(per[t.name]["decoded_tokens_per_query"] for t in tasks) / len(tasks)
+        lines.append("| " + " | ".join([name] + [f"{r:.2f}" for r in rates] +
+                                       [f"{sum(rates) / len(rates):.2f}", f"{tokens:.1f}"]) + " |")
     return "\n".join(lines)
 
 
@@ -401,30 +406,88 @@ def answers_table(answers: dict[str, float], tasks, who: str) -> str:
                       "| " + " | ".join(cells) + " |"])
 
 
+# The claims' thresholds, in Hit@1 points unless named otherwise (what the issues ask of the demos).
+THRESHOLDS = {
+    "trace accuracy": 60.0,          # % of held-out reasoning queries whose trace ends right
+    "unified vs two-model": 2.0,     # |difference|, reasoning avg and overall
+    "TTE over no-think": 5.0,        # reasoning avg, with no reasoning sub-task below no-think
+    "quality over always": 1.0,      # the gate's quality point, overall
+    "quality per sub-task": 1.5,     # ... and no sub-task below max(no-think, always) by more
+    "compute tokens": 0.6,           # the compute point's decoded tokens / always-think's
+    "compute below always": 0.5,     # ... while overall stays within this of always-think
+    "direct vs no-think": 1.5,       # the mixed-trained direct embedding vs the no-think embedder
+}
+
+
 def claims(results: dict, tasks) -> list[dict]:
-    """The issue's acceptance claims, each with its numbers and whether it holds."""
+    """The acceptance claims, each with its numbers and whether it holds (thresholds: THRESHOLDS)."""
+    T = THRESHOLDS
     hits = {s: {n: 100 * m["hit@1"] for n, m in r["tasks"].items()} for s, r in results["model traces"].items()}
     avg = {s: averages(h, tasks) for s, h in hits.items()}
     reasoning = [t for t in tasks if t.needs_reasoning]
     n = sum(len(t.rows) for t in reasoning)
     pooled = 100 * sum(results["answers right"][t.name] * len(t.rows) for t in reasoning) / max(1, n)
     two = avg["two-model TTE"]
-    out = [{"claim": "think traces end in the right answer on >= 60% of held-out reasoning queries",
+    out = [{"claim": f"think traces end in the right answer on >= {T['trace accuracy']:.0f}% of held-out reasoning queries",
             "value": f"{pooled:.1f}% of {n} queries (" + ", ".join(
                 f"{_short(t.name)} {100 * results['answers right'][t.name]:.1f}" for t in reasoning) + ")",
-            "holds": pooled >= 60}]
+            "holds": pooled >= T["trace accuracy"]}]
     for s in ("unified TTE (activated)", "unified TTE (top_k)"):
         d_reason, d_all = avg[s][0] - two[0], avg[s][1] - two[1]
-        out.append({"claim": f"{s} within 2 points Hit@1 of two-model TTE (reasoning avg, overall)",
-                    "value": f"{d_reason:+.1f}, {d_all:+.1f}", "holds": abs(d_reason) <= 2 and abs(d_all) <= 2})
+        limit = T["unified vs two-model"]
+        out.append({"claim": f"{s} within {limit:g} points Hit@1 of two-model TTE (reasoning avg, overall)",
+                    "value": f"{d_reason:+.1f}, {d_all:+.1f}", "holds": abs(d_reason) <= limit and abs(d_all) <= limit})
     base = hits["no-think embedder"]
     for s in TTE_SYSTEMS:
         gain = avg[s][0] - avg["no-think embedder"][0]
         per = {_short(t.name): hits[s][t.name] - base[t.name] for t in reasoning}
-        out.append({"claim": f"{s} >= 5 points Hit@1 above no-think on the reasoning avg, no reasoning "
-                             "sub-task below",
+        out.append({"claim": f"{s} >= {T['TTE over no-think']:g} points Hit@1 above no-think on the reasoning "
+                             "avg, no reasoning sub-task below",
                     "value": f"{gain:+.1f} (" + ", ".join(f"{k} {v:+.1f}" for k, v in per.items()) + ")",
-                    "holds": gain >= 5 and min(per.values()) >= 0})
+                    "holds": gain >= T["TTE over no-think"] and min(per.values()) >= 0})
+    return out + gate_claims(results, tasks, hits, avg)
+
+
+def gate_claims(results: dict, tasks, hits: dict, avg: dict) -> list[dict]:
+    """The think gate's claims (unified activated): its two operating points, its direct
+    embedding against the no-think embedder, and each point against the never-always line."""
+    T, rows = THRESHOLDS, results["model traces"]
+    if "unified TTE (auto, quality)" not in rows:
+        return []
+    always, quality = "unified TTE (activated)", "unified TTE (auto, quality)"
+    best = {t.name: max(hits["no-think embedder"][t.name], hits[always][t.name]) for t in tasks}
+    worst = min(tasks, key=lambda t: hits[quality][t.name] - best[t.name])
+    gain = avg[quality][1] - avg[always][1]
+    out = [{"claim": f"auto (quality point) >= always-think + {T['quality over always']:g} overall, every sub-task "
+                     f">= max(no-think, always-think) - {T['quality per sub-task']:g}",
+            "value": f"{gain:+.1f} overall; weakest sub-task {_short(worst.name)} "
+                     f"{hits[quality][worst.name]:.1f} vs {best[worst.name]:.1f}",
+            "holds": gain >= T["quality over always"] and all(
+                hits[quality][t.name] >= best[t.name] - T["quality per sub-task"] for t in tasks)}]
+
+    def tokens(row):
+        per = rows[row]["tasks"]
+        return sum(per[t.name]["decoded_tokens_per_query"] for t in tasks) / len(tasks)
+
+    compute = "unified TTE (auto, compute)"
+    if compute in rows:
+        ratio = tokens(compute) / max(tokens(always), 1e-9)
+        drop = avg[compute][1] - avg[always][1]
+        out.append({"claim": f"auto (compute point) decodes <= {T['compute tokens']:g}x always-think's tokens "
+                             f"with overall Hit@1 >= always-think - {T['compute below always']:g}",
+                    "value": f"{ratio:.2f}x tokens ({tokens(compute):.1f} vs {tokens(always):.1f} per query), "
+                             f"{drop:+.1f} overall",
+                    "holds": ratio <= T["compute tokens"] and drop >= -T["compute below always"]})
+    direct = avg["unified TTE (direct)"][1] - avg["no-think embedder"][1]
+    out.append({"claim": f"the mixed-trained direct embedding within {T['direct vs no-think']:g} points of the "
+                         "no-think embedder (overall)",
+                "value": f"{direct:+.1f}", "holds": abs(direct) <= T["direct vs no-think"] or direct > 0})
+    frontier = results.get("frontier") or {}
+    for name, point in frontier.get("points", {}).items():
+        out.append({"claim": f"the gate's {name} point on or above the never-always line",
+                    "value": f"{100 * point['overall']['metric']:.1f} at think rate "
+                             f"{point['overall']['think_rate']:.2f} (line {100 * point['line']:.1f})",
+                    "holds": point["above_line"]})
     return out
 
 
@@ -593,10 +656,18 @@ def run_demo(args, settings: DemoSettings, out: Path, checkpoint: Path, argv) ->
         f"{hit_table(results['teacher traces'], tasks)}\n\n"
         f"How often the reasoner's trace ends in the right answer (%)\n\n"
         f"{answers_table(results['answers right'], tasks, reasoner)}\n\n"
-        f"Claims\n\n{claims_table(items)}\n")
+        + (f"How often the think gate let a query decode (think rate), and decoded tokens per query "
+           f"(unified activated: always-think, the direct embedding, the gate's two operating points "
+           f"fitted on held-out train rows, and the per-query oracle; frontier: {out / 'frontier.png'})\n\n"
+           f"{think_table(results['model traces'], tasks)}\n\n" if results.get("frontier") else "")
+        + f"Claims\n\n{claims_table(items)}\n")
+    if results.get("frontier"):
+        from ..eval.frontier import write_frontier
+        write_frontier(results["frontier"], out, title=f"tte demo --backbone {settings.backbone}: think gate")
     summary = {"backbone": settings.backbone, "settings": asdict(settings), "quick": args.quick, "seed": args.seed,
                "results": results["model traces"], "teacher_results": results["teacher traces"],
                "answers_right": results["answers right"], "same_traces": results["same traces"],
+               "frontier": results.get("frontier"),
                "examples": results["examples"], "claims": items, "export": export,
                "export_round_trip_max_diff": export["round_trip_max_diff"],
                "elapsed_s": elapsed, "machine": machine, "threads": args.threads,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,9 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, l2: float) -> tupl
     by L-BFGS in float64 from zero: deterministic. Returns (weight, bias, mean, std) tensors."""
     x = torch.as_tensor(x, dtype=torch.float64)
     mean, std = x.mean(0), x.std(0, unbiased=False).clamp(min=1e-6)
+    if len(set(np.asarray(y).tolist())) < 2:   # one outcome only: a constant gate (0.99 or 0.01)
+        bias = torch.tensor(4.6 if float(np.asarray(y)[0]) > 0.5 else -4.6)
+        return torch.zeros(x.shape[1]), bias, mean.float(), std.float()
     z = (x - mean) / std
     yt, wt = torch.as_tensor(y, dtype=torch.float64), torch.as_tensor(w, dtype=torch.float64)
     weight = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
@@ -171,10 +175,12 @@ def fit_gate(m: dict, g: GateConfig, seed: int) -> tuple[ThinkGate, dict]:
     x = m["features"]
     y, w = labels(m)
     n = len(y)
-    if n < 2 * g.folds or len(set(y.tolist())) < 2:
-        raise TrainError(f"gate: {n} held-out rows with {int(y.sum())} where the trace helped; the gate "
-                         f"needs at least {2 * g.folds} rows and both outcomes: raise data.holdout or "
-                         "gate.max_rows")
+    if n < 2 * g.folds:
+        raise TrainError(f"gate: {n} held-out rows; the gate needs at least {2 * g.folds} (2 x gate.folds): "
+                         "raise data.holdout or gate.max_rows, or lower gate.folds")
+    if len(set(y.tolist())) < 2:
+        warnings.warn(f"gate: on all {n} held-out rows the trace {'helped' if y[0] else 'did not help'}; "
+                      "the gate is constant (it thinks on every query or on none)")
     oof, l2 = cross_fit(x, y, w, g.folds, seed)
     hd, ht, tokens = m["hit_direct"], m["hit_tte"], m["tokens"]
     curve = policy_curve(oof, hd, ht, tokens)
