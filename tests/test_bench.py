@@ -27,7 +27,10 @@ def test_prompt_shorter_than_the_chat_markup_is_refused():
         prompt_of_length(UnifiedTTE(tiny_qwen2vl()), 3)
 
 
-@pytest.mark.parametrize("mode", MODES)
+FIXED = MODES[:3]   # the modes without the think gate (auto has its own test)
+
+
+@pytest.mark.parametrize("mode", FIXED)
 def test_runner_decodes_exactly_the_trace_length_and_times_every_phase(mode):
     runner = _Runner(mode, "tiny", "fp32", "cpu", None)
     inputs = [prompt_of_length(runner.tte, 48)] * 2
@@ -80,7 +83,7 @@ def test_quick_bench_writes_jsonl_table_and_plot(tmp_path, capsys):
     out = tmp_path / "bench"
     assert bench_main(["--quick", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert sorted(r["mode"] for r in rows) == sorted(MODES)
+    assert sorted(r["mode"] for r in rows) == sorted(FIXED)
     for r in rows:
         assert (r["backbone"], r["batch"], r["query_len"], r["trace_len"]) == ("tiny", 1, 64, 16)
         assert r["device"] == "cpu" and r["repeats"] == 2
@@ -93,12 +96,44 @@ def test_quick_bench_writes_jsonl_table_and_plot(tmp_path, capsys):
         for name, field in (("embed", "embed_p50_ms"), ("e2e", "e2e_p50_ms"), ("mem", "peak_mem_mb")):
             assert r[f"{name}_vs_two_model"] == pytest.approx(r[field] / two[field])
     table = (out / "table.md").read_text()
-    assert all(f"| {m} | 1 | 64 | 16 |" in table for m in MODES)
+    assert all(f"| {m} | 1 | 64 | 16 |" in table for m in FIXED)
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "two_model" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.3, 1.0])
+def test_the_auto_runner_thinks_on_its_rate_of_a_block(rate, monkeypatch):
+    from unified_tte.tools.bench import AUTO_BLOCK
+
+    runner = _Runner("auto", "tiny", "fp32", "cpu", None)
+    runner.think_rate = rate
+    decoded = []
+    real = runner.tte.think_then_embed
+    def spy(inputs, **kwargs):
+        emb, traces = real(inputs, **kwargs)
+        decoded.append(all(t.thought for t in traces))
+        return emb, traces
+    monkeypatch.setattr(runner.tte, "think_then_embed", spy)
+    times = runner.step([prompt_of_length(runner.tte, 40)], 5)   # raises on a wrong trace length
+    assert len(decoded) == AUTO_BLOCK and sum(decoded) == round(rate * AUTO_BLOCK)
+    assert times["e2e"] > 0 and times["prefill"] is None
+
+
+@pytest.mark.slow  # benchmark workers in child processes
+def test_quick_bench_with_a_think_rate_adds_the_auto_row_against_always_and_two_model(tmp_path):
+    out = tmp_path / "bench"
+    assert bench_main(["--quick", "--think-rate", "0.5", "--out", str(out)]) == 0
+    rows = {r["mode"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert set(rows) == set(MODES) and rows["auto"]["think_rate"] == 0.5
+    auto, always, two = rows["auto"], rows["activated"], rows["two_model"]
+    assert auto["e2e_vs_activated"] == pytest.approx(auto["e2e_p50_ms"] / always["e2e_p50_ms"])
+    assert auto["e2e_vs_two_model"] == pytest.approx(auto["e2e_p50_ms"] / two["e2e_p50_ms"])
+    assert "| auto | 1 | 64 | 16 |" in (out / "table.md").read_text()
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--think-rate", "1.5"], "--think-rate is a fraction of queries in [0, 1]"),
+    (["--modes", "activated,auto"], "mode auto needs --think-rate"),
     (["--modes", "activated,three_model"], "unknown mode"),
     (["--query-lens", "0"], "--query-lens must be positive"),
     (["--repeats", "0"], "--repeats must be >= 1"),

@@ -14,6 +14,13 @@ What is compared, per case (query length Q, trace length T, batch B; the same pr
 - `two_model`: a reasoner (the same backbone + think LoRA) decodes the trace, then a second full copy
   of the backbone with one LoRA (`UnifiedTTE.separate_embedder(copy.deepcopy(backbone))`)
   re-encodes query + trace (`embed(inputs, traces)`). Its memory counts both copies.
+- `auto` (with `--think-rate R`): unified activated under the think gate, `think_then_embed(think=
+  "auto")`: every query is prefilled and embedded directly, the gate scores it, and a fraction R
+  of the queries then decode and embed again (a query that thinks pays one extra invocation step).
+  The bench's prompts are synthetic, so a stand-in gate (ThinkGate's scoring with zero weights)
+  takes its decision from the threshold: the queries of a block of 10 consecutive batches that
+  think are spread evenly, round(10 R) of them. Its step is that block: the end-to-end time per
+  batch is the block's time / 10 (p50 over the repeats); its phases are not split.
 
 How it is measured:
 - Lengths are forced: the prompt text is built to encode to exactly Q tokens (chat markup included)
@@ -59,7 +66,8 @@ from ..model.zoo import check_spec
 from .decode_speed import (add_decode_speed, copy_bandwidth_gb_s, decode_note, decode_weight_bytes, generate_decode_ms,
                            generate_times_ms)
 
-MODES = ("activated", "top_k", "two_model")
+MODES = ("activated", "top_k", "two_model", "auto")
+AUTO_BLOCK = 10   # batches per timed step of the `auto` mode
 GRID = dict(query_lens=[64, 256, 1024], trace_lens=[16, 64, 128], batch_sizes=[1, 8])
 QUICK = dict(backbone="tiny", query_lens=[64], trace_lens=[16], batch_sizes=[1], repeats=2, threads=1)
 PHASES = ("prefill", "decode", "embed", "e2e")
@@ -102,11 +110,20 @@ class _Runner:
         backbone = load_reasoner(spec, dtype=torch_dtype, device=device)
         self.mode, self.device, self.name = mode, device, backbone.name
         self.embedder = None
+        self.think_rate = None
         if mode == "two_model":
             # Copy before wrapping: the reasoner's wrapping adds tokens and LoRA layers in place.
             self.embedder = UnifiedTTE.separate_embedder(copy.deepcopy(backbone)).eval()
             # The reasoner is base + think only: an unused embed LoRA would be charged to two-model.
             self.tte = UnifiedTTE.separate_reasoner(backbone).eval()
+        elif mode == "auto":
+            from ..model.gate import ThinkGate
+
+            self.tte = UnifiedTTE(backbone, mode="activated").eval()
+            n = 2 * self.tte.stack.config.hidden_size + 1
+            # Scores 0.5 for every query: threshold 0 thinks, threshold 1 does not (see the docstring).
+            self.tte.gate = ThinkGate(torch.zeros(n), torch.tensor(0.0), torch.zeros(n), torch.ones(n),
+                                      {"operating_points": {"bench": {"threshold": 0.0}}})
         else:
             kwargs = {"embed_layers": embed_layers} if mode == "top_k" and embed_layers else {}
             self.tte = UnifiedTTE(backbone, mode=mode, **kwargs).eval()
@@ -118,8 +135,27 @@ class _Runner:
         sync(self.device)
         self.prefill_s = time.perf_counter() - self._start
 
+    def auto_step(self, inputs, trace_len: int) -> dict[str, float | None]:
+        """A block of AUTO_BLOCK batches under the gate, round(AUTO_BLOCK x think rate) of them
+        thinking (spread evenly); seconds per batch, end to end only."""
+        rate = self.think_rate
+        thinks = [int((i + 1) * rate + 1e-9) > int(i * rate + 1e-9) for i in range(AUTO_BLOCK)]
+        sync(self.device)
+        start = time.perf_counter()
+        for think in thinks:
+            emb, traces = self.tte.think_then_embed(inputs, max_new_tokens=trace_len, think="auto",
+                                                    threshold=0.0 if think else 1.0, min_new_tokens=trace_len)
+            if [len(t.token_ids) for t in traces] != [trace_len if think else 0] * len(inputs):
+                raise RuntimeError(f"auto: decoded {[len(t.token_ids) for t in traces]}, wanted "
+                                   f"{trace_len if think else 0} per row")
+        sync(self.device)
+        self.decode_loop = self.tte.engine.last_decode_mode
+        return {"prefill": None, "decode": None, "embed": None, "e2e": (time.perf_counter() - start) / AUTO_BLOCK}
+
     def step(self, inputs, trace_len: int) -> dict[str, float]:
         """One think -> embed that decodes exactly `trace_len` tokens per row; seconds per phase."""
+        if self.think_rate is not None:
+            return self.auto_step(inputs, trace_len)
         sync(self.device)
         start = self._start = time.perf_counter()
         out = self.tte.think(inputs, max_new_tokens=trace_len, min_new_tokens=trace_len,
@@ -166,6 +202,8 @@ def run_worker(job: dict, commands=None) -> None:
     baseline = current_memory_mb(device)
     runner = _Runner(job["mode"], job["backbone"], job["dtype"], device, job.get("embed_layers"),
                      job.get("decode", "auto"))
+    if job["mode"] == "auto":
+        runner.think_rate = job["think_rate"]
     trim()
     reply({"backbone": job["backbone"], "backbone_name": runner.name, "mode": job["mode"],
             "device": device, "device_name": machine_name(device), "dtype": job["dtype"],
@@ -184,7 +222,7 @@ def run_worker(job: dict, commands=None) -> None:
                 runner.step(inputs, trace_len)  # warm-up (allocator, kernels, caches)
                 reply({"ok": True})
             elif message["cmd"] == "step":
-                reply({k: v * 1000 for k, v in runner.step(inputs, trace_len).items()})
+                reply({k: None if v is None else v * 1000 for k, v in runner.step(inputs, trace_len).items()})
             elif message["cmd"] == "generate":
                 reply(generate_times_ms(runner.tte, inputs, trace_len, device))
             elif message["cmd"] == "end":
@@ -204,7 +242,8 @@ def run_modes(args, out: Path) -> list[dict]:
         for mode in args.modes:
             print(f"[bench] starting {mode} ({args.backbone} on {args.device})", file=sys.stderr, flush=True)
             job = {"mode": mode, "backbone": args.backbone, "device": args.device, "dtype": args.dtype,
-                   "threads": args.threads, "embed_layers": args.embed_layers, "decode": args.decode}
+                   "threads": args.threads, "embed_layers": args.embed_layers, "decode": args.decode,
+                   "think_rate": args.think_rate}
             workers[mode] = Worker("unified_tte.tools.bench", job, name=mode, log=out / f"worker_{mode}.log",
                                    env={"TOKENIZERS_PARALLELISM": "false"})
             meta[mode] = workers[mode].read()
@@ -226,11 +265,13 @@ def run_modes(args, out: Path) -> list[dict]:
                             pairs.append(next(iter(workers.values())).ask(cmd="generate"))
                     generate = generate_decode_ms(pairs) if pairs else {}
                     for mode, w in workers.items():
-                        row = {**meta[mode], **case, "repeats": args.repeats, **w.ask(cmd="end"), **generate}
+                        row = {**meta[mode], **case, "repeats": args.repeats, **w.ask(cmd="end"), **generate,
+                               "think_rate": args.think_rate if mode == "auto" else 1.0}
                         for phase in PHASES:
-                            spread = summary(times[mode][phase])
+                            values = [v for v in times[mode][phase] if v is not None]
+                            spread = summary(values) if values else {"p50": None, "p90": None}
                             row[f"{phase}_p50_ms"], row[f"{phase}_p90_ms"] = spread["p50"], spread["p90"]
-                        rows.append(add_decode_speed(row))
+                        rows.append(add_decode_speed(row) if row["decode_p50_ms"] is not None else row)
         return rows
     finally:
         for w in workers.values():
@@ -239,13 +280,17 @@ def run_modes(args, out: Path) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------- report
 def add_ratios(rows: list[dict]) -> list[dict]:
-    """Each row's embed / end-to-end / peak memory as a fraction of two_model on the same case."""
+    """Each row's embed / end-to-end / peak memory as a fraction of two_model on the same case, and
+    its end to end as a fraction of always-think unified activated."""
     key = lambda r: (r["backbone"], r["device"], r["batch"], r["query_len"], r["trace_len"])  # noqa: E731
     base = {key(r): r for r in rows if r["mode"] == "two_model"}
+    always = {key(r): r for r in rows if r["mode"] == "activated"}
+    ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
     for r in rows:
-        ref = base.get(key(r))
+        ref = base.get(key(r), {})
         for name, field in (("embed", "embed_p50_ms"), ("e2e", "e2e_p50_ms"), ("mem", "peak_mem_mb")):
-            r[f"{name}_vs_two_model"] = (r[field] / ref[field]) if ref and ref[field] > 0 else None
+            r[f"{name}_vs_two_model"] = ratio(r[field], ref.get(field))
+        r["e2e_vs_activated"] = ratio(r["e2e_p50_ms"], always.get(key(r), {}).get("e2e_p50_ms"))
     return rows
 
 
@@ -257,10 +302,12 @@ def markdown_table(rows: list[dict]) -> str:
             f"{r0['threads']} threads, torch {r0['torch']}; p50/p90 over {r0['repeats']} runs after one "
             f"warm-up; peak memory above the process baseline after imports ({r0['mem_method']}); "
             "ratios are p50 (and peak) against two_model on the same case.\n\n")
+    auto = any(r["mode"] == "auto" for r in rows)
     cols = ["mode", "B", "Q", "T", "prefill ms", "decode ms", "embed ms", "end-to-end ms", "peak MB",
             "embed / 2m", "e2e / 2m", "mem / 2m", "decode tok/s", "vs generate", "of bound"]
+    cols += ["think rate", "e2e / activated"] if auto else []
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    fmt = lambda r, p: f"{r[p + '_p50_ms']:.1f} / {r[p + '_p90_ms']:.1f}"  # noqa: E731
+    fmt = lambda r, p: "—" if r[p + "_p50_ms"] is None else f"{r[p + '_p50_ms']:.1f} / {r[p + '_p90_ms']:.1f}"  # noqa: E731
     ratio = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     order = {m: i for i, m in enumerate(MODES)}
     for r in sorted(rows, key=lambda r: (r["batch"], r["query_len"], r["trace_len"], order.get(r["mode"], 9))):
@@ -270,7 +317,7 @@ def markdown_table(rows: list[dict]) -> str:
             ratio(r["embed_vs_two_model"]), ratio(r["e2e_vs_two_model"]), ratio(r["mem_vs_two_model"]),
             "—" if not r.get("decode_tok_s") else f"{r['decode_tok_s']:.1f}",
             ratio(r.get("decode_vs_generate")), ratio(r.get("decode_vs_bound")),
-        ]) + " |")
+        ] + ([f"{r['think_rate']:.2f}", ratio(r.get("e2e_vs_activated"))] if auto else [])) + " |")
     return head + "\n".join(lines) + "\n" + decode_note(r0)
 
 
@@ -284,14 +331,15 @@ def plot(rows: list[dict], path: Path) -> None:
     by = {(r["mode"], r["batch"], r["query_len"], r["trace_len"]): r for r in rows}
     width = 0.8 / max(1, len(modes))
     fig, (ax_t, ax_m) = plt.subplots(2, 1, figsize=(max(6, 1.3 * len(cases) + 3), 7), sharex=True)
-    colors = {"prefill": "#4c72b0", "decode": "#dd8452", "embed": "#55a868"}
-    hatches = {"activated": "", "top_k": "//", "two_model": "..."}
+    colors = {"prefill": "#4c72b0", "decode": "#dd8452", "embed": "#55a868", "e2e": "#999999"}
+    hatches = {"activated": "", "top_k": "//", "two_model": "...", "auto": "xx"}
     for j, mode in enumerate(modes):
         xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(cases))]
         got = [by.get((mode, *c)) for c in cases]
         bottom = [0.0] * len(cases)
-        for phase in ("prefill", "decode", "embed"):
-            vals = [r[f"{phase}_p50_ms"] if r else 0.0 for r in got]
+        for phase in ("prefill", "decode", "embed", "e2e"):   # e2e: a row whose phases are not split (auto)
+            vals = [(r[f"{phase}_p50_ms"] or 0.0) if r and (phase == "e2e") == (r["prefill_p50_ms"] is None)
+                    else 0.0 for r in got]
             ax_t.bar(xs, vals, width, bottom=bottom, color=colors[phase], hatch=hatches.get(mode, ""),
                      edgecolor="black", linewidth=0.4, label=phase if j == 0 else None)
             bottom = [b + v for b, v in zip(bottom, vals)]
@@ -306,7 +354,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax_t.set_ylabel("p50 latency, ms (stacked phases)")
     ax_t.set_title(f"{r0['backbone_name']}, {r0['device_name']}, {r0['dtype']}", fontsize=9)
     ax_t.legend(handles=handles, fontsize=7, ncol=2)
-    ax_t.set_ylim(0, 1.3 * max(r["prefill_p50_ms"] + r["decode_p50_ms"] + r["embed_p50_ms"] for r in rows))
+    ax_t.set_ylim(0, 1.3 * max(r["e2e_p50_ms"] for r in rows))
     ax_m.set_ylabel("peak memory above baseline, MB")
     ax_m.set_xticks(range(len(cases)))
     ax_m.set_xticklabels([f"B{b} Q{q} T{t}" for b, q, t in cases], rotation=45, ha="right", fontsize=8)
@@ -329,7 +377,11 @@ def parse_args(argv):
     p.add_argument("--batch-sizes", type=_ints, default=GRID["batch_sizes"], help="e.g. 1,8")
     p.add_argument("--repeats", type=int, default=5,
                    help="timed runs per case after one warm-up (p50/p90 over them; 3 is noisy on a shared machine)")
-    p.add_argument("--modes", default=",".join(MODES), help="comma list of activated, top_k, two_model")
+    p.add_argument("--modes", default=None, help="comma list of activated, top_k, two_model, auto "
+                   "(default: the first three, and auto with --think-rate)")
+    p.add_argument("--think-rate", type=float, default=None,
+                   help="also bench unified activated under the think gate with this fraction of queries "
+                        "thinking (the `auto` mode), e.g. the gate's measured compute-point rate")
     p.add_argument("--embed-layers", type=int, default=None, help="K for top_k (default L // 4)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
@@ -352,7 +404,12 @@ def parse_args(argv):
         for name, value in QUICK.items():
             if f"--{name.replace('_', '-')}" not in given:
                 setattr(args, name, value)
-    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.think_rate is not None and not 0.0 <= args.think_rate <= 1.0:
+        p.error(f"--think-rate is a fraction of queries in [0, 1], got {args.think_rate}")
+    default = MODES if args.think_rate is not None else MODES[:3]
+    args.modes = [m.strip() for m in (args.modes or ",".join(default)).split(",") if m.strip()]
+    if "auto" in args.modes and args.think_rate is None:
+        p.error("mode auto needs --think-rate R (the fraction of queries that think)")
     bad = sorted(set(args.modes) - set(MODES))
     if bad:
         p.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
