@@ -84,3 +84,23 @@ def test_a_running_phase_shows_its_eta():
     bar.done = 4
     assert bar.line().endswith("think: 4/10 steps, 0:20 elapsed, ETA 0:30")
     assert "ETA" not in bar.line(final=True)
+
+
+def test_a_module_that_draws_plain_tqdm_bars_draws_none_inside_the_block(capfd, monkeypatch):
+    import sys
+    import types
+
+    from tqdm.auto import tqdm
+
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    module = types.ModuleType("bars_of_a_library")
+    module.tqdm = tqdm
+    exec("def work():\n    return sum(1 for _ in tqdm(range(50), desc='Converting and de-quantizing GGUF'))",
+         module.__dict__)
+    monkeypatch.setitem(sys.modules, "bars_of_a_library", module)
+    with console.module_bars_hidden("bars_of_a_library"):
+        assert module.work() == 50
+    assert third_party_lines(capfd.readouterr().err) == []
+    assert module.tqdm is tqdm                           # put back after the block
+    module.work()
+    assert third_party_lines(capfd.readouterr().err)     # and it draws again

@@ -104,6 +104,28 @@ def quiet_stdout():
         raise
 
 
+@contextlib.contextmanager
+def module_bars_hidden(module: str):
+    """Within the block, a module that draws plain tqdm bars (`from tqdm.auto import tqdm` at its
+    top) draws none, unless verbose: its `tqdm` name is bound to a disabled tqdm meanwhile."""
+    import functools
+    import importlib
+
+    if verbose_enabled():
+        yield
+        return
+    target = importlib.import_module(module)
+    original = getattr(target, "tqdm", None)
+    if original is None:
+        yield
+        return
+    target.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        target.tqdm = original
+
+
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)

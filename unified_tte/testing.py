@@ -11,7 +11,7 @@ import re
 import torch
 
 # Hugging Face's and DeepSpeed's progress bars and info lines, as they appear in a log.
-THIRD_PARTY_OUTPUT = re.compile(r"Loading weights|Writing model shards|it/s\]|s/it\]|built successfully|\[INFO\]")
+THIRD_PARTY_OUTPUT = re.compile(r"Loading weights|Writing model shards|de-quantizing GGUF|it/s\]|s/it\]|built successfully|\[INFO\]")
 
 
 def third_party_lines(text: str) -> list[str]:

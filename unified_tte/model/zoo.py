@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .. import console
 from ..errors import MissingExtra
 from .backbones import Backbone, attention_implementation, check_folder, set_attention
 from .backbones import load as load_folder
@@ -312,9 +313,11 @@ def smollm2_135m() -> Backbone:
     folder = smollm2_folder()
     if importlib.util.find_spec("gguf") is None:
         raise MissingExtra("gguf", "gguf", "the smollm2 backbone (reading its GGUF weights)")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, attn_implementation="sdpa")
+    # transformers' GGUF reader draws its own tqdm bar, which its logging switch does not reach.
+    with console.module_bars_hidden("transformers.modeling_gguf_pytorch_utils"):
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+        tokenizer.padding_side = "left"
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, attn_implementation="sdpa")
     return Backbone(model.eval(), tokenizer, None, "SmolLM2-135M-Instruct")
 
 
