@@ -97,6 +97,25 @@ def test_each_distinct_candidate_is_embedded_once_per_task(digits_tasks):
     assert len(model.embedded) == 30 + 10                  # queries + the ten number texts
 
 
+def test_given_traces_replace_decoding_and_a_memo_embeds_candidates_once_across_evaluations(digits_tasks):
+    from unified_tte.eval.cache import MemoryCache
+
+    model, memo = DigitsOracle(), MemoryCache()
+    own = evaluate_model(model, digits_tasks, progress=False, candidate_memo=memo, keep_traces=True)
+    traces = {rid: t for m in own["tasks"].values() for rid, t in m.pop("traces").items()}
+    assert len(traces) == 5 * 30 and model.thought == 5 * 30
+    embedded = len(model.embedded)
+    given = evaluate_model(model, digits_tasks, progress=False, candidate_memo=memo, traces=traces)
+    assert model.thought == 5 * 30                         # nothing decoded: the traces were given
+    assert len(model.embedded) - embedded == 5 * 30        # only the queries: candidates came from the memo
+    for name, m in given["tasks"].items():
+        assert m["hit@1"] == own["tasks"][name]["hit@1"] == 1.0 and "traces" not in m
+    wrong = {rid: "<think>no</think> zero" for rid in traces}
+    assert evaluate_model(model, digits_tasks, progress=False, traces=wrong)["overall"]["hit@1"] < 0.5
+    with pytest.raises(DataError, match="no given trace for 30 queries"):
+        evaluate_model(model, digits_tasks[:1], progress=False, traces={})
+
+
 def test_candidate_key_dedupes_equal_pixels_and_paths_not_objects(tmp_path):
     a, b = Image.new("RGB", (4, 4), "red"), Image.new("RGB", (4, 4), "red")
     c = Image.new("RGB", (4, 4), "blue")
