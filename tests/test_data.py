@@ -174,13 +174,15 @@ def test_validate_eval_task_checks_tasks_built_in_code():
 
 # ----------------------------------------------------------------------------- traces
 
-def test_load_traces_keeps_first_of_an_id_and_can_drop_invalid(tmp_path):
-    path = _write_jsonl(tmp_path / "tr.jsonl", [
-        {"id": "a", "trace": "<think>x</think> one", "valid": True},
-        {"id": "b", "trace": "rambling", "valid": False},
-        {"id": "a", "trace": "<think>y</think> two", "valid": True}])
+def test_load_traces_refuses_a_repeated_id_and_can_drop_invalid(tmp_path):
+    rows = [{"id": "a", "trace": "<think>x</think> one", "valid": True},
+            {"id": "b", "trace": "rambling", "valid": False}]
+    path = _write_jsonl(tmp_path / "tr.jsonl", rows)
     assert load_traces(path) == {"a": "<think>x</think> one", "b": "rambling"}
     assert load_traces(path, valid_only=True) == {"a": "<think>x</think> one"}
+    twice = _write_jsonl(tmp_path / "twice.jsonl", rows + [{"id": "a", "trace": "<think>y</think> two"}])
+    with pytest.raises(DataError, match=r"twice\.jsonl line 3: id 'a' is given twice \(first at .*twice\.jsonl line 1\)"):
+        load_traces(twice)   # which of the two would train is unknown
 
 
 def test_load_traces_malformed_line_names_file_and_line(tmp_path):

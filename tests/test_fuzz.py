@@ -230,16 +230,23 @@ def test_bad_input_is_one_named_line_exit_2_and_touches_no_input(name, tmp_path,
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     argv, words = CASES[name](inputs)
+    assert_one_error_line(name, argv, words, 2, inputs, capsys)
+
+
+def assert_one_error_line(name, argv, words, expected_code, inputs, capsys) -> str:
+    """Run `tte argv`: exit `expected_code`, no traceback, the last stderr line is the command's
+    error naming `words`, and nothing under `inputs` changed. Returns that line."""
     capsys.readouterr()
     before = snapshot(inputs)
     code = main(argv)
     err = capsys.readouterr().err
-    assert code == 2, f"{name}: exit {code}\n{err[-2000:]}"
+    assert code == expected_code, f"{name}: exit {code}\n{err[-2000:]}"
     assert "Traceback" not in err, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"tte {argv[0]}: error: "), last
     assert all(w in last for w in words), f"{name}: {last!r} should name {words}"
     assert snapshot(inputs) == before, f"{name}: an input file changed"
+    return last
 
 
 def test_the_table_is_large_and_covers_every_command():

@@ -95,7 +95,9 @@ def test_writes_one_row_per_id_in_batches_with_the_task_prompt(tmp_path):
     r = FakeReasoner()
     stats = generate_traces(r, _rows(10), out, batch_size=4, progress=False)
     assert r.calls == 3
-    assert _lines(out)[0] == {"id": "r0", "trace": "<think>About q0.</think> q0", "valid": True}
+    assert _lines(out)[0] == {"id": "r0", "trace": "<think>About q0.</think> q0", "valid": True,
+                              "gen": {"model": None, "max_new_tokens": 128, "do_sample": False, "prompt": "ecr",
+                                      "task_type": None, "pixels": [None, None]}}
     assert _ids(out) == [f"r{i}" for i in range(10)]
     assert r.seen[0] == "q0\n\n" + ECR_PROMPTS["classification"]
     assert (stats.written, stats.skipped_existing, stats.invalid, stats.total) == (10, 0, 0, 10)
@@ -170,7 +172,8 @@ def test_duplicate_ids_are_never_added(tmp_path):
     out = tmp_path / "t.jsonl"
     out.write_text('{"id": "r0", "trace": "x"}\n{"id": "r0", "trace": "x"}\n')
     rows = _rows(3) + _rows(3)                                 # the dataset repeats ids too
-    stats = generate_traces(FakeReasoner(), rows, out, progress=False)
+    with pytest.warns(UserWarning, match="2 row.s. record no generation settings"):   # rows of an older file
+        stats = generate_traces(FakeReasoner(), rows, out, progress=False)
     assert stats.duplicate_ids_in_file == 1 and stats.total == 3 and stats.written == 2
     assert _ids(out) == ["r0", "r0", "r1", "r2"]               # the old duplicate is left alone
 

@@ -48,9 +48,13 @@ def _builder(name: str):
 def build_builtin(name: str, **options):
     """A built-in task by name (see BUILTIN_TASKS)."""
     builder = _builder(name)
+    unknown = sorted(set(options) - set(builder_options(name)))
+    if unknown:
+        raise DataError(f"built-in task {name!r}: unknown option(s) {unknown} (from --task-option, a recipe's "
+                        f"data.options or a registry entry); known: {sorted(builder_options(name))}.")
     try:
         return builder(**options)
-    except TypeError as e:  # an option the builder does not take
+    except TypeError as e:  # an option of the wrong type
         raise DataError(f"built-in task {name!r}: {e}") from None
 
 
@@ -151,6 +155,10 @@ def load_registry(yaml_path: str | os.PathLike, data_root: str | os.PathLike | N
             raise DataError(f"{where}: the entry must be a mapping with 'path' (or 'builtin').")
         if entry.get("builtin"):
             options = {k: v for k, v in entry.items() if k not in _SPEC_KEYS}
+            unknown = sorted(set(options) - set(builder_options(str(entry["builtin"]))))
+            if unknown:
+                raise DataError(f"{where}: unknown option(s) {unknown} of the built-in task {entry['builtin']!r}; "
+                                f"known: {sorted(builder_options(str(entry['builtin'])))}.")
             specs[str(name)] = TaskSpec(name=str(name), builtin=str(entry["builtin"]),
                                         group=str(entry.get("group", "mixed")), options=options)
             continue

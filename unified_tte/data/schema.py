@@ -8,9 +8,15 @@ task names to loaders.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..model.inputs import TTEInput
+
+
+def _sourced(item, source: str):
+    """`item` named by its row (a copy: loaders may share one TTEInput between rows)."""
+    return item if not isinstance(item, TTEInput) or item.source else replace(item, source=source)
+
 
 @dataclass
 class TrainRow:
@@ -22,6 +28,11 @@ class TrainRow:
     task: str = ""
     trace: str | None = None          # ECR trace for `qry`, when one is attached
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):   # warnings about an input name its row, not only its batch index
+        self.qry = _sourced(self.qry, f"row {self.id} query")
+        self.pos = _sourced(self.pos, f"row {self.id} positive")
+        self.neg = _sourced(self.neg, f"row {self.id} negative")
 
 
 @dataclass
@@ -35,6 +46,9 @@ class EvalRow:
     positive: int = 0
     meta: dict = field(default_factory=dict)
     relevance: dict[str, float] | None = None
+
+    def __post_init__(self):
+        self.query = _sourced(self.query, f"row {self.id} query")
 
 
 @dataclass

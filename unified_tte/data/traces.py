@@ -28,6 +28,13 @@ leave a truncated last line; the next run cuts that one partial line (its row is
 again) and keeps every complete row before it. A malformed line elsewhere is an error naming
 the file and line, never silently dropped.
 
+Settings: every row records what it was generated under (`"gen"`: the reasoner's weight hash,
+max_new_tokens, greedy decoding, the prompt, the image size range; generation_settings), and a
+resume whose settings differ from a row's is refused naming the line and both values
+(`--force-mix` appends anyway). One process writes a file at a time: `OUT.lock` (locks.py)
+refuses a second one at once. A trace file read for training holds each id once; a repeated id
+is an error naming both lines.
+
 Every trace is checked for the ECR shape `<think>reasoning</think> short answer`. Traces that
 fail are kept (so a resumed run does not retry them forever) but flagged `"valid": false` and
 counted in the report; `load_traces(path, valid_only=True)` leaves them out, e.g. for SFT.
@@ -35,7 +42,9 @@ counted in the report; `load_traces(path, valid_only=True)` leaves them out, e.g
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -47,7 +56,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import DataError, command, positive_int
+from ..errors import DataError, command, positive_int, write_failed
+from ..locks import lock_file
 from ..model import UnifiedTTE, zoo
 from ..model.checkpoint import CONFIG_FILE
 from ..model.inputs import TTEInput
@@ -119,20 +129,10 @@ def check_ecr_shape(trace: str, max_answer_words: int = 16) -> bool:
 # ----------------------------------------------------------------------------- trace files
 
 def load_traces(path: str | os.PathLike, valid_only: bool = False) -> dict[str, str]:
-    """`{id: trace}` from a traces JSONL file. The first row of an id wins. With `valid_only`,
-    rows flagged `"valid": false` (not in the `<think>...</think> answer` shape) are left out."""
-    path = Path(path)
-    out: dict[str, str] = {}
-    for where, _, rec in iter_records(path):
-        if "id" not in rec or "trace" not in rec:
-            raise DataError(f"{where}: a trace row needs 'id' and 'trace' fields, got "
-                            f"{sorted(rec)}.")
-        if not isinstance(rec["trace"], str):
-            raise DataError(f"{where}: field 'trace' must be a string.")
-        if valid_only and rec.get("valid") is False:
-            continue
-        out.setdefault(str(rec["id"]), rec["trace"])
-    return out
+    """`{id: trace}` from a traces JSONL file (an id given twice is refused, see
+    load_trace_records). With `valid_only`, rows flagged `"valid": false` (not in the
+    `<think>...</think> answer` shape) are left out."""
+    return {rid: rec.trace for rid, rec in load_trace_records(path).items() if rec.valid or not valid_only}
 
 
 @dataclass
@@ -145,15 +145,20 @@ class TraceRecord:
 
 
 def load_trace_records(path: str | os.PathLike) -> dict[str, TraceRecord]:
-    """`{id: TraceRecord}` from a traces JSONL file (the first row of an id wins)."""
+    """`{id: TraceRecord}` from a traces JSONL file. An id given twice is a DataError naming both
+    rows: which of the two traces would train is then anyone's guess (`tte traces` never writes
+    an id twice; a file joined by hand can)."""
     out: dict[str, TraceRecord] = {}
     for where, _, rec in iter_records(Path(path)):
         if "id" not in rec or "trace" not in rec:
             raise DataError(f"{where}: a trace row needs 'id' and 'trace' fields, got {sorted(rec)}.")
         if not isinstance(rec["trace"], str):
             raise DataError(f"{where}: field 'trace' must be a string.")
-        out.setdefault(str(rec["id"]), TraceRecord(rec["trace"], rec.get("valid") is not False,
-                                                   rec.get("fp"), where))
+        rid = str(rec["id"])
+        if rid in out:
+            raise DataError(f"{where}: id {rid!r} is given twice (first at {out[rid].where}); a trace file holds "
+                            "one trace per id. Remove one of the two rows.")
+        out[rid] = TraceRecord(rec["trace"], rec.get("valid") is not False, rec.get("fp"), where)
     return out
 
 
@@ -164,6 +169,9 @@ def join_traces(rows: Sequence[TrainRow], paths: Sequence[str | os.PathLike],
     row id, or when a trace's recorded fingerprint differs from its row's. `missing` as in
     attach_traces; `valid_only` leaves out traces flagged valid=false."""
     by_id = {r.id: r for r in rows}
+    if not by_id and paths:
+        raise DataError(f"the train data has no rows (an empty file?), so there is nothing to join the traces "
+                        f"of {paths[0]} to; give the data its rows, or check data.train.")
     traces: dict[str, str] = {}
     for path in paths:
         records = load_trace_records(path)
@@ -252,14 +260,62 @@ class TraceStats:
     invalid: int = 0           # new rows not in the ECR shape (written with valid=false)
     duplicate_ids_in_file: int = 0   # repeated ids found in the existing file (left as they are)
     repaired_tail: bool = False      # a truncated last line was cut
+    unrecorded_settings: int = 0     # rows of the existing file without a "gen" record (older files)
+
+
+# Every row records the settings it was generated under (generation_settings) in this field.
+SETTINGS_KEY = "gen"
+
+
+def reasoner_hash(reasoner) -> str | None:
+    """A short hash of what decides a UnifiedTTE's traces: base weights (with the invocation rows),
+    the think adapter's weights and the prompt settings; None for another reasoner."""
+    peft_model = getattr(reasoner, "peft_model", None)
+    if peft_model is None:
+        return None
+    from ..model.backbones import weight_hash
+
+    h = hashlib.sha256(weight_hash(peft_model).encode())
+    for adapter in reasoner.think_adapters:
+        for name, p in sorted(reasoner.adapter_params(adapter).items()):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    c = reasoner.config
+    h.update(repr((c.think, c.prompt_format, c.system_prompt, c.max_length)).encode())
+    return h.hexdigest()[:16]
+
+
+def generation_settings(reasoner, max_new_tokens: int, use_prompt: bool, task_type: str | None) -> dict:
+    """What decides a trace besides its query, as every row records it (SETTINGS_KEY): the
+    reasoner (reasoner_hash), the token budget, greedy decoding, the prompt and the image size
+    range. A resume under other settings is refused (`tte traces --force-mix` allows it)."""
+    encoder = getattr(reasoner, "encoder", None)
+    return {"model": reasoner_hash(reasoner), "max_new_tokens": max_new_tokens, "do_sample": False,
+            "prompt": "ecr" if use_prompt else "none", "task_type": task_type,
+            "pixels": [getattr(encoder, "min_pixels", None), getattr(encoder, "max_pixels", None)]}
+
+
+def _check_settings(where: str, recorded, wanted: dict, stats: TraceStats) -> None:
+    if recorded is None:
+        stats.unrecorded_settings += 1
+        return
+    if recorded == wanted:
+        return
+    keys = [k for k in wanted if not isinstance(recorded, dict) or recorded.get(k) != wanted[k]]
+    was = ", ".join(f"{k}={recorded.get(k)!r}" for k in keys) if isinstance(recorded, dict) else repr(recorded)
+    now = ", ".join(f"{k}={wanted[k]!r}" for k in keys)
+    raise DataError(f"{where}: written with other generation settings ({was}) than this run's ({now}); the "
+                    "file is left as it is. Resume with the settings it was written with, write to another "
+                    "--out, or pass --force-mix to add rows of these settings to it knowingly.")
 
 
 # Every row this module writes starts so (json.dumps of a dict whose first key is "id").
 _ROW_PREFIX = b'{"id": '
 
 
-def _prepare_output(path: Path, stats: TraceStats) -> set[str]:
-    """Ids already written to `path`, after repairing a line a crash cut short.
+def _prepare_output(path: Path, stats: TraceStats, settings: dict | None = None) -> set[str]:
+    """Ids already written to `path`, after repairing a line a crash cut short; with `settings`,
+    after checking that every row was written under them (see generation_settings).
 
     The file is touched only once it is proven to be this command's own output: every complete
     line must be a trace row, and an unterminated last line must start as the rows this module
@@ -294,6 +350,8 @@ def _prepare_output(path: Path, stats: TraceStats) -> set[str]:
         if rid in ids:
             stats.duplicate_ids_in_file += 1
         ids.add(rid)
+        if settings is not None:
+            _check_settings(f"{path} line {line_no}", rec.get(SETTINGS_KEY), settings, stats)
     if tail:
         try:
             rec = json.loads(tail.decode("utf-8"))
@@ -313,6 +371,9 @@ def _prepare_output(path: Path, stats: TraceStats) -> set[str]:
         else:
             raise DataError(f"{path} line {text.count(chr(10)) + 1}: not a trace row and not a cut one; the "
                             "file is left as it is. Is --out pointing at the right file (not the data)?")
+    if stats.unrecorded_settings and settings is not None:
+        warnings.warn(f"{path}: {stats.unrecorded_settings} row(s) record no generation settings (written "
+                      "before `tte traces` recorded them); they are kept, unchecked against this run's.")
     return ids
 
 
@@ -335,8 +396,9 @@ def _parts(out_path: Path) -> list[Path]:
 def generate_traces(reasoner, rows: Sequence[TrainRow | EvalRow], out_path: str | os.PathLike,
                     batch_size: int = 8, max_new_tokens: int = 128, limit: int | None = None,
                     use_prompt: bool = True, task_type: str | None = None,
-                    progress: bool = True, ranks: Ranks | None = None) -> TraceStats:
-    """Append ECR traces for `rows` to the JSONL file `out_path`, skipping ids already there.
+                    progress: bool = True, ranks: Ranks | None = None, force_mix: bool = False) -> TraceStats:
+    """Append ECR traces for `rows` to the JSONL file `out_path`, skipping ids already there,
+    holding its lock (`out_path`.lock, locks.py) while it writes.
 
     Args:
         reasoner: has `think(inputs: list[TTEInput], max_new_tokens=, do_sample=False)`
@@ -349,17 +411,28 @@ def generate_traces(reasoner, rows: Sequence[TrainRow | EvalRow], out_path: str 
         task_type: overrides the task type of every row (picks the prompt).
         ranks: the ranks of a torchrun launch (see the module docstring); every rank calls this
             with the same rows.
+        force_mix: append to a file written under other generation settings (generation_settings;
+            refused otherwise).
     Returns: TraceStats (rank 0's totals over all ranks). Decoding is greedy (deterministic).
     """
+    ranks = ranks or Ranks()
+    with lock_file(out_path, "tte traces") if ranks.main else contextlib.nullcontext():
+        return _generate_traces(reasoner, rows, Path(out_path), batch_size, max_new_tokens, limit, use_prompt,
+                                task_type, progress, ranks, force_mix)
+
+
+def _generate_traces(reasoner, rows, out_path: Path, batch_size: int, max_new_tokens: int, limit: int | None,
+                     use_prompt: bool, task_type: str | None, progress: bool, ranks: Ranks,
+                     force_mix: bool) -> TraceStats:
+    """generate_traces, with the lock on `out_path` held by the caller (rank 0)."""
     from tqdm.auto import tqdm
 
-    ranks = ranks or Ranks()
-    out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    settings = generation_settings(reasoner, max_new_tokens, use_prompt, task_type)
     stats = TraceStats()
-    if ranks.main:       # one writer repairs truncated tails before anyone reads
+    if ranks.main:       # one writer repairs truncated tails (and checks the settings) before anyone reads
         for f in [out_path] + _parts(out_path):
-            _prepare_output(f, stats if f == out_path else TraceStats())
+            _prepare_output(f, stats if f == out_path else TraceStats(), None if force_mix else settings)
     barrier(ranks)
     done = _prepare_output(out_path, TraceStats()) if out_path.exists() else set()
     for f in _parts(out_path):
@@ -381,7 +454,8 @@ def generate_traces(reasoner, rows: Sequence[TrainRow | EvalRow], out_path: str 
     stats.total = len(seen)
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     target = out_path if ranks.world == 1 else _part(out_path, ranks.rank)
-    with open(target, "a", encoding="utf-8") as f, \
+    created = not target.exists()
+    with open(target, "ab", buffering=0) as f, \
             tqdm(total=len(todo), desc="traces", unit="row", dynamic_ncols=True,
                  disable=not (progress and ranks.main)) as bar:
         for b in my_batches(len(batches), ranks):
@@ -400,11 +474,10 @@ def generate_traces(reasoner, rows: Sequence[TrainRow | EvalRow], out_path: str 
                 record = {"id": rid, "trace": text, "valid": valid}
                 if fingerprints.get(rid):
                     record["fp"] = fingerprints[rid]
+                record[SETTINGS_KEY] = settings
                 lines.append(json.dumps(record, ensure_ascii=False) + "\n")
             # One write per batch, then to disk: a crash loses at most the batch in flight.
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
+            _append(f.fileno(), target, "".join(lines).encode("utf-8"), created)
             stats.written += len(batch)
             bar.update(len(batch) * ranks.world)
     if ranks.world > 1:
@@ -415,6 +488,24 @@ def generate_traces(reasoner, rows: Sequence[TrainRow | EvalRow], out_path: str 
             _merge_parts(out_path, [rid for rid, _ in todo])
         barrier(ranks)
     return stats
+
+
+def _append(fd: int, path: Path, data: bytes, created: bool) -> None:
+    """Append one batch's rows and fsync them. A write that fails (a full disk) leaves no part of
+    the batch behind: the file is cut back to where the batch began, and removed when this run
+    created it and it is still empty; the error names the file."""
+    start = os.fstat(fd).st_size
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError as exc:
+        os.ftruncate(fd, start)
+        if created and start == 0:
+            path.unlink(missing_ok=True)
+        raise write_failed(exc, path, "it holds only whole rows. Free space on that disk, then run the same "
+                           "command again: the rows already there are kept and skipped.") from exc
 
 
 def _merge_parts(out_path: Path, order: list[str]) -> None:
@@ -494,6 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an option of the built-in task's builder, e.g. seed=1 (repeatable)")
     p.add_argument("--digits-seed", type=int, default=0, help="seed of the digits split")
     p.add_argument("--image-size", type=int, default=56, help="digits image size in pixels")
+    p.add_argument("--force-mix", action="store_true", help="append to an --out written under other "
+                   "generation settings (model, --max-new-tokens, --prompt, pixels); refused otherwise")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -502,16 +595,16 @@ def build_parser() -> argparse.ArgumentParser:
 def traces_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `tte traces`."""
     args = build_parser().parse_args(argv)
-    rows = _load_rows(args)
     ranks = init_ranks()
-    reasoner = _load_reasoner(args.model)
-    set_pixels(reasoner, args.max_pixels, args.min_pixels)
-    if ranks.device.type == "cuda":
-        reasoner.to(ranks.device)
-    stats = generate_traces(reasoner, rows, args.out, batch_size=args.batch_size,
-                            max_new_tokens=args.max_new_tokens, limit=args.limit,
-                            use_prompt=args.prompt == "ecr", progress=not args.no_progress,
-                            ranks=ranks)
+    # A second `tte traces` onto the same --out is refused here, before any data or model loads.
+    with lock_file(args.out, "tte traces") if ranks.main else contextlib.nullcontext():
+        rows = _load_rows(args)
+        reasoner = _load_reasoner(args.model)
+        set_pixels(reasoner, args.max_pixels, args.min_pixels)
+        if ranks.device.type == "cuda":
+            reasoner.to(ranks.device)
+        stats = _generate_traces(reasoner, rows, Path(args.out), args.batch_size, args.max_new_tokens, args.limit,
+                                 args.prompt == "ecr", None, not args.no_progress, ranks, args.force_mix)
     if not ranks.main:
         return 0
     print(f"{args.out}: wrote {stats.written} trace(s); {stats.skipped_existing} already there; "
@@ -519,7 +612,7 @@ def traces_main(argv: Sequence[str] | None = None) -> int:
           f"(kept, flagged valid=false)"
           + ("; repaired a truncated last line" if stats.repaired_tail else "")
           + (f"; {stats.duplicate_ids_in_file} duplicate id(s) already in the file (left as they "
-             f"are; load_traces keeps the first)" if stats.duplicate_ids_in_file else ""))
+             f"are; training refuses the file until one row of each is removed)" if stats.duplicate_ids_in_file else ""))
     return 0
 
 

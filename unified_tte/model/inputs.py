@@ -49,6 +49,9 @@ class TTEInput:
     images: list = field(default_factory=list)
     videos: list = field(default_factory=list)
     max_pixels: int | None = None
+    source: str | None = field(default=None, compare=False, repr=False)
+    """Where the input came from, e.g. "row ImageNet_1K:17 query" (data.schema sets it); the
+    collator's warnings and errors name it beside the batch index."""
 
     def __post_init__(self):
         # A bare path or image is one image (never iterated as characters); None is no media.
@@ -207,26 +210,33 @@ class PromptEncoder:
             if not isinstance(item, TTEInput):
                 raise InputError(f"input {index}: expected a TTEInput, got {type(item).__name__}; "
                                  "wrap text as TTEInput(text=..., images=[...]).")
+            where = f"input {index}" + (f" ({item.source})" if item.source else "")
+            try:
+                item.text.encode("utf-8")
+            except UnicodeEncodeError as exc:   # the tokenizer would raise a TypeError naming no input
+                raise InputError(f"{where}: its text holds {item.text[exc.start]!r} at character {exc.start}, a lone "
+                                 "surrogate (not valid Unicode: half of an emoji pair, or a JSON '\\ud800' "
+                                 "escape); fix or remove that character.") from None
             (pixel_values, grid, n_img), (video_values, video_grid, n_vid) = self._media(item, index)
             n_media = len(n_img), len(n_vid)
             ids = self._render(item.text, *n_media)
             total = len(ids) + sum(n - 1 for n in n_img + n_vid) + reserve
             if total > self.max_length:
-                ids = self._truncate(item, index, n_media, total - self.max_length, n_img + n_vid, reserve)
+                ids = self._truncate(item, where, n_media, total - self.max_length, n_img + n_vid, reserve)
             ids = self._expand(ids, self.image_token_id, n_img, "image")
             ids = self._expand(ids, self.video_token_id, n_vid, "video")
             out.append(EncodedPrompt(ids, pixel_values, grid, video_values, video_grid))
         return out
 
-    def _truncate(self, item, index, n_media, excess, n_media_tokens, reserve):
+    def _truncate(self, item, where, n_media, excess, n_media_tokens, reserve):
         text_ids = self.tokenizer(item.text, add_special_tokens=False)["input_ids"]
         keep = len(text_ids) - excess
         if keep < 0:
             raise InputError(
-                f"input {index}: images, chat markup and the {reserve} tokens reserved for trace and "
+                f"{where}: images, chat markup and the {reserve} tokens reserved for trace and "
                 f"invocation need {self.max_length - keep} tokens, more than max_length={self.max_length}. "
                 "Use fewer or smaller images (max_pixels), a smaller max_new_tokens, or a larger max_length.")
-        warnings.warn(f"input {index}: prompt exceeds max_length={self.max_length} by {excess} tokens; "
+        warnings.warn(f"{where}: prompt exceeds max_length={self.max_length} by {excess} tokens; "
                       f"the end of its text was cut ({len(text_ids)} -> {keep} text tokens).", stacklevel=3)
         text = self.tokenizer.decode(text_ids[:keep])
         ids = self._render(text, *n_media)

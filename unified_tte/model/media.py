@@ -76,20 +76,23 @@ def to_rgb(im, where: str):
 
 def open_image(image, index: int):
     """An RGB PIL image from a PIL image or a path; InputError naming the input otherwise.
-    The file is decoded here (not lazily later), so a corrupt file is found at once."""
-    from PIL import Image
+    The file is decoded here (not lazily later), so a corrupt file is found at once. An EXIF
+    Orientation tag is applied (`ImageOps.exif_transpose`): the model sees the image as viewers
+    show it (a phone photo stored 80x40 with Orientation=6 goes in as 40x80), as most vision
+    pipelines do."""
+    from PIL import Image, ImageOps
 
     if image is None:
         raise InputError(f"input {index}: an image is None; give a PIL image or a path, or leave it out.")
     if isinstance(image, Image.Image):
-        return to_rgb(image, f"input {index}")
+        return to_rgb(ImageOps.exif_transpose(image), f"input {index}")
     if not isinstance(image, (str, os.PathLike)):
         raise InputError(f"input {index}: an image must be a PIL image or a path, got {type(image).__name__}.")
     path = Path(image)
     try:
         with Image.open(path) as im:
             im.load()
-            return to_rgb(im, f"input {index}: image '{path}'")
+            return to_rgb(ImageOps.exif_transpose(im), f"input {index}: image '{path}'")
     except Image.DecompressionBombError as exc:
         raise InputError(f"input {index}: image '{path}' is too large to decode safely ({exc}); downscale "
                          "it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file.") from exc

@@ -12,7 +12,9 @@ their memory, and runs a self-test on the device it finds:
   shadows an installed distribution's top-level module: Python puts that folder first on
   sys.path under `python -m ...` and in child processes started there, so a regular package
   of the same name (say a `kernels/` holding an __init__.py) would be imported instead of the
-  installed one (Hugging Face's `kernels`, which transformers imports).
+  installed one (Hugging Face's `kernels`, which transformers imports);
+- next, the kernels' environment settings (TTE_KERNEL_BACKEND and the chunk sizes), named before
+  any self-test runs.
 
 It ends with one verdict line and exits 0 when every check passed, 1 when one failed (its name is
 in the verdict), 2 on bad arguments.
@@ -180,6 +182,21 @@ def shadow_check(roots: list[Path] | None = None) -> Check:
         return "no top-level module of " + ", ".join(str(r) for r in (roots or checkout_roots())) + \
             " shadows an installed package"
     return _timed("install: no shadowed third-party import", run)
+
+
+def environment_check(device: str) -> Check:
+    """The kernels' TTE_* environment settings on `device`, before the kernel self-tests (which
+    pass their backend explicitly, so a bad setting would otherwise first fail the forward check)."""
+    def run():
+        from ..errors import SettingError
+        from ..model.environment import check_kernel_environment
+
+        try:
+            backend = check_kernel_environment(device)
+        except SettingError as exc:
+            raise AssertionError(str(exc)) from None
+        return f"the kernels run their {backend} backend here"
+    return _timed("environment: TTE_KERNEL_BACKEND, TTE_INFONCE_CHUNK, TTE_POOL_CHUNK", run)
 
 
 def _timed(name: str, fn) -> Check:
@@ -356,7 +373,7 @@ def run(device: str) -> tuple[dict, str, int]:
     """Everything `tte doctor` does; returns (report dict, rendered text, exit code)."""
     shadow = shadow_check()   # first: a shadowed import breaks what follows in confusing ways
     vers, devs = versions(), devices()
-    checks = [shadow] + kernel_checks(device) + forward_checks(device)
+    checks = [shadow, environment_check(device)] + kernel_checks(device) + forward_checks(device)
     found = notes(vers, devs, device)
     text = render(vers, devs, device, checks, found)
     code = RUN_FAILED if any(not c.ok for c in checks) else 0
