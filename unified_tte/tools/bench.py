@@ -63,6 +63,7 @@ from tte_kernels.measure import (PeakMemory, Worker, current_memory_mb, default_
 
 from ..errors import RunError, command, require
 from ..model.zoo import check_spec
+from .report import command_line, provenance
 from .decode_speed import (add_decode_speed, copy_bandwidth_gb_s, decode_note, decode_weight_bytes, generate_decode_ms,
                            generate_times_ms)
 
@@ -450,6 +451,9 @@ def bench_main(argv: list[str] | None = None) -> int:
             f.write(json.dumps(r) + "\n")
     table = markdown_table(rows)
     (out / "table.md").write_text(table)
+    (out / "provenance.json").write_text(json.dumps(provenance(
+        command_line("tte bench", argv if argv is not None else sys.argv[1:]),
+        rows[0]["device_name"] if rows else machine_name(args.device), args.threads), indent=2) + "\n")
     plot(rows, out / "bench.png")
     print(table)
     print(f"wrote {out / 'results.jsonl'}, {out / 'table.md'}, {out / 'bench.png'}")

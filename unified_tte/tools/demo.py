@@ -49,6 +49,7 @@ import torch
 
 from .. import console
 from ..errors import InputError, RunError, command
+from .report import command_line, provenance
 
 SYSTEMS = ("no-think embedder", "two-model TTE", "unified TTE (activated)", "unified TTE (top_k)")
 TTE_SYSTEMS = SYSTEMS[1:]
@@ -671,7 +672,11 @@ def run_demo(args, settings: DemoSettings, out: Path, checkpoint: Path, argv) ->
                "examples": results["examples"], "claims": items, "export": export,
                "export_round_trip_max_diff": export["round_trip_max_diff"],
                "elapsed_s": elapsed, "machine": machine, "threads": args.threads,
-               "command": "tte demo " + " ".join(argv or [])}
+               "command": "tte demo " + " ".join(argv or []),
+               "provenance": provenance(command_line("tte demo", argv or []), machine, args.threads),
+               "headline_md": f"Hit@1 (%) on {what}, traces written by the reasoner\n\n"
+                              + hit_table(results["model traces"], tasks, results["answers right"]),
+               "tables_md": tables, "bench_md": bench_table}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     (out / "summary.md").write_text(f"# tte demo --backbone {settings.backbone} ({machine}, {args.threads} "
                                     f"threads, {elapsed / 60:.1f} min)\n\n{tables}\n{bench_table}\n")
