@@ -225,12 +225,18 @@ def snapshot(folder: Path) -> dict:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input_is_one_named_line_exit_2_and_touches_no_input(name, tmp_path, capsys, monkeypatch):
+    inputs = fresh_inputs(tmp_path, monkeypatch)
+    argv, words = CASES[name](inputs)
+    assert_one_error_line(name, argv, words, 2, inputs, capsys)
+
+
+def fresh_inputs(tmp_path, monkeypatch) -> Path:
+    """An empty inputs/ folder for a row; commands run from the repository root, without --debug."""
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("TTE_DEBUG", "0")
     inputs = tmp_path / "inputs"
     inputs.mkdir()
-    argv, words = CASES[name](inputs)
-    assert_one_error_line(name, argv, words, 2, inputs, capsys)
+    return inputs
 
 
 def assert_one_error_line(name, argv, words, expected_code, inputs, capsys) -> str:

@@ -28,7 +28,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from test_fuzz import REPO, assert_one_error_line, checkpoint, jsonl, recipe, run_dir, snapshot, train_rows, write
+from test_fuzz import (REPO, assert_one_error_line, checkpoint, fresh_inputs, jsonl, recipe, run_dir, snapshot, train_rows,
+                       write)
 from unified_tte.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -294,10 +295,7 @@ GUARD_CASES = {
 
 @pytest.mark.parametrize("name", sorted(GUARD_CASES))
 def test_guarded_input_is_one_named_line_with_its_exit_code(name, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(REPO)
-    monkeypatch.setenv("TTE_DEBUG", "0")
-    inputs = tmp_path / "inputs"
-    inputs.mkdir()
+    inputs = fresh_inputs(tmp_path, monkeypatch)
     case = GUARD_CASES[name](inputs, monkeypatch)
     for key, value in case.env.items():
         monkeypatch.setenv(key, value)
@@ -438,23 +436,19 @@ def test_resume_refuses_new_steps_for_a_finished_stage(tmp_path):
 
 
 def test_a_fresh_start_after_a_failed_run_logs_one_run(tmp_path, monkeypatch):
+    import itertools
+
     from unified_tte import train as T
     from unified_tte.model import UnifiedTTE
 
-    calls = {"n": 0}
-    sft_loss = UnifiedTTE.sft_loss
-
-    def poisoned(self, *args, **kwargs):
-        calls["n"] += 1
-        loss = sft_loss(self, *args, **kwargs)
-        return loss * float("inf") if calls["n"] == 3 else loss   # step 2: no good checkpoint yet
-
+    real, micro_batches = UnifiedTTE.sft_loss, itertools.count(1)
+    infinite_at_step_2 = lambda self, *a, **k: real(self, *a, **k) * (float("inf") if next(micro_batches) == 3 else 1)  # noqa: E731
     run = tmp_path / "run"
-    monkeypatch.setattr(UnifiedTTE, "sft_loss", poisoned)
-    with pytest.raises(T.NonFiniteLoss, match="no good checkpoint"):
-        T.train(tiny_run(run, stages=["think"], checkpoint_every=0))
+    with monkeypatch.context() as patched:
+        patched.setattr(UnifiedTTE, "sft_loss", infinite_at_step_2)   # no good checkpoint yet at step 2
+        with pytest.raises(T.NonFiniteLoss, match="no good checkpoint"):
+            T.train(tiny_run(run, stages=["think"], checkpoint_every=0))
     assert steps_logged(run) == [1] and not T.checkpoints(run)
-    monkeypatch.setattr(UnifiedTTE, "sft_loss", sft_loss)
     T.train(tiny_run(run, stages=["think"], checkpoint_every=0))
     assert steps_logged(run) == [1, 2, 3]   # one run: step 1 once
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl.1").read_text().splitlines()] == [1]
