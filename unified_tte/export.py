@@ -13,7 +13,12 @@ The folder layout, what loading verifies and what the manifest does not guarante
 every changed linear weight (plain Hugging Face parameter names, in the export dtype), `think/`
 is not written, the saved config says think="none" (the merged base is the reasoner) and
 `merged_weight_hash` pins the base after the merged weights are loaded into it (in the base
-dtype). Loading still needs the original base (its hash is checked first).
+dtype). Loading still needs the original base (its hash is checked first). In activated mode the
+merged export's `embed/adapter_config.json` declares an activated LoRA (`alora_invocation_tokens`
+= the invocation ids, task_type CAUSAL_LM), so plain PEFT serves it: `prepare_base`, then
+`PeftModel.from_pretrained(base.model, NAME/embed)`, one forward over prompt + trace + end-of-turn +
+invocation, the last hidden state (after the final norm) L2-normalised is the embedding
+(tests/test_alora_export.py).
 """
 from __future__ import annotations
 
@@ -46,7 +51,11 @@ def load_checkpoint(path: str | Path, backbone: Backbone | None = None, dtype: t
     return UnifiedTTE.from_checkpoint(path, backbone=backbone, dtype=dtype, device=device)
 
 
-def _write_adapter(tte: UnifiedTTE, adapter: str, folder: Path, dtype: torch.dtype, base_ref: str) -> None:
+def _write_adapter(tte: UnifiedTTE, adapter: str, folder: Path, dtype: torch.dtype, base_ref: str,
+                   alora_invocation_tokens: list[int] | None = None) -> None:
+    """One adapter in PEFT's layout. With `alora_invocation_tokens` its config declares an
+    activated LoRA: PEFT then applies it from the last occurrence of those ids on, and only in
+    its causal-LM model's forward (which computes the offsets), hence task_type CAUSAL_LM."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
@@ -56,6 +65,9 @@ def _write_adapter(tte: UnifiedTTE, adapter: str, folder: Path, dtype: torch.dty
     cfg = copy.deepcopy(adapters.adapter_config(tte.peft_model, adapter))
     cfg.base_model_name_or_path = base_ref
     cfg.inference_mode = True
+    if alora_invocation_tokens is not None:
+        cfg.alora_invocation_tokens = list(alora_invocation_tokens)
+        cfg.task_type = "CAUSAL_LM"
     cfg.save_pretrained(str(folder))
 
 
@@ -223,7 +235,10 @@ def export_model(tte: UnifiedTTE, out_dir: str | Path, dtype: str = "fp32", merg
         else:
             for adapter in tte.think_adapters:
                 _write_adapter(tte, adapter, tmp / adapter, store, base_ref)
-        _write_adapter(tte, "embed", tmp / "embed", store, base_ref)
+        # Activated mode on a merged-think base is exactly PEFT's activated LoRA (aLoRA): say so in
+        # embed/'s config, and plain PEFT (or an engine that serves aLoRA) reproduces the embedding.
+        alora = list(tte.invocation_ids) if merge_think and tte.config.mode == "activated" else None
+        _write_adapter(tte, "embed", tmp / "embed", store, base_ref, alora_invocation_tokens=alora)
         info["adapters"] = sorted(p.name for p in tmp.iterdir() if (p / ADAPTER_WEIGHTS).is_file())
         if tte.gate is not None:
             _write_gate(tte, tmp / "gate", store, info, config)
