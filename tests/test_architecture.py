@@ -16,6 +16,7 @@ LAYERS = {
     "unified_tte.errors": 1,
     "unified_tte.model": 2,
     "unified_tte.locks": 2,
+    "unified_tte.distributed": 2,
     "unified_tte.data": 3,
     "unified_tte.train": 4,
     "unified_tte.eval": 4,

@@ -8,8 +8,9 @@ import types
 import pytest
 import torch
 
+from unified_tte import distributed
 from unified_tte.model import backbones
-from unified_tte.train import distributed, loop, rng, run_log
+from unified_tte.train import engine, loop, rng, run_log
 from unified_tte.train.recipe import recipe_from_dict
 
 
@@ -48,7 +49,7 @@ def test_precision_auto_is_bf16_on_cuda_and_fp32_on_cpu():
 def test_init_distributed_picks_nccl_and_the_local_gpu(fake_cuda):
     calls = {}
     fake_ds = types.SimpleNamespace(init_distributed=lambda **kw: calls.update(kw))
-    fake_cuda.setattr(distributed, "import_deepspeed", lambda: fake_ds)
+    fake_cuda.setattr(engine, "import_deepspeed", lambda: fake_ds)
     fake_cuda.setattr(torch.cuda, "set_device", lambda index: calls.update(device=index))
     fake_cuda.setattr(torch.distributed, "is_initialized", lambda: False)
     fake_cuda.setattr(torch.distributed, "get_rank", lambda: 1)
@@ -57,7 +58,7 @@ def test_init_distributed_picks_nccl_and_the_local_gpu(fake_cuda):
     fake_cuda.setenv("WORLD_SIZE", "2")
     fake_cuda.setenv("LOCAL_RANK", "1")
     fake_cuda.setenv("MASTER_ADDR", "10.0.0.1")   # a launcher sets it with RANK
-    d = distributed.init_distributed()
+    d = engine.init_distributed()
     assert calls["dist_backend"] == "nccl" and calls["device"] == 1
     assert d.device == torch.device("cuda", 1) and (d.rank, d.world, d.local_rank) == (1, 2, 1)
 
@@ -93,7 +94,8 @@ def test_a_plain_launch_joins_a_one_process_group_without_opening_a_port(left_be
         "for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'): os.environ.pop(key, None)\n"
         f"os.environ.update({left_behind!r})\n"
         "os.environ['CUDA_VISIBLE_DEVICES'] = ''\n"
-        "from unified_tte.train.distributed import init_distributed, all_reduce\n"
+        "from unified_tte.distributed import all_reduce\n"
+        "from unified_tte.train.engine import init_distributed\n"
         "d = init_distributed()\n"
         "import deepspeed.comm\n"
         "assert (d.rank, d.world) == (0, 1) and deepspeed.comm.is_initialized()\n"

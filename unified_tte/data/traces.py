@@ -56,6 +56,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..distributed import Ranks, barrier, gather, init_ranks, my_batches
 from ..errors import DataError, command, positive_int, write_failed
 from ..locks import lock_file
 from ..model import UnifiedTTE, zoo
@@ -63,7 +64,6 @@ from ..model.checkpoint import CONFIG_FILE
 from ..model.inputs import TTEInput
 from .mmeb import load_train_rows, task_type_for
 from .records import iter_records
-from .ranks import Ranks, barrier, gather, init_ranks, my_batches
 from .registry import BUILTIN_TASKS, build_builtin, task_options
 from .schema import EvalRow, TrainRow
 

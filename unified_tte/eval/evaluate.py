@@ -45,9 +45,9 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..data import EvalTask, resolve_tasks, validate_eval_task
-from ..data.ranks import Ranks, barrier, gather, init_ranks, my_batches
 from ..data.registry import task_options
 from ..data.traces import check_ecr_shape, set_pixels
+from ..distributed import Ranks, barrier, gather, init_ranks, my_batches
 from ..errors import DataError, command, positive_int
 from ..locks import lock_folder
 from ..model import UnifiedTTE, zoo

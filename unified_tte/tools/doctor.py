@@ -64,7 +64,7 @@ def versions() -> dict:
     """Versions of Python and the packages the project runs on (DeepSpeed imported for its ops)."""
     import torch
 
-    from ..train.distributed import setup_environment
+    from ..train.engine import setup_environment
 
     setup_environment()  # DeepSpeed picks its CPU accelerator where there is no GPU
     out = {"python": platform.python_version(), "unified_tte": _version("unified_tte")}

@@ -265,7 +265,7 @@ def deepspeed_states(n: int, largest: int, setup: Setup) -> tuple[int, int, str]
     state, from DeepSpeed's estimators where it has them."""
     offload_opt, offload_param = setup.offload("optimizer"), setup.offload("param")
     try:
-        from ..train.distributed import setup_environment
+        from ..train.engine import setup_environment
         setup_environment()
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import TrainError, TTEError, write_failed
 from ..model import adapters
-from .distributed import Dist, barrier
+from ..distributed import Ranks, barrier
 from .engine import gathered
 from .recipe import Recipe, dump_yaml
 from .rng import rng_state
@@ -59,7 +59,7 @@ def writing(path: Path):
                            "then resume with --resume from the newest good checkpoint.") from exc
 
 
-def save_checkpoint(engine, run_dir: Path, state: dict, d: Dist) -> Path:
+def save_checkpoint(engine, run_dir: Path, state: dict, d: Ranks) -> Path:
     """Write the engine state, data position and every rank's RNG as a *pending* checkpoint:
     `promote` makes it one that --resume uses, once the weights it holds are known to be good."""
     import torch.distributed as dist
@@ -76,28 +76,28 @@ def save_checkpoint(engine, run_dir: Path, state: dict, d: Dist) -> Path:
         with writing(tmp):
             tmp.write_text(json.dumps({**state, "rng": {str(r): s for r, s in enumerate(rngs)}}))
         tmp.replace(path / PENDING_FILE)
-    barrier()
+    barrier(d)
     return path
 
 
-def promote(path: Path, run_dir: Path, keep: int | None, d: Dist) -> Path:
+def promote(path: Path, run_dir: Path, keep: int | None, d: Ranks) -> Path:
     """Mark a pending checkpoint good (the rename is atomic) and drop the oldest beyond `keep`."""
     if d.rank == 0:
         (path / PENDING_FILE).replace(path / STATE_FILE)
         if keep is not None:
             for _, old in checkpoints(run_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
-    barrier()
+    barrier(d)
     return path
 
 
-def discard(path: Path | None, d: Dist) -> None:
+def discard(path: Path | None, d: Ranks) -> None:
     """Delete a pending checkpoint whose weights turned out bad (never a promoted one)."""
     if path is not None and d.rank == 0 and not (path / STATE_FILE).exists():
         shutil.rmtree(path, ignore_errors=True)
 
 
-def save_stage(tte, run_dir: Path, stage: str, full: bool, d: Dist) -> None:
+def save_stage(tte, run_dir: Path, stage: str, full: bool, d: Ranks) -> None:
     """RUN_DIR/<stage>/: the PEFT adapter folder, or model.safetensors for full fine-tuning."""
     trained = [p for p in tte.peft_model.parameters() if p.requires_grad]
     with gathered(trained):
@@ -113,7 +113,7 @@ def save_stage(tte, run_dir: Path, stage: str, full: bool, d: Dist) -> None:
                     save_file(state, str(out / "model.safetensors"))
                 else:
                     adapters.save_adapter(tte.peft_model, stage, out)
-    barrier()
+    barrier(d)
 
 
 def write_recipe(recipe: Recipe, run_dir: Path) -> None:

@@ -1,21 +1,74 @@
-"""The DeepSpeed engine of a stage: what it wraps, what it trains, its batch shape and schedule.
-The only module that reaches into DeepSpeed (and into the model's module tree for ZeRO-3).
+"""The DeepSpeed engine of a stage: what it wraps, what it trains, its batch shape and schedule,
+and the process group it runs in. The only module that reaches into DeepSpeed (and into the
+model's module tree for ZeRO-3).
 
-    engine = make_engine(recipe, "embed", tte, ds_json, world=2, bf16=False)
+    d = init_distributed()      # Ranks(rank, world, local_rank), a DeepSpeed group joined
+    engine = make_engine(recipe, "embed", tte, ds_json, world=d.world, bf16=False)
     loss = engine("embed", inputs, traces, prompts); engine.backward(loss); engine.step()
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
+import warnings
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from ..errors import TrainError
+from .. import console
+from ..distributed import Ranks, init_ranks
+from ..errors import MissingExtra, RunError, TrainError
 from ..model import adapters
-from .distributed import import_deepspeed
 from .recipe import Recipe, StageConfig, deepspeed_config
+
+
+def setup_environment() -> None:
+    """Before DeepSpeed is imported: pick its CPU accelerator where there is no GPU (every command
+    already did, console.quiet_third_party; this is for the library used without the CLI)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Deprecation notices DeepSpeed triggers inside torch / transformers on every step.
+    for pattern in (r"`torch\.distributed\.\w+` is deprecated", r"`is_gradient_checkpointing` is deprecated"):
+        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
+
+
+def require_deepspeed() -> None:
+    """Fail fast, before any data or model work, when the [train] extra is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise MissingExtra("train", "deepspeed", "training (tte train)")
+
+
+def import_deepspeed():
+    setup_environment()
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise MissingExtra("train", "deepspeed", "training (tte train)") from e
+    except Exception as e:  # noqa: BLE001 - a broken install: its own error, with advice
+        raise RunError(f"DeepSpeed failed to import ({type(e).__name__}: {e}). Reinstall it with "
+                       "`pip install 'unified_tte[train]'`; on a machine without a GPU set "
+                       "DS_ACCELERATOR=cpu.") from e
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return deepspeed
+
+
+def init_distributed() -> Ranks:
+    """Join the process group the launcher set up (torchrun / deepspeed set RANK, WORLD_SIZE, ...)
+    through DeepSpeed, or a one-process group when launched plainly (distributed.init_ranks)."""
+    deepspeed = import_deepspeed()
+    import torch.distributed as dist
+
+    def join(backend: str) -> None:
+        if not dist.is_initialized() or not deepspeed.comm.is_initialized():
+            with console.quiet_stdout():   # it prints "DeepSpeed ... built successfully" per op it loads
+                deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+    return init_ranks(join=join, alone_too=True)
 
 
 def select_trainable(tte, recipe: Recipe, stage: str) -> list[nn.Parameter]:

@@ -30,7 +30,8 @@ on rank 0.
 
 This module is the loop; its plumbing is beside it: recipe.py (the typed recipe), batches.py
 (rows and batch order), steps.py (the two backward steps), engine.py (DeepSpeed), checkpointing.py
-(the run folder), run_log.py (metrics, wandb), distributed.py, rng.py.
+(the run folder), run_log.py (metrics, wandb), rng.py; the ranks and their collectives are
+unified_tte/distributed.py's.
 
 Run folder (RUN_DIR = the recipe's run_dir):
 
@@ -70,6 +71,7 @@ from pathlib import Path
 import torch
 
 from ..data.records import read_yaml_mapping
+from ..distributed import Ranks, all_reduce, barrier, launch_rank
 from ..errors import NonFiniteLoss, TrainError, command
 from ..locks import lock_folder
 from ..model import TTEConfig, UnifiedTTE, zoo
@@ -77,8 +79,7 @@ from ..model.environment import check_kernel_environment
 from .batches import load_rows, split_holdout, stage_rows, stage_sampler, without_traces
 from .checkpointing import (checkpoints, discard, discard_unfinished, load_stage_weights, promote, save_checkpoint,
                             save_stage, write_recipe, write_run_files)
-from .distributed import Dist, all_reduce, barrier, init_distributed, launch_rank, require_deepspeed
-from .engine import lr_lambda, make_engine, stage_shape, update_is_finite
+from .engine import init_distributed, lr_lambda, make_engine, require_deepspeed, stage_shape, update_is_finite
 from .gate import fit_gate_stage
 from .recipe import Recipe, absolute_paths, check_inputs, dump_yaml, load_recipe, zero_stage
 from .rng import seed_everything, set_rng_state
@@ -224,7 +225,7 @@ def _train_locked(recipe: Recipe, ds_json: dict, resume: bool, progress) -> dict
         if "gate" in recipe.stages and not stopped:
             if d.rank == 0:   # a small head on held-out rows: one process fits it, the others wait
                 gate = fit_gate_stage(recipe, run_dir, held_out, dtype, d.device, progress, log.message)
-            barrier()
+            barrier(d)
     finally:
         log.close()
     return {"run_dir": str(run_dir), "losses": losses, "stopped": stopped, "gate": gate}
@@ -238,7 +239,7 @@ class StageRun:
     index: int                      # its position in recipe.stages (seeds its batch order)
     rows: list                      # the rows it can use (stage_rows)
     ds_json: dict                   # the recipe's DeepSpeed JSON as read
-    dist: Dist
+    dist: Ranks
     dtype: torch.dtype
     bf16: bool
     run_dir: Path

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import Ranks
 from .checkpointing import writing
-from .distributed import Dist
 from .recipe import Recipe
 
 
@@ -30,7 +30,7 @@ def memory_gb(device: torch.device) -> float:
 class RunLog:
     """Rank 0's outputs: metrics.jsonl, a progress bar and wandb (offline unless configured)."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, d: Dist, initial: int, progress=None):
+    def __init__(self, recipe: Recipe, run_dir: Path, d: Ranks, initial: int, progress=None):
         self.active = d.rank == 0
         self.file = self.bar = self.wandb = None
         self.progress = progress    # a caller's progress line: it gets the steps and the messages
