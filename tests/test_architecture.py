@@ -1,6 +1,6 @@
 """The package's import arrows point one way (ARCHITECTURE.md): a module imports only modules of
 its own layer's package or of lower layers, never a higher one, not even lazily inside a function,
-and no two modules import each other through any chain."""
+and no two modules import each other through any chain. data/ neither imports nor runs a model."""
 import ast
 from pathlib import Path
 
@@ -20,6 +20,7 @@ LAYERS = {
     "unified_tte.data": 3,
     "unified_tte.train": 4,
     "unified_tte.eval": 4,
+    "unified_tte.tracegen": 4,
     "unified_tte.export": 4,
     "unified_tte.tools": 5,
     "unified_tte.testing": 5,
@@ -45,9 +46,10 @@ def area(name: str) -> str:
     raise KeyError(name)
 
 
-def imports_of(path: Path, name: str) -> set[str]:
-    """Every unified_tte module `path` imports, anywhere in the file (function bodies included).
-    `from pkg import name` counts as importing pkg.name when that is a module, else pkg."""
+def imported_names(path: Path, name: str) -> set[str]:
+    """Every unified_tte name an import in `path` binds, anywhere in the file (function bodies
+    included), absolute: `import unified_tte.model.zoo` gives that module, `from ..model import
+    UnifiedTTE` in unified_tte.data.traces gives unified_tte.model.UnifiedTTE."""
     tree = ast.parse(path.read_text(), filename=str(path))
     is_package = path.name == "__init__.py"
     out = set()
@@ -63,12 +65,15 @@ def imports_of(path: Path, name: str) -> set[str]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            if target.split(".")[0] != "unified_tte":
-                continue
-            for alias in node.names:
-                candidate = f"{target}.{alias.name}"
-                out.add(candidate if candidate in MODULES else target)
+            if target.split(".")[0] == "unified_tte":
+                out |= {f"{target}.{alias.name}" for alias in node.names}
     return out
+
+
+def imports_of(path: Path, name: str) -> set[str]:
+    """Every unified_tte module `path` imports, anywhere in the file (function bodies included).
+    `from pkg import name` counts as importing pkg.name when that is a module, else pkg."""
+    return {n if n in MODULES else n.rpartition(".")[0] for n in imported_names(path, name)}
 
 
 MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
@@ -126,6 +131,36 @@ def test_the_checker_sees_a_lazy_upward_import(tmp_path):
     probe.write_text(source)
     tree_imports = imports_of(probe, "unified_tte.model.backbones")
     assert "unified_tte.train.loop" in tree_imports
+
+
+# data/ reads, checks and joins rows; running a model over them (writing traces, embedding) is a
+# command's job a layer up (tracegen, eval, train). These are how a module gets a model to run,
+# and the calls that run one.
+MODEL_LOADERS = ("unified_tte.model.tte", "unified_tte.model.zoo", "unified_tte.model.UnifiedTTE")
+MODEL_CALLS = {"think", "think_then_embed", "embed", "embed_both", "embed_recompute", "generate",
+               "from_checkpoint", "from_pretrained"}
+
+
+def model_use(path: Path, name: str) -> list[str]:
+    loads = [n for n in imported_names(path, name) if any(n == m or n.startswith(m + ".") for m in MODEL_LOADERS)]
+    calls = {node.func.attr for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in MODEL_CALLS}
+    return sorted(loads) + sorted(f".{c}()" for c in calls)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if area(n) == "unified_tte.data"))
+def test_no_data_module_imports_or_runs_a_model(name):
+    used = model_use(MODULES[name], name)
+    assert not used, f"{name} loads or runs a model ({used}); that belongs to a command module (tracegen, eval)"
+
+
+@pytest.mark.parametrize("line", ["from ..model import UnifiedTTE", "from ..model import zoo",
+                                  "from ..model.zoo import load", "import unified_tte.model.tte",
+                                  "from unified_tte.model.tte import UnifiedTTE", "model.think(inputs)"])
+def test_the_data_check_sees_a_model_import_or_call(tmp_path, line):
+    probe = tmp_path / "traces.py"
+    probe.write_text((PACKAGE / "data" / "traces.py").read_text() + f"\n\ndef _oops(model, inputs):\n    {line}\n")
+    assert model_use(probe, "unified_tte.data.traces")
 
 
 def test_tte_kernels_never_imports_unified_tte():

@@ -177,3 +177,21 @@ def test_system_prompt_is_the_system_turn_of_every_prompt_and_travels_with_the_c
     assert reloaded.config.system_prompt == "Be brief."
     assert reloaded.encoder.encode(query)[0].ids == ids
     assert (reloaded.embed(query) - system.embed(query)).abs().max() <= 1e-5
+
+
+def test_image_size_rule_the_inputs_cap_then_the_models_range_then_the_processors():
+    """UnifiedTTE.set_image_size states the rule; tiny_qwen2vl's processor caps at 112 x 112 px
+    (16 image tokens), a 2 x 2 merge of 14 px patches makes one token per 28 x 28 px."""
+    def image_tokens(tte, item):
+        return tte.encoder.encode([item])[0].ids.count(tte.encoder.image_token_id)
+
+    big, small = TTEInput("x", [solid_image(224, 224)]), TTEInput("x", [solid_image(28, 28)])
+    tte = UnifiedTTE(tiny_qwen2vl())
+    assert image_tokens(tte, big) == 16                                           # the processor's
+    assert image_tokens(UnifiedTTE(tiny_qwen2vl(), max_pixels=56 * 56), big) == 4  # the config's
+    tte.set_image_size(max_pixels=56 * 56)
+    assert image_tokens(tte, big) == 4                                            # the setter's
+    assert image_tokens(tte, TTEInput("x", big.images, max_pixels=84 * 84)) == 9   # the input's own cap wins
+    tte.set_image_size(min_pixels=56 * 56)                                        # None keeps max_pixels
+    assert image_tokens(tte, small) == 4 and image_tokens(tte, big) == 4
+    assert tte.config.max_pixels is None          # the config keeps what the model was built with

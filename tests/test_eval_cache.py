@@ -27,7 +27,7 @@ def test_the_model_hash_follows_adapter_weights_and_image_settings():
     tte = UnifiedTTE(tiny_qwen2vl(), mode="activated")
     first = model_key(tte)
     assert model_key(tte) == first
-    tte.encoder.max_pixels = 28 * 28 * 16
+    tte.set_image_size(max_pixels=28 * 28 * 16)
     second = model_key(tte)
     randomize_adapters(tte, seed=1)
     assert len({first, second, model_key(tte)}) == 3

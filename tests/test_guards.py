@@ -241,7 +241,7 @@ def _train_into_a_run_in_use(i, mp):
 
 
 def _traces_onto_a_file_in_use(i, mp):
-    mp.setattr("unified_tte.data.traces._load_rows", no_call("loading the data"))
+    mp.setattr("unified_tte.tracegen._load_rows", no_call("loading the data"))
     out = i.parent / "out" / "t.jsonl"
     return Case(["traces", "--model", "tiny", "--data", "digits", "--out", str(out)], ["t.jsonl is in use by pid 4242",
                 "t.jsonl.lock"], during=lambda: held_elsewhere(out.with_name("t.jsonl.lock")))
@@ -468,8 +468,8 @@ class Reasoner:
 def test_a_trace_resume_with_other_settings_is_refused_unless_mixed_knowingly(tmp_path):
     from unified_tte.data import DataError
     from unified_tte.data.schema import TrainRow
-    from unified_tte.data.traces import generate_traces
     from unified_tte.model.inputs import TTEInput
+    from unified_tte.tracegen import generate_traces
 
     rows = [TrainRow(f"r{i}", TTEInput(f"q{i}"), TTEInput(f"p{i}"), task="t") for i in range(8)]
     out = tmp_path / "t.jsonl"
@@ -490,9 +490,9 @@ def test_a_trace_resume_with_other_settings_is_refused_unless_mixed_knowingly(tm
 
 def test_trace_settings_name_the_reasoner_by_its_weights():
     from unified_tte import UnifiedTTE
-    from unified_tte.data.traces import generation_settings
     from unified_tte.model.zoo import tiny_qwen2vl
     from unified_tte.testing import randomize_adapters
+    from unified_tte.tracegen import generation_settings
 
     tte = UnifiedTTE(tiny_qwen2vl())
     first = generation_settings(tte, 16, True, None)

@@ -131,7 +131,7 @@ def test_a_recipe_trains_on_knowledge_by_name_with_its_options():
 
 
 def test_tte_traces_writes_knowledge_traces_by_name(tmp_path, one_torch_thread, capsys):
-    from unified_tte.data.traces import traces_main
+    from unified_tte.tracegen import traces_main
 
     out = tmp_path / "traces.jsonl"
     assert traces_main(["--model", "tiny-llama", "--data", "knowledge", "--out", str(out), "--limit", "3",

@@ -16,9 +16,10 @@ from PIL import Image
 
 from unified_tte.data import DataError, load_eval_task, load_train_rows, resolve_tasks
 from unified_tte.data.registry import LABEL_SETS, SUITES, load_registry
-from unified_tte.data.traces import ecr_prompt, generate_traces, join_traces
+from unified_tte.data.traces import ecr_prompt, join_traces
 from unified_tte.eval.evaluate import evaluate_model, format_table
 from unified_tte.model.inputs import Trace, TTEInput
+from unified_tte.tracegen import generate_traces
 
 SHARD = "original-00000-of-00001.parquet"
 TEST_SHARD = "test-00000-of-00001.parquet"
@@ -137,6 +138,18 @@ def test_a_candidate_that_repeats_the_positive_counts_as_the_positive(tmp_path):
     m = evaluate_model(model, [task], use_think=False, progress=False)["tasks"]["ImageNet-1K"]
     assert (m["hit@1"], m["ndcg@5"], m["mrr@10"]) == (1.0, 1.0, 1.0)
     assert m["n_distinct_candidates"] == 3 and model.embedded == 1 + 3   # "crane" embedded once
+
+
+def test_a_registry_page_cap_reaches_every_query_candidate_and_corpus_item_of_its_task(tmp_path, visdoc):
+    image(tmp_path / "crane.png")
+    rows = [{"qry_text": "<|image_1|>\nRepresent the given image", "qry_img_path": "crane.png",
+             "tgt_text": ["crane", "tench"], "tgt_img_path": ["", "crane.png"]}]
+    listed = load_eval_task(write_parquet(tmp_path / "ImageNet-1K" / TEST_SHARD, rows), max_pixels=28 * 28 * 64)
+    corpus = load_eval_task(visdoc, image_root=tmp_path / "pages", max_pixels=28 * 28 * 64)
+    inputs = [listed.rows[0].query, *listed.rows[0].candidates, *(r.query for r in corpus.rows), *corpus.corpus.values()]
+    assert {x.max_pixels for x in inputs} == {28 * 28 * 64}
+    assert listed.rows[0].query.source == "row ImageNet-1K:0 query"      # still named by its row
+    assert load_eval_task(visdoc, image_root=tmp_path / "pages").rows[0].query.max_pixels is None
 
 
 def test_ties_between_different_candidates_still_count_against_the_positive():

@@ -29,6 +29,15 @@ def test_caps_keep_the_first_rows_of_a_subset_and_page_caps_reach_its_images():
         apply_subsets(rows(), {"NIGHTS": SubsetSpec(max_rows=1)})
 
 
+def test_a_page_cap_copies_the_rows_it_caps_and_leaves_the_given_rows_and_shared_inputs_as_they_are():
+    shared = TTEInput("p", ["p.png"])     # one input in many rows, as a loader may share it
+    given = [TrainRow(f"DocVQA:{i}", TTEInput(f"q{i}", ["p.png"]), shared, task="DocVQA") for i in range(3)]
+    kept = apply_subsets(given, {"DocVQA": SubsetSpec(max_pixels=28 * 28 * 64)})
+    assert all(r.qry.max_pixels == r.pos.max_pixels == 28 * 28 * 64 for r in kept)
+    assert all(r.qry.max_pixels is None for r in given) and shared.max_pixels is None
+    assert [r.qry.source for r in kept] == [r.qry.source for r in given]   # still named by their rows
+
+
 def test_same_task_batches_come_from_one_subset_drawn_by_weight_and_cover_each_subset_before_repeating():
     data = apply_subsets(rows(), {"ImageNet_1K": SubsetSpec(max_rows=40)})
     tasks = [r.task for r in data]

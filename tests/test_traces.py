@@ -4,11 +4,11 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from unified_tte.data import traces as traces_mod
+from unified_tte import tracegen
 from unified_tte.data import DataError, EvalRow, TrainRow, load_traces
 from unified_tte.model.inputs import TTEInput, Trace
-from unified_tte.data.traces import (ECR_PROMPTS, check_ecr_shape, ecr_input, ecr_prompt,
-                                generate_traces, normalize_trace, swap_answers, traces_main)
+from unified_tte.data.traces import ECR_PROMPTS, check_ecr_shape, ecr_input, ecr_prompt, normalize_trace, swap_answers
+from unified_tte.tracegen import generate_traces, traces_main
 
 
 class FakeReasoner:
@@ -214,7 +214,7 @@ def fake_loader(monkeypatch):
     def load(spec):
         made.append(spec)
         return FakeReasoner()
-    monkeypatch.setattr(traces_mod, "_load_reasoner", load)
+    monkeypatch.setattr(tracegen, "_load_reasoner", load)
     return made
 
 

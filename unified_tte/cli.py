@@ -25,7 +25,7 @@ from .errors import BAD_INPUT, DEBUG_ENV, RUN_FAILED, report_errors
 SUBCOMMANDS = {
     "demo": ("unified_tte.tools.demo", "demo_main", "train, evaluate, export and bench on the built-in digits task"),
     "train": ("unified_tte.train.loop", "train_main", "train a stage from a YAML recipe"),
-    "traces": ("unified_tte.data.traces", "traces_main", "write ECR reasoning traces for a dataset"),
+    "traces": ("unified_tte.tracegen", "traces_main", "write ECR reasoning traces for a dataset"),
     "eval": ("unified_tte.eval.evaluate", "eval_main", "evaluate a checkpoint or run folder on registered tasks"),
     "export": ("unified_tte.export", "export_main", "export a run to a compact safetensors checkpoint"),
     "bench": ("unified_tte.tools.bench", "bench_main", "latency and memory: unified vs two-model"),

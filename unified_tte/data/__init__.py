@@ -8,8 +8,9 @@
 
 Modules, lowest first: schema (TrainRow, EvalRow, EvalTask), records (reading .jsonl/.json/
 .parquet), mmeb (MMEB-train, MMEB-eval V1 and MMEB-V2 loaders), sampling (per-subset caps and
-weights, same-task batches), digits (the built-in task), registry (task names and suites ->
-tasks), ranks (torchrun sharding), traces (ECR prompts, trace files, `tte traces`).
+weights, same-task batches), digits, knowledge (the built-in tasks), registry (task names and
+suites -> tasks), traces (the ECR format and prompts, trace files, trace noise). No module here
+loads or runs a model: writing traces is `tte traces` (unified_tte/tracegen.py).
 """
 from ..errors import DataError
 from .mmeb import load_eval_task, load_train_rows, task_type_for, validate_eval_task

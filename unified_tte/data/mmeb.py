@@ -54,6 +54,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -274,8 +275,7 @@ def load_eval_task(path: str | os.PathLike, image_root: str | os.PathLike | None
     task.modality, task.distribution = modality, distribution
     task.primary = primary or ("ndcg@5" if modality == "visdoc" else "hit@1")
     if max_pixels is not None:
-        for item in _all_inputs(task):
-            item.max_pixels = max_pixels
+        _cap_images(task, max_pixels)
     validate_eval_task(task)
     return task
 
@@ -285,11 +285,15 @@ def _chain(*iterables):
         yield from it
 
 
-def _all_inputs(task: EvalTask):
-    for row in task.rows:
-        yield row.query
-        yield from row.candidates
-    yield from (task.corpus or {}).values()
+def _cap_images(task: EvalTask, max_pixels: int) -> None:
+    """Give the task's rows and corpus inputs capped at `max_pixels` (copies: the rows' inputs may
+    be shared between rows)."""
+    def cap(item: TTEInput) -> TTEInput:
+        return replace(item, max_pixels=max_pixels)
+
+    task.rows = [replace(r, query=cap(r.query), candidates=[cap(c) for c in r.candidates]) for r in task.rows]
+    if task.corpus is not None:
+        task.corpus = {key: cap(item) for key, item in task.corpus.items()}
 
 
 def _join(*parts, where: str = "", fields: Sequence[str] = ()) -> str:

@@ -22,7 +22,7 @@ global batches, as VLM2Vec's published recipes sample MMEB-train.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Sequence
 
 import numpy as np
@@ -46,7 +46,8 @@ class SubsetSpec:
 
 def apply_subsets(rows: list, subsets: dict[str, SubsetSpec]) -> list:
     """Rows with each subset capped to its first `max_rows` and its images capped to its
-    `max_pixels`. A subset named in `subsets` but absent from the rows is an error."""
+    `max_pixels` (copies of those rows: the rows given are not changed). A subset named in
+    `subsets` but absent from the rows is an error."""
     present = dict.fromkeys(r.task for r in rows)
     unknown = [name for name in subsets if name not in present]
     if unknown:
@@ -59,11 +60,18 @@ def apply_subsets(rows: list, subsets: dict[str, SubsetSpec]) -> list:
             continue
         counts[row.task] = counts.get(row.task, 0) + 1
         if spec is not None and spec.max_pixels is not None:
-            for item in (row.qry, row.pos, row.neg):
-                if item is not None:
-                    item.max_pixels = spec.max_pixels
+            row = capped_row(row, spec.max_pixels)
         kept.append(row)
     return kept
+
+
+def capped_row(row, max_pixels: int):
+    """A copy of a TrainRow whose query, positive and negative are capped at `max_pixels` (new
+    inputs: a loader may share one TTEInput between rows)."""
+    def cap(item):
+        return None if item is None else replace(item, max_pixels=max_pixels)
+
+    return replace(row, qry=cap(row.qry), pos=cap(row.pos), neg=cap(row.neg))
 
 
 @functools.lru_cache(maxsize=16)

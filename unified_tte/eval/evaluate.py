@@ -46,7 +46,7 @@ import numpy as np
 
 from ..data import EvalTask, resolve_tasks, validate_eval_task
 from ..data.registry import task_options
-from ..data.traces import check_ecr_shape, set_pixels
+from ..data.traces import check_ecr_shape
 from ..distributed import Ranks, barrier, gather, init_ranks, my_batches
 from ..errors import DataError, command, positive_int
 from ..locks import lock_folder
@@ -555,7 +555,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
                             "--threshold have nothing to decide with: train the recipe's `gate` stage, or use "
                             "--think always / never")
         threshold = model.gate.threshold(args.gate_point) if args.gate_point else args.threshold
-        set_pixels(model, args.max_pixels, args.min_pixels)
+        if args.max_pixels is not None or args.min_pixels is not None:
+            model.set_image_size(max_pixels=args.max_pixels, min_pixels=args.min_pixels)
         if ranks.device.type == "cuda":
             model.to(ranks.device)
         barrier(ranks)                       # the timing starts when every rank has its model

@@ -11,9 +11,8 @@ each `<|video_pad|>` likewise from `video_grid_thw` (videos are patched in video
     TTEInput("What happens next?", videos=["frames/clip_7/"], max_pixels=28 * 28 * 256)
 
 Image size: every image (and video frame) is resized to between `min_pixels` and `max_pixels`
-pixels (multiples of 28 px), from the input's own `max_pixels`, else the encoder's, else the
-processor's default (a Qwen2-VL checkpoint's is 12.8M pixels: ~16k tokens for a big page;
-recipes set VLM2Vec's 28*28*1280, ~1280 tokens at most).
+pixels (multiples of 28 px); which setting wins (the input's, the model's, the processor's) is
+stated once, in UnifiedTTE.set_image_size, and applied here (PromptEncoder.size_for).
 
 Prompt formats: "chat" (default) renders the user turn with the tokenizer's chat template,
 media first, then the text. "vlm2vec" renders VLM2Vec's raw prompt for Qwen2-VL: one
@@ -43,7 +42,7 @@ class TTEInput:
 
     Images, then videos, are placed before the text in the user turn, as MMEB formats its
     queries. `max_pixels` caps every image and frame of this input (e.g. a document task's
-    override); None uses the encoder's setting.
+    override); None uses the model's (UnifiedTTE.set_image_size).
     """
     text: str = ""
     images: list = field(default_factory=list)
@@ -124,7 +123,7 @@ class PromptEncoder:
 
     Args:
         max_pixels / min_pixels: the size range of every image and video frame (None: the
-            processor's own); an input's `max_pixels` overrides `max_pixels`.
+            processor's own); UnifiedTTE.set_image_size sets them on a model's encoder.
         max_frames / fps: video sampling defaults (see media.py).
         prompt_format: "chat" or "vlm2vec" (see the module docstring).
         system_prompt: the chat format's system turn (None: the chat template's default).
@@ -150,7 +149,8 @@ class PromptEncoder:
         self.system_prompt = system_prompt
 
     def size_for(self, item: TTEInput) -> dict | None:
-        """The image processor's `size` for this input (None: the processor's defaults)."""
+        """The image processor's `size` for this input (None: the processor's defaults), by the
+        rule of UnifiedTTE.set_image_size."""
         max_pixels = item.max_pixels or self.max_pixels
         if max_pixels is None and self.min_pixels is None:
             return None

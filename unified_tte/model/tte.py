@@ -265,6 +265,23 @@ class UnifiedTTE(nn.Module):
         extra = len(self.invocation_ids) if invocation else 0
         return self.encoder.encode(inputs, reserve=[len(t) + extra for t in self.tails(len(inputs), traces)])
 
+    def set_image_size(self, max_pixels: int | None = None, min_pixels: int | None = None) -> None:
+        """Set the pixel range this model resizes every image and video frame into (multiples of
+        28 px, aspect kept); None leaves that bound as it is. `tte traces` / `tte eval`
+        --max-pixels / --min-pixels call it; `config` keeps what the model was built with.
+
+        Which size an image gets, the one rule: first the input's own cap (`TTEInput.max_pixels`,
+        which the inputs of a registry entry's task or of a training subset carry from its
+        `max_pixels`), then the model's range (this setter, else `TTEConfig.max_pixels` /
+        `min_pixels`, saved with a checkpoint), then the image processor's default. A Qwen2-VL
+        checkpoint's default is 12.8M pixels, ~16k tokens for a large page; the recipes set
+        VLM2Vec's 28*28*1280, ~1280 tokens.
+        """
+        if max_pixels is not None:
+            self.encoder.max_pixels = max_pixels
+        if min_pixels is not None:
+            self.encoder.min_pixels = min_pixels
+
     # ------------------------------------------------------------------ fast path
     @torch.no_grad()
     def think(self, inputs: Sequence[TTEInput], max_new_tokens: int = 128, do_sample: bool = False,
