@@ -28,6 +28,7 @@ def test_prompt_shorter_than_the_chat_markup_is_refused():
 
 
 FIXED = MODES[:3]   # the modes without the think gate (auto has its own test)
+DEFAULT = [m for m in MODES if m != "auto"]   # what a bench runs without --think-rate
 
 
 @pytest.mark.parametrize("mode", FIXED)
@@ -53,6 +54,31 @@ def test_runner_decodes_exactly_the_trace_length_and_times_every_phase(mode):
         # the embedder is a second copy of the weights, not a view of the reasoner's
         a = runner.tte.stack.lm.embed_tokens.weight
         assert a.data_ptr() != runner.embedder.stack.lm.embed_tokens.weight.data_ptr()
+
+
+def test_the_merged_runner_serves_activated_mode_with_think_in_the_weights():
+    runner = _Runner("merged", "tiny", "fp32", "cpu", None)
+    tte = runner.tte
+    assert tte.config.think == "none" and tte.config.mode == "activated" and not tte.adapter_params("think")
+    assert tte.adapter_params("embed")
+    times = runner.step([prompt_of_length(tte, 48)] * 2, 6)
+    assert all(v > 0 for v in times.values())
+
+
+@pytest.mark.slow  # benchmark workers in child processes
+def test_two_decode_loops_run_in_one_bench_each_against_its_own_two_model_row(tmp_path):
+    out = tmp_path / "bench"
+    assert bench_main(["--quick", "--modes", "activated,two_model", "--decode", "eager,static", "--no-generate",
+                       "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["mode"], r["decode_loop"]) for r in rows) == [
+        ("activated", "eager"), ("activated", "static"), ("two_model", "eager"), ("two_model", "static")]
+    assert {r["embed_loop"] for r in rows if r["mode"] == "activated"} == {"eager", "static"}
+    for r in rows:
+        two = next(t for t in rows if t["mode"] == "two_model" and t["decode"] == r["decode"])
+        assert r["e2e_vs_two_model"] == pytest.approx(r["e2e_p50_ms"] / two["e2e_p50_ms"])
+    table = (out / "table.md").read_text()
+    assert "| activated | static | 1 | 64 | 16 |" in table and "| two_model | eager | 1 | 64 | 16 |" in table
 
 
 # The memory probe (PeakMemory) is tte_kernels.measure's, held in tests/test_measure.py.
@@ -83,7 +109,7 @@ def test_quick_bench_writes_jsonl_table_and_plot(tmp_path, capsys):
     out = tmp_path / "bench"
     assert bench_main(["--quick", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert sorted(r["mode"] for r in rows) == sorted(FIXED)
+    assert sorted(r["mode"] for r in rows) == sorted(DEFAULT)
     for r in rows:
         assert (r["backbone"], r["batch"], r["query_len"], r["trace_len"]) == ("tiny", 1, 64, 16)
         assert r["device"] == "cpu" and r["repeats"] == 2
@@ -96,7 +122,9 @@ def test_quick_bench_writes_jsonl_table_and_plot(tmp_path, capsys):
         for name, field in (("embed", "embed_p50_ms"), ("e2e", "e2e_p50_ms"), ("mem", "peak_mem_mb")):
             assert r[f"{name}_vs_two_model"] == pytest.approx(r[field] / two[field])
     table = (out / "table.md").read_text()
-    assert all(f"| {m} | 1 | 64 | 16 |" in table for m in FIXED)
+    assert all(f"| {m} | eager | 1 | 64 | 16 |" in table for m in DEFAULT)
+    for r in rows:   # the embed step in decode steps of its own row
+        assert r["embed_decode_steps"] == pytest.approx(r["embed_p50_ms"] / (r["decode_p50_ms"] / 15))
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "two_model" in capsys.readouterr().out
 
@@ -128,7 +156,7 @@ def test_quick_bench_with_a_think_rate_adds_the_auto_row_against_always_and_two_
     auto, always, two = rows["auto"], rows["activated"], rows["two_model"]
     assert auto["e2e_vs_activated"] == pytest.approx(auto["e2e_p50_ms"] / always["e2e_p50_ms"])
     assert auto["e2e_vs_two_model"] == pytest.approx(auto["e2e_p50_ms"] / two["e2e_p50_ms"])
-    assert "| auto | 1 | 64 | 16 |" in (out / "table.md").read_text()
+    assert "| auto | eager | 1 | 64 | 16 |" in (out / "table.md").read_text()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -138,6 +166,7 @@ def test_quick_bench_with_a_think_rate_adds_the_auto_row_against_always_and_two_
     (["--query-lens", "0"], "--query-lens must be positive"),
     (["--repeats", "0"], "--repeats must be >= 1"),
     (["--batch-sizes", ""], "--batch-sizes must be positive"),
+    (["--decode", "eager,fast"], "unknown decode loop(s) ['fast']"),
 ])
 def test_bad_arguments_are_refused_before_any_worker_starts(args, message, tmp_path, capsys):
     assert bench_main(["--quick", "--out", str(tmp_path / "out"), *args]) == 2

@@ -97,3 +97,26 @@ def test_auto_falls_back_to_the_eager_loop_when_the_graph_capture_fails(monkeypa
     tte.engine._graph_failed = False
     with pytest.raises(RuntimeError, match="stream is capturing"):
         tte.think(inputs_for(tiny_llama), max_new_tokens=9)
+
+
+@pytest.mark.slow  # torch.compile (inductor, C++ on CPU): tens of seconds per model
+@pytest.mark.parametrize("builder,mode", [(tiny_llama, "activated"), (tiny_qwen2vl, "top_k")],
+                         ids=["llama-activated", "qwen2vl-top_k"])
+def test_compiled_decode_equals_the_eager_loop_and_keeps_logprobs(builder, mode):
+    eager_tte, eager = decode(builder, mode, "eager", logprobs=True)
+    compiled_tte, compiled = decode(builder, mode, "compiled", logprobs=True)
+    assert [t.token_ids for t in compiled.traces] == [t.token_ids for t in eager.traces]
+    assert len({len(t.token_ids) for t in eager.traces}) > 1, "rows should stop at different lengths"
+    for a, b in zip(compiled.traces, eager.traces):
+        assert a.answer_logprob == pytest.approx(b.answer_logprob, abs=1e-5)
+    assert torch.equal(compiled.state.attention_mask, eager.state.attention_mask)
+    with torch.no_grad():   # activated's embed step runs compiled too (top_k's re-run of K layers does not)
+        emb = compiled_tte.embed_from_state(compiled.state)
+        if mode == "activated":
+            assert compiled_tte.engine.last_invocation_mode == "compiled"
+        assert (emb - eager_tte.embed_from_state(eager.state)).abs().max() <= 1e-5
+    assert (emb - compiled_tte.embed_recompute(inputs_for(builder), compiled.traces)).abs().max() <= 1e-5
+    # a second decode of another shape compiles again, and is still the eager loop's
+    again = compiled_tte.think(inputs_for(builder)[:2], max_new_tokens=5)
+    assert [t.token_ids for t in again.traces] == [t.token_ids for t in eager_tte.think(inputs_for(builder)[:2],
+                                                                                       max_new_tokens=5).traces]

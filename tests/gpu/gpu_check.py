@@ -5,18 +5,22 @@ the project first:
     bash tests/gpu/run_gpu_check.sh --out "$OUT"               # on the GPU machine
     bash tests/gpu/run_gpu_check.sh --cpu-smoke --out DIR      # every section, tiny sizes, on CPU
 
-Sections, in order, each in its own process with its own time box; a section that fails or runs
-out of time is recorded and the next one runs. Output (at most 8 files, flat):
+Sections, in order (the kernels last: their figures are in the README already), each in its own
+process with its own time box; a section that fails or runs out of time is recorded and the next
+one runs. Output (at most 8 files, flat):
 
     env             python, the packages that matter, nvidia-smi                 env.txt
     doctor          tte doctor: versions, devices, self-test                      doctor.txt
     pytest          the gpu tests (tests/gpu/) and the Triton kernel tests        pytest_gpu.txt
+    bench           tte bench on the Qwen2-VL-2B shape (random weights, bf16,
+                    batch 1, query 512, trace 64): activated, merged (--merge-
+                    think, the serving path) and two_model with the CUDA-graph
+                    loop (the embed step graph-replayed too; the table gives it
+                    in decode steps); then activated with the graph and the
+                    compiled loop in one run (against generate and the bandwidth
+                    bound; its warm-up compiles); then activated, eager loop       tte_bench.md
     kernels         python -m tte_kernels.bench, InfoNCE fwd+bwd at B = N =
                     16384 and 65536, D 1536, bf16, reference vs Triton            kernels_bench.md
-    bench           tte bench on the Qwen2-VL-2B shape (random weights, bf16,
-                    batch 1 and 8, query 512, trace 64): every mode with the
-                    fast decode (auto: the CUDA graph), then `activated` with the
-                    eager loop                                                     tte_bench.md
     summary.json    each section's status, seconds and figures; log.txt the running log
 
 A section gets its own cap or what `--budget` (default 460 s) has left after keeping 30 s for
@@ -45,8 +49,11 @@ def sections(smoke: bool, work: Path) -> list[dict]:
     if smoke:
         kernels = [py, "-m", "tte_kernels.bench", "--device", "cpu", "--sizes", "256", "--dim", "64",
                    "--repeats", "1", "--backends", "ref,chunked", "--out", str(work / "kernels")]
-        bench = [tte + ["bench", "--quick", "--decode", "static", "--modes", "activated,two_model",
+        # static is the graph loop's CPU twin; compiled runs inductor's C++ here
+        bench = [tte + ["bench", "--quick", "--decode", "static", "--modes", "activated,merged,two_model",
                         "--out", str(work / "bench_fast")],
+                 tte + ["bench", "--quick", "--decode", "static,compiled", "--modes", "activated",
+                        "--out", str(work / "bench_compiled")],
                  tte + ["bench", "--quick", "--decode", "eager", "--modes", "activated", "--no-generate",
                         "--out", str(work / "bench_eager")]]
         doctor_device = "cpu"
@@ -54,11 +61,14 @@ def sections(smoke: bool, work: Path) -> list[dict]:
         kernels = [py, "-m", "tte_kernels.bench", "--device", "cuda", "--sizes", "16384,65536", "--dim", "1536",
                    "--dtype", "bfloat16", "--repeats", "2", "--backends", "ref,triton", "--timeout", "60",
                    "--out", str(work / "kernels")]
-        case = ["--backbone", "qwen2vl-2b-shape", "--dtype", "bf16", "--batch-sizes", "1,8", "--query-lens", "512",
+        case = ["--backbone", "qwen2vl-2b-shape", "--dtype", "bf16", "--batch-sizes", "1", "--query-lens", "512",
                 "--trace-lens", "64"]
-        # auto: the CUDA-graph loop, or (should its capture fail: a warning in the log) the eager one;
-        # the table says which ran. tests/gpu/test_gpu_decode.py holds the graph loop itself.
-        bench = [tte + ["bench", *case, "--repeats", "3", "--decode", "auto", "--out", str(work / "bench_fast")],
+        # Should a capture fail, the log warns and the table's loop column says what ran.
+        # tests/gpu/test_gpu_decode.py holds both loops and the graph-replayed embed step to the eager ones.
+        bench = [tte + ["bench", *case, "--repeats", "3", "--decode", "graph", "--modes", "activated,merged,two_model",
+                        "--out", str(work / "bench_fast")],
+                 tte + ["bench", *case, "--repeats", "3", "--decode", "graph,compiled", "--modes", "activated",
+                        "--out", str(work / "bench_compiled")],
                  tte + ["bench", *case, "--repeats", "2", "--decode", "eager", "--modes", "activated",
                         "--no-generate", "--out", str(work / "bench_eager")]]
         doctor_device = "cuda"
@@ -70,9 +80,9 @@ def sections(smoke: bool, work: Path) -> list[dict]:
         {"name": "env", "cap": 20, "commands": [env_report], "file": "env.txt"},
         {"name": "doctor", "cap": 80, "commands": [tte + ["doctor", "--device", doctor_device, "--json",
                                                          str(work / "doctor.json")]], "file": "doctor.txt"},
-        {"name": "pytest", "cap": 170, "commands": [pytest], "file": "pytest_gpu.txt"},
-        {"name": "kernels", "cap": 90, "commands": [kernels], "file": "kernels_bench.log"},
-        {"name": "bench", "cap": 150, "commands": bench, "file": "tte_bench.log"},
+        {"name": "pytest", "cap": 150, "commands": [pytest], "file": "pytest_gpu.txt"},
+        {"name": "bench", "cap": 240, "commands": bench, "file": "tte_bench.log"},
+        {"name": "kernels", "cap": 60, "commands": [kernels], "file": "kernels_bench.log"},
     ]
 
 
@@ -174,15 +184,18 @@ def collect(check: Check, work: Path) -> None:
     summary["kernels"] = [{k: r.get(k) for k in ("backend", "B", "dtype", "time_median_s", "peak_mem_mib", "error")}
                           for r in kernels]
     tables, rows = [], []
-    for name, title in (("bench_fast", "every mode, the fast decode loop"), ("bench_eager", "activated, the eager loop")):
+    for name, title in (("bench_fast", "activated, merged and two_model: the fast loop"),
+                        ("bench_compiled", "activated: the graph and the compiled loop, one run"),
+                        ("bench_eager", "activated, the eager loop")):
         table, results = work / name / "table.md", work / name / "results.jsonl"
         tables.append(f"## {title}\n\n" + (table.read_text() if table.is_file() else "(did not finish)\n"))
         if results.is_file():
             rows += [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     (out / "tte_bench.md").write_text("\n".join(tables))
-    keep = ("mode", "decode", "decode_loop", "batch", "query_len", "trace_len", "device_name", "dtype", "prefill_p50_ms",
-            "decode_p50_ms", "embed_p50_ms", "e2e_p50_ms", "peak_mem_mb", "decode_tok_s", "generate_tok_s",
-            "decode_vs_generate", "bandwidth_bound_tok_s", "e2e_vs_two_model")
+    keep = ("mode", "decode", "decode_loop", "embed_loop", "batch", "query_len", "trace_len", "device_name", "dtype",
+            "prefill_p50_ms", "decode_p50_ms", "embed_p50_ms", "e2e_p50_ms", "peak_mem_mb", "embed_decode_steps",
+            "decode_tok_s", "generate_tok_s", "decode_vs_generate", "bandwidth_bound_tok_s", "decode_vs_bound",
+            "e2e_vs_two_model")
     summary["bench"] = [{k: r.get(k) for k in keep} for r in rows]
     for section, log in (("kernels", "kernels_bench.log"), ("bench", "tte_bench.log")):
         path = out / log  # its tail goes into the summary, the file away (8 files at most come back)

@@ -14,6 +14,14 @@ forward path (activated: E from the invocation on; top_k: E on the top K layers)
 holds for plain LoRA layers that are not merged, so anything else (DoRA, a merged adapter,
 another LoRA variant) is refused. Checked against the PEFT versions in PEFT_VERSIONS_CHECKED
 (tests/test_adapters.py pins them).
+
+The embed step's own path, `switch.fused(names, tail=n)`: PEFT runs each active adapter as its
+own chain of module calls (dropout, A, B, scale, add) and the gate as one more hook, which at
+decode-sized inputs costs more than the matmuls. `fused` runs every LoRA layer's active adapters
+as one low-rank product, base(x) + ((x A^T) * mask) B^T with A the adapters' A stacked and B
+their scaled B side by side, and with `tail` the embed adapter's columns of the mask are 1 only
+on the last n columns (the invocation). Same semantics as `use(names, gate)`; held equal to it
+through embed == embed_recompute (tests/test_forward_path.py, tests/test_embed_step.py).
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ import warnings
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedBackbone
@@ -61,13 +70,20 @@ def wrap(hf_model: nn.Module, cfg, num_layers: int) -> nn.Module:
 
 
 class _Gate:
-    """Per-position switch for the embed adapter: a [B, t, 1] tensor multiplied into its LoRA output."""
+    """Per-position switch for the embed adapter, multiplied into its LoRA output: a [B, t, 1]
+    tensor, or an int n (1 on the last n columns of whatever comes, 0 before)."""
 
     def __init__(self):
-        self.value: torch.Tensor | None = None
+        self.value: torch.Tensor | int | None = None
 
     def hook(self, module, args, output):
-        return output if self.value is None else output * self.value.to(output.dtype)
+        if self.value is None:
+            return output
+        if isinstance(self.value, int):
+            keep = torch.zeros(output.shape[-2], 1, dtype=output.dtype, device=output.device)
+            keep[-self.value:] = 1
+            return output * keep
+        return output * self.value.to(output.dtype)
 
 
 def lora_layers(peft_model: nn.Module, adapter: str | None = None) -> Iterator[tuple[str, nn.Module]]:
@@ -108,7 +124,11 @@ class AdapterSwitch:
         self.peft_model = peft_model
         self.think_adapters = list(think_adapters)
         self.embed_adapters = self.think_adapters + [embed]
+        self.embed_name = embed
         self._layers = [layer for _, layer in lora_layers(peft_model)]
+        # Kept for as long as the switch: a CUDA graph captured through `fused` reads these tensors.
+        self._stacked: dict[int, tuple] = {}   # id(layer) -> (weights' versions, A stacked, B side by side)
+        self._masks: dict[tuple, torch.Tensor] = {}   # the tail masks, one per shape
         self._gate = _Gate()
         for layer in self._layers:
             if embed in layer.lora_B:
@@ -133,6 +153,84 @@ class AdapterSwitch:
             self._gate.value = None
             self._set_active(self.think_adapters)
 
+    @contextlib.contextmanager
+    def fused(self, names: list[str], tail: int | None = None):
+        """`use(names)` with each LoRA layer's active adapters run as one low-rank product (the
+        module docstring); with `tail`, the embed adapter reaches only the last `tail` columns of
+        the coming forward, exactly as `use(names, gate)` with the gate 1 there. Where the product
+        would differ from PEFT's own forward (an adapter's dropout in train mode, a PEFT LoRA
+        variant such as aLoRA), this is that `use`, gate included."""
+        self._refuse_merged()
+        plain = any(_dropout_active(layer, name) or name in getattr(layer, "lora_variant", {})
+                    for layer in self._layers for name in names if name in layer.lora_A)
+        if plain:
+            with self.use(names, gate=tail if tail is not None and self.embed_name in names else None):
+                yield
+            return
+        self._set_active(names)
+        for layer in self._layers:
+            present = [name for name in names if name in layer.lora_A]
+            if present:
+                layer.forward = self._fused_forward(layer, present, tail, self._masks)
+        try:
+            yield
+        finally:
+            for layer in self._layers:
+                layer.__dict__.pop("forward", None)
+            self._set_active(self.think_adapters)
+
+    def _fused_forward(self, layer: nn.Module, present: list[str], tail: int | None, masks: dict):
+        """The forward `fused` gives one LoRA layer, its stacked weights taken once per context."""
+        base = layer.get_base_layer()
+        plain_linear = type(base) is nn.Linear
+        a, b = self._stacked_weights(layer, present)
+        cast = a.dtype != base.weight.dtype
+        # Columns of the stacked rank that belong to the gated (embed) adapter.
+        gated = None
+        if tail is not None and self.embed_name in present:
+            start = sum(layer.r[name] for name in present[:present.index(self.embed_name)])
+            gated = (start, start + layer.r[self.embed_name])
+
+        def forward(x, *args, **kwargs):
+            result = F.linear(x, base.weight, base.bias) if plain_linear and not args and not kwargs \
+                else base(x, *args, **kwargs)
+            if torch.compiler.is_compiling():
+                # Compiled, there is no per-call overhead to save: each adapter on its own, the
+                # gated one masked (nothing taken outside the compiled graph).
+                return result + self._separate(layer, present, x, tail).to(result.dtype)
+            h = F.linear(x.to(a.dtype) if cast else x, a)                # [B, t, R]
+            if gated is not None:
+                h = h * _tail_mask(masks, h, gated, tail)
+            delta = F.linear(h, b)
+            return result + (delta.to(result.dtype) if cast else delta)
+        return forward
+
+    def _separate(self, layer: nn.Module, present: list[str], x: torch.Tensor, tail: int | None) -> torch.Tensor:
+        delta = 0
+        for name in present:
+            weight_a = layer.lora_A[name].weight
+            part = F.linear(F.linear(x.to(weight_a.dtype), weight_a), layer.lora_B[name].weight) * layer.scaling[name]
+            if tail is not None and name == self.embed_name:
+                width = x.shape[-2]
+                part = part * (torch.arange(width, device=x.device) >= width - tail).to(part.dtype)[:, None]
+            delta = delta + part
+        return delta
+
+    def _stacked_weights(self, layer: nn.Module, present: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapters' A stacked ([R, in]) and their scaled B side by side ([out, R]). Kept
+        between calls while no weight changed (data pointer and in-place version); rebuilt, with
+        grad, where a weight is being trained."""
+        weights = [(layer.lora_A[n].weight, layer.lora_B[n].weight, layer.scaling[n]) for n in present]
+        if torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b, _ in weights):
+            return (torch.cat([a for a, _, _ in weights]), torch.cat([b * s for _, b, s in weights], 1))
+        key = tuple((a.data_ptr(), a._version, b.data_ptr(), b._version, s) for a, b, s in weights)
+        kept = self._stacked.get(id(layer))
+        if kept is None or kept[0] != key:
+            with torch.no_grad():
+                kept = (key, torch.cat([a for a, _, _ in weights]), torch.cat([b * s for _, b, s in weights], 1))
+            self._stacked[id(layer)] = kept
+        return kept[1], kept[2]
+
     def _refuse_merged(self) -> None:
         # Cheap (one attribute per layer) and needed at every switch: a user can merge an
         # adapter at any time through PEFT's own API, after which gating it does nothing.
@@ -147,6 +245,23 @@ class AdapterSwitch:
         if adapter in self.embed_adapters:
             self.embed_adapters.remove(adapter)
         self._set_active(self.think_adapters)
+
+
+def _dropout_active(layer: nn.Module, name: str) -> bool:
+    dropout = layer.lora_dropout[name]
+    return dropout.training and not isinstance(dropout, nn.Identity) and getattr(dropout, "p", 0) > 0
+
+
+def _tail_mask(masks: dict, h: torch.Tensor, gated: tuple[int, int], tail: int) -> torch.Tensor:
+    """[t, R]: 1, except 0 in the gated adapter's rank columns before the last `tail` positions;
+    one per shape (every layer of a model has the same ranks)."""
+    key = (h.shape[-2], h.shape[-1], gated, tail, h.dtype, h.device)
+    mask = masks.get(key)
+    if mask is None:
+        mask = torch.ones(h.shape[-2], h.shape[-1], dtype=h.dtype, device=h.device)
+        mask[:h.shape[-2] - tail, gated[0]:gated[1]] = 0
+        masks[key] = mask
+    return mask
 
 
 def set_trainable(peft_model: nn.Module, adapter: str | None) -> list[nn.Parameter]:

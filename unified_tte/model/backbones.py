@@ -321,27 +321,33 @@ class DecoderStack:
 
 
     # ------------------------------------------------------------------ static cache (decode)
-    def static_cache(self, cache, extra: int) -> "StaticKV | None":
+    def static_cache(self, cache, extra: int, round_to: int = 1) -> "StaticKV | None":
         """Copy a DynamicCache whose every layer holds the same T0 positions into preallocated
-        buffers with room for `extra` more ([B, kv_heads, T0 + extra, head_dim] per layer); None
-        when the cache is not like that (a layer never run, e.g. top_k's prefix)."""
+        buffers with room for `extra` more ([B, kv_heads, T0 + extra, head_dim] per layer, the
+        length rounded up to a multiple of `round_to`); None when the cache is not like that (a
+        layer never run, e.g. top_k's prefix)."""
+        length = self.cache_length(cache)
+        if length is None:
+            return None
+        capacity = -(-(length + extra) // round_to) * round_to
+        kb, vb = [], []
+        for layer in cache.layers:
+            b, h, _, d = layer.keys.shape
+            kb.append(layer.keys.new_zeros(b, h, capacity, d))
+            vb.append(layer.values.new_zeros(b, h, capacity, layer.values.shape[-1]))
+        static = StaticKV(kb, vb, length)
+        static.fill_from(cache)
+        return static
+
+    def cache_length(self, cache) -> int | None:
+        """The positions every layer of a DynamicCache holds; None when its layers differ (a layer
+        never run, e.g. top_k's prefix) or it is not a cache of per-layer key/value tensors."""
         layers = list(getattr(cache, "layers", []))
         keys = [getattr(layer, "keys", None) for layer in layers]
         if len(layers) != self.num_layers or any(k is None or k.dim() != 4 for k in keys):
             return None
         length = keys[0].shape[-2]
-        if any(k.shape[-2] != length for k in keys):
-            return None
-        kb, vb = [], []
-        for layer in layers:
-            b, h, _, d = layer.keys.shape
-            k = layer.keys.new_zeros(b, h, length + extra, d)
-            v = layer.values.new_zeros(b, h, length + extra, layer.values.shape[-1])
-            k[:, :, :length] = layer.keys
-            v[:, :, :length] = layer.values
-            kb.append(k)
-            vb.append(v)
-        return StaticKV(kb, vb, length)
+        return length if all(k.shape[-2] == length for k in keys) else None
 
     @staticmethod
     def release(cache) -> None:
@@ -361,16 +367,18 @@ class DecoderStack:
 
     def static_step(self, ids, positions, mask, static: "StaticKV", capture_at: int | None = None,
                     residual_out=None, residual_index=None):
-        """One token per row ([B, 1] ids) through every layer against a static cache: its K/V
-        go to slot `static.write_pos`, attention reads the whole buffer under `mask` ([B, T_max]
-        bool, False for pads and slots not written yet). Every shape is fixed, so a CUDA graph
-        can replay it. The residual entering `capture_at` is written into `residual_out`
-        ([B, steps, D]) at `residual_index`. Returns the hidden state after the last layer.
+        """t tokens per row ([B, t] ids: one decode step, or the invocation step) through every
+        layer against a static cache: their K/V go to the slots `static.write_pos` ([t]), attention
+        reads the whole buffer under `mask` (bool, [B, T_max] for one token or [B, t, T_max]:
+        False for pads, slots not written yet and, among the new tokens, later ones). Every shape
+        is fixed, so a CUDA graph can replay it and torch.compile compiles it once per shape. The
+        residual entering `capture_at` is written into `residual_out` ([B, steps, D]) at
+        `residual_index` (decode only). Returns the hidden states after the last layer [B, t, D].
 
         eager / sdpa only: the 4D mask is built here (bool for sdpa, additive for eager)."""
         hidden = self.lm.embed_tokens(ids)
         position_embeddings = self.rotary(hidden, positions)
-        mask4d = mask[:, None, None, :]
+        mask4d = mask[:, None, None, :] if mask.dim() == 2 else mask[:, None]
         if self.attn_implementation == "eager":
             zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
             mask4d = torch.where(mask4d, zero, torch.finfo(hidden.dtype).min)
@@ -384,18 +392,34 @@ class DecoderStack:
         return hidden
 
 
+    def static_invocation_step(self, ids, positions, mask, static: "StaticKV"):
+        """`static_step` for the embed step's t tokens: its own function, so that torch.compile
+        keeps its compiled graphs apart from the decode step's (and neither sees the other's
+        shapes as a reason to recompile for dynamic ones)."""
+        return self.static_step(ids, positions, mask, static)
+
+
 class StaticKV:
     """Preallocated keys and values per layer. `update` (what a transformers attention layer calls
-    on its cache) writes the new token at `write_pos`, a device tensor, so a captured CUDA graph
-    writes to the slot the tensor holds at replay; it returns the whole buffers."""
+    on its cache) writes the new tokens at `write_pos`, a device tensor of slots ([t]), so a
+    captured CUDA graph writes to the slots the tensor holds at replay; it returns the whole
+    buffers."""
 
-    def __init__(self, keys: list, values: list, length: int):
+    def __init__(self, keys: list, values: list, length: int, width: int = 1):
         self.keys, self.values = keys, values
-        self.write_pos = torch.tensor([length], dtype=torch.long, device=keys[0].device)
+        self.write_pos = torch.arange(length, length + width, dtype=torch.long, device=keys[0].device)
 
     @property
     def max_length(self) -> int:
         return self.keys[0].shape[-2]
+
+    def fill_from(self, cache) -> None:
+        """Copy a DynamicCache's keys and values into the first slots (the rest keep whatever
+        they held: the attention mask hides them)."""
+        for layer, k, v in zip(cache.layers, self.keys, self.values):
+            length = layer.keys.shape[-2]
+            k[:, :, :length].copy_(layer.keys)
+            v[:, :, :length].copy_(layer.values)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self.keys[layer_idx].index_copy_(2, self.write_pos, key_states)

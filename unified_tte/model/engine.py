@@ -4,7 +4,8 @@
     hidden, state = engine.prefill(prompts, tails, stop=L)
     ids, finished = engine.decode(state, hidden[:, -1], max_new_tokens=64, stop_ids={eos}, eos_id=eos)
     hidden = engine.feed(state, chunks, stop=L)          # append left-padded chunks to the cache
-    engine.decode_mode = "graph"                         # auto | eager | static | graph (see below)
+    engine.decode_mode = "graph"                         # auto | eager | static | compiled | graph
+    hidden = engine.invocation_step(state, chunks, stop=L, tag=...)   # the embed step, state untouched
 
 Which adapters are active is the caller's business (UnifiedTTE switches them around these calls);
 the engine only runs the decoder layers of a `DecoderStack` against a growing cache. A batch is
@@ -15,16 +16,28 @@ Decode loops (`decode_mode`), the same tokens and the same state afterwards:
 - `eager`: each step feeds one token per row through `feed` (a growing DynamicCache): the plain twin.
 - `static`: the KV cache is copied once into preallocated buffers (`DecoderStack.static_cache`) and
   each step runs a fixed-shape one-token forward against them (`StaticDecoder`).
+- `compiled`: `static` with the one-token step compiled by torch.compile (inductor: C++ on CPU,
+  Triton on CUDA, where it is also replayed as a CUDA graph); compiled once per engine and shape
+  (the first decode of a new shape pays the compilation; `torch._dynamo` may recompile once with
+  a dynamic length after a second length, then not again).
 - `graph`: `static` with the one-token step captured once per decode as a CUDA graph and replayed,
   which removes per-token Python and kernel-launch overhead (CUDA only).
 - `auto` (default): `graph` on CUDA when the backbone runs eager or SDPA attention, else `eager`;
   should capturing the graph fail, a warning says why and this engine decodes eagerly from then on.
-Token equality: tests/test_decode.py (eager == static, CPU) and tests/gpu/ (eager == graph).
+  (`compiled` is not auto's pick on CPU: its compilation takes longer than most CPU decodes it
+  would speed up; `tte bench --decode compiled` measures both.)
+With `logprobs` asked for, every loop returns them (the token choice runs outside the step).
+The embed step's forward (`invocation_step`) follows the same mode: eager feeds the DynamicCache;
+static / compiled / graph run the fixed-shape step over static buffers kept per shape, with
+`graph` replaying a CUDA graph captured once per shape and weights (`InvocationStep`).
+Token equality: tests/test_decode.py (eager == static == compiled, CPU) and tests/gpu/ (eager ==
+graph == compiled); the invocation step: tests/test_embed_step.py.
 """
 from __future__ import annotations
 
 import contextlib
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -73,7 +86,9 @@ class ThinkState:
             self.residuals = [r.index_select(0, index.to(r.device)) for r in self.residuals]
 
 
-DECODE_MODES = ("auto", "eager", "static", "graph")
+DECODE_MODES = ("auto", "eager", "static", "compiled", "graph")
+INVOCATION_STEPS_KEPT = 4     # static invocation steps (buffers, graphs) an engine keeps, newest first
+INVOCATION_ROUND_TO = 64      # their cache length is rounded up to this, so nearby lengths share one
 
 
 class Engine:
@@ -92,7 +107,10 @@ class Engine:
         self.stack, self.pad_id, self.capture_at = stack, pad_id, capture_at
         self.decode_mode = decode_mode
         self.last_decode_mode = None  # what the last decode actually ran (auto resolved)
+        self.last_invocation_mode = None  # what the last invocation step ran
         self._graph_failed = False    # auto: a capture failed once; decode eagerly from then on
+        self._compiled: dict = {}     # torch.compile of the decode / invocation step, made on first use
+        self._invocation_steps: OrderedDict[tuple, InvocationStep] = OrderedDict()
 
     @property
     def device(self) -> torch.device:
@@ -240,8 +258,19 @@ class Engine:
                              f"sdpa attention only, not {self.stack.attn_implementation}; use eager (or auto)")
         if mode == "graph" and not cuda:
             raise ValueError("decode_mode='graph' captures a CUDA graph and needs the model on CUDA; "
-                             "use static (the same loop without the graph) or eager on CPU")
+                             "use static (the same loop without the graph), compiled or eager on CPU")
         return mode
+
+    def step_function(self, mode: str, invocation: bool = False):
+        """The fixed-shape step a static mode runs: `DecoderStack.static_step` (decode) or
+        `static_invocation_step`, compiled once per engine for `compiled` (torch.compile keeps a
+        compiled graph per input shape)."""
+        plain = self.stack.static_invocation_step if invocation else self.stack.static_step
+        if mode != "compiled":
+            return plain
+        if plain.__name__ not in self._compiled:
+            self._compiled[plain.__name__] = torch.compile(plain)
+        return self._compiled[plain.__name__]
 
     def _static_decoder(self, state: ThinkState, steps: int) -> "StaticDecoder | None":
         mode = self._static_decode_mode()
@@ -251,7 +280,8 @@ class Engine:
             if static is not None:  # else the cache is not one the static loop can take over
                 try:
                     decoder = StaticDecoder(self.stack, static, state, steps, self.capture_at,
-                                            graph=mode == "graph")
+                                            graph=mode == "graph" or (mode == "compiled" and self.device.type == "cuda"),
+                                            step_function=self.step_function(mode))
                     self.stack.release(state.cache)  # the static buffers hold it until finish()
                 except Exception as exc:  # noqa: BLE001 - auto falls back; an explicit mode raises
                     if self.decode_mode != "auto":
@@ -261,6 +291,49 @@ class Engine:
                                   f"{exc}); decoding with the eager loop", RuntimeWarning, stacklevel=3)
         self.last_decode_mode = mode if decoder is not None else "eager"
         return decoder
+
+    # ------------------------------------------------------------------ the embed step's forward
+    def invocation_step(self, state: ThinkState, chunks: Sequence[Sequence[int]], stop: int,
+                        tag: tuple = ()) -> torch.Tensor:
+        """The embed step's forward: left-padded `chunks` (pending tokens + invocation, one per row)
+        through layers [0, stop) against the state's cache; the state is left as it was. Returns
+        their hidden states [B, t, D].
+
+        The loop follows `decode_mode` (module docstring): eager feeds the DynamicCache and crops
+        it back; static / compiled / graph copy the cache into static buffers kept for this shape
+        and run the fixed-shape step, `graph` (and `compiled` on CUDA) as a CUDA graph captured
+        once per shape, adapter setup and weights. `tag` names the adapter setup the caller holds
+        around the call (which adapters, which columns the embed adapter reaches): part of that
+        key, because a graph replays what was active when it was captured. With grad enabled
+        (training), or top_k's partial stack, the eager feed runs."""
+        mode = self._static_decode_mode()
+        length = self.stack.cache_length(state.cache)
+        if (mode == "eager" or stop != self.stack.num_layers or self.capture_at is not None
+                or torch.is_grad_enabled() or length is None):
+            self.last_invocation_mode = "eager"
+            with self.preserved(state):
+                return self.feed(state, chunks, stop)
+        ids, chunk_mask, positions = self._chunk_inputs(state, chunks)
+        graph = mode == "graph" or (mode == "compiled" and self.device.type == "cuda")
+        width = ids.shape[1]
+        capacity = -(-(length + width) // INVOCATION_ROUND_TO) * INVOCATION_ROUND_TO
+        key = (mode, tuple(ids.shape), tuple(positions.shape), capacity, tuple(tag))
+        if graph:  # a graph reads the weights' memory as it was at capture: any change, a new graph
+            key += (tuple((t.data_ptr(), t._version) for t in self._weights_and_buffers()),)
+        step = self._invocation_steps.pop(key, None)
+        if step is None:
+            step = InvocationStep(self.stack, state.cache, ids, positions, capacity,
+                                  self.step_function(mode, invocation=True), graph)
+            while len(self._invocation_steps) >= INVOCATION_STEPS_KEPT:
+                self._invocation_steps.popitem(last=False)
+        self._invocation_steps[key] = step
+        self.last_invocation_mode = mode
+        return step.run(state, ids, chunk_mask, positions, length)
+
+    def _weights_and_buffers(self):
+        model = self.stack.hf_model
+        yield from model.parameters()
+        yield from model.buffers()
 
 
 def _advance(state: ThinkState, chunk_mask, positions, residual) -> None:
@@ -279,8 +352,9 @@ class StaticDecoder:
     decoded keys and values back to its DynamicCache, so the embed step runs as after eager."""
 
     def __init__(self, stack: DecoderStack, static: StaticKV, state: ThinkState, steps: int,
-                 capture_at: int | None, graph: bool):
+                 capture_at: int | None, graph: bool, step_function=None):
         self.stack, self.static, self.capture_at = stack, static, capture_at
+        self.step_function = step_function or stack.static_step
         self.start = state.attention_mask.shape[1]     # slot of the first decoded token
         device = state.attention_mask.device
         batch = state.attention_mask.shape[0]
@@ -299,21 +373,12 @@ class StaticDecoder:
             self._capture()
 
     def _forward(self):
-        return self.stack.static_step(self.ids, self.positions, self.mask, self.static, self.capture_at,
-                                      self.residuals, self.residual_index)
+        return self.step_function(self.ids, self.positions, self.mask, self.static, self.capture_at,
+                                  self.residuals, self.residual_index)
 
     def _capture(self) -> None:
-        # Warm-up on a side stream (cuBLAS handles, allocator) as torch.cuda.graphs asks; the
-        # warm-up writes into the first decode slot, which the first real step overwrites.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._forward()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = self._forward()
+        # The warm-up writes into the first decode slot, which the first real step overwrites.
+        self.graph, self.out = capture_graph(self._forward)
 
     def step(self, state: ThinkState, ids, chunk_mask, positions) -> torch.Tensor:
         """One decode step ([B, 1] ids, mask and positions from Engine._chunk_inputs). Returns
@@ -340,3 +405,62 @@ class StaticDecoder:
     def finish(self, state: ThinkState) -> None:
         """Hand the decoded keys and values to the state's DynamicCache."""
         self.stack.write_back(self.static, state.cache, self.start + self.steps_done)
+
+
+def capture_graph(forward) -> tuple:
+    """(a CUDA graph of `forward()`, its output). Warm-up first, on a side stream (cuBLAS handles,
+    the allocator, a compiled function's compilation) as torch.cuda.graphs asks."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = forward()
+    return graph, out
+
+
+class InvocationStep:
+    """The embed step's fixed-shape forward, kept by the engine per shape (batch, width, rounded
+    cache length, adapter setup): static key/value buffers the state's DynamicCache is copied
+    into, the step's inputs in fixed buffers, and with `graph` a CUDA graph of the step captured
+    on first use. The state's own cache is only read."""
+
+    def __init__(self, stack: DecoderStack, cache, ids: torch.Tensor, positions: torch.Tensor, capacity: int,
+                 step_function, graph: bool):
+        self.stack, self.step_function = stack, step_function
+        batch, width = ids.shape
+        keys, values = [], []
+        for layer in cache.layers:
+            _, heads, _, dim = layer.keys.shape
+            keys.append(layer.keys.new_zeros(batch, heads, capacity, dim))
+            values.append(layer.values.new_zeros(batch, heads, capacity, layer.values.shape[-1]))
+        self.static = StaticKV(keys, values, 0, width)
+        self.ids = torch.zeros_like(ids)
+        self.positions = torch.zeros_like(positions)
+        self.mask = torch.zeros(batch, width, capacity, dtype=torch.bool, device=ids.device)
+        self.causal = torch.ones(width, width, dtype=torch.bool, device=ids.device).tril()
+        self.graph, self.out = None, None
+        self.use_graph = graph
+
+    def _forward(self):
+        return self.step_function(self.ids, self.positions, self.mask, self.static)
+
+    def run(self, state: ThinkState, ids, chunk_mask, positions, length: int) -> torch.Tensor:
+        width = ids.shape[1]
+        self.static.fill_from(state.cache)
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.static.write_pos.copy_(torch.arange(length, length + width, device=ids.device))
+        # Each new token sees the cache's real tokens and the real new tokens up to itself.
+        self.mask.zero_()
+        self.mask[:, :, :length] = state.attention_mask.bool()[:, None, :]
+        self.mask[:, :, length:length + width] = self.causal & chunk_mask.bool()[:, None, :]
+        if not self.use_graph:
+            return self._forward()
+        if self.graph is None:
+            self.graph, self.out = capture_graph(self._forward)
+        self.graph.replay()
+        return self.out.clone()

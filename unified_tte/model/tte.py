@@ -356,22 +356,25 @@ class UnifiedTTE(nn.Module):
             raise ValueError("this model has no embed adapter (a separate reasoner); it cannot embed")
         n_inv = len(self.invocation_ids)
         chunks = [p + self.invocation_ids for p in state.pending]
-        with self.engine.preserved(state):
-            if self.config.mode == "activated":
-                width = max(len(c) for c in chunks)
-                gate = torch.zeros(len(chunks), width, 1, device=self.device)
-                gate[:, width - n_inv:] = 1.0  # E only from the invocation on; pending trace tokens see T
-                with self.switch.use(self.embed_adapters, gate):
-                    hidden = self.engine.feed(state, chunks, self.num_layers)
-            else:
-                with self.switch.use(self.think_adapters):
+        if self.config.mode == "activated":
+            # One forward of pending trace tokens + invocation: every LoRA layer runs think and
+            # embed as one low-rank product, embed only on the last n_inv columns (left padding
+            # puts every row's invocation there), so pending tokens see T and the invocation T+E.
+            # The engine runs it as its decode mode runs a step (a CUDA graph on CUDA).
+            with self.switch.fused(self.embed_adapters, tail=n_inv):
+                hidden = self.engine.invocation_step(state, chunks, self.num_layers,
+                                                     tag=("fused", *self.embed_adapters, n_inv))
+        else:
+            with self.engine.preserved(state):
+                with self.switch.fused(self.think_adapters):
                     self.engine.feed(state, chunks, self.split_layer)
                 residual = torch.cat(state.residuals, 1)        # [B, T_all, D] entering layer L-K
                 positions = torch.cat(state.positions, -1)
-                with self.switch.use(self.embed_adapters):
+                with self.switch.fused(self.embed_adapters):
                     hidden, _ = self.stack.run_layers(residual, state.attention_mask, positions, None,
                                                       self.split_layer, self.num_layers)
-        return self._pool(self.stack.norm(hidden), n_inv)
+        pooled = max(n_inv, 1)  # the vlm2vec format pools its last prompt token, with no invocation
+        return self._pool(self.stack.norm(hidden[:, -pooled:]), n_inv)
 
     def _empty(self) -> torch.Tensor:
         """The embedding of no inputs: fp32 [0, D] (an empty batch is a batch, not an error)."""

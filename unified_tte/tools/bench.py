@@ -4,6 +4,8 @@
     tte bench --backbone smollm2 --query-lens 512 --trace-lens 64 --batch-sizes 1
     tte bench --backbone smollm2                        # grid: query 64/256/1024 x trace 16/64/128 x batch 1/8
     tte bench --backbone qwen2vl-2b-shape --dtype bf16 --decode graph   # on a GPU: the CUDA-graph decode
+    tte bench --backbone smollm2 --query-lens 512 --trace-lens 64 --batch-sizes 1 --threads 1 \
+        --modes activated --decode eager,compiled     # both loops in one run, against generate and the bound
 
 Writes `--out` (default bench_out/): results.jsonl (one line per mode x case), table.md, bench.png.
 
@@ -14,6 +16,9 @@ What is compared, per case (query length Q, trace length T, batch B; the same pr
 - `two_model`: a reasoner (the same backbone + think LoRA) decodes the trace, then a second full copy
   of the backbone with one LoRA (`UnifiedTTE.separate_embedder(copy.deepcopy(backbone))`)
   re-encodes query + trace (`embed(inputs, traces)`). Its memory counts both copies.
+- `merged`: the serving path of activated mode, `tte export --merge-think` loaded back: think is
+  folded into the base weights, so decoding runs the plain base and the embed step one LoRA on a
+  few tokens (the model plain PEFT serves as an activated LoRA, see export.py).
 - `auto` (with `--think-rate R`): unified activated under the think gate, `think_then_embed(think=
   "auto")`: every query is prefilled and embedded directly, the gate scores it, and a fraction R
   of the queries then decode and embed again (a query that thinks pays one extra invocation step).
@@ -38,7 +43,11 @@ How it is measured:
 - Decode speed (tools/decode_speed.py): tokens/s of the T - 1 one-token steps, against Hugging
   Face `generate` on the same reasoner and prompts (timed in the first mode's process once per
   round of the repeats, medians) and against the memory-bandwidth bound (B x copy bandwidth /
-  bytes of weights a step reads). `--decode` picks the think loop (model/engine.py: eager, static, graph, auto).
+  bytes of weights a step reads). `--decode` picks the think loop (model/engine.py: eager,
+  static, compiled, graph, auto); a comma list runs every mode once per loop, each pair in its
+  own worker and all interleaved, so the loops are compared in one run. The embed step follows
+  the loop (model/engine.py: `invocation_step`); `embed / step` is the embed time in decode
+  steps of the same row (decode time / (T - 1)). A `compiled` worker compiles in its warm-up.
 - No mode sees another's memory. Peak memory is reported
   above that process's own baseline after imports (torch, transformers, peft, unified_tte), so the
   model weights are counted. CPU: the kernel's resident high-water mark (VmHWM) is reset
@@ -67,7 +76,8 @@ from .report import command_line, provenance
 from .decode_speed import (add_decode_speed, copy_bandwidth_gb_s, decode_note, decode_weight_bytes, generate_decode_ms,
                            generate_times_ms)
 
-MODES = ("activated", "top_k", "two_model", "auto")
+MODES = ("activated", "top_k", "two_model", "merged", "auto")
+DECODE_LOOPS = ("auto", "eager", "static", "compiled", "graph")
 AUTO_BLOCK = 10   # batches per timed step of the `auto` mode
 GRID = dict(query_lens=[64, 256, 1024], trace_lens=[16, 64, 128], batch_sizes=[1, 8])
 QUICK = dict(backbone="tiny", query_lens=[64], trace_lens=[16], batch_sizes=[1], repeats=2, threads=1)
@@ -117,6 +127,8 @@ class _Runner:
             self.embedder = UnifiedTTE.separate_embedder(copy.deepcopy(backbone)).eval()
             # The reasoner is base + think only: an unused embed LoRA would be charged to two-model.
             self.tte = UnifiedTTE.separate_reasoner(backbone).eval()
+        elif mode == "merged":
+            self.tte = merged_think(backbone, spec, dtype)
         elif mode == "auto":
             from ..model.gate import ThinkGate
 
@@ -157,6 +169,8 @@ class _Runner:
         """One think -> embed that decodes exactly `trace_len` tokens per row; seconds per phase."""
         if self.think_rate is not None:
             return self.auto_step(inputs, trace_len)
+        import torch
+
         sync(self.device)
         start = self._start = time.perf_counter()
         out = self.tte.think(inputs, max_new_tokens=trace_len, min_new_tokens=trace_len,
@@ -165,7 +179,8 @@ class _Runner:
         thought = time.perf_counter()
         traces = out.traces
         if self.embedder is None:
-            emb = self.tte.embed_from_state(out.state)
+            with torch.no_grad():   # as think_then_embed runs it (with grad, the eager feed runs)
+                emb = self.tte.embed_from_state(out.state)
         else:
             del out  # the embedder does not use the reasoner's cache: free it first
             emb = self.embedder.embed(inputs, traces)
@@ -175,8 +190,27 @@ class _Runner:
         if lengths != {trace_len} or emb.shape[0] != len(inputs):
             raise RuntimeError(f"{self.mode}: decoded trace lengths {lengths}, wanted {trace_len}")
         self.decode_loop = self.tte.engine.last_decode_mode
+        self.embed_loop = self.tte.engine.last_invocation_mode if self.embedder is None else "eager"
         return {"prefill": self.prefill_s, "decode": thought - start - self.prefill_s,
                 "embed": end - thought, "e2e": end - start}
+
+
+def merged_think(backbone, spec: str, dtype: str):
+    """Activated mode as it is served: exported with --merge-think and loaded back (what
+    `tte export --merge-think` writes; the base itself is the reasoner, one LoRA embeds)."""
+    import gc
+    import tempfile
+
+    from ..export import export_model, load_checkpoint
+    from ..model import UnifiedTTE
+
+    pristine = copy.deepcopy(backbone)   # before wrapping, which adds tokens and LoRA layers in place
+    trained = UnifiedTTE(backbone, mode="activated").eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = export_model(trained, Path(tmp) / "merged", dtype=dtype, merge_think=True, backbone_spec=spec)
+        del trained, backbone
+        gc.collect()
+        return load_checkpoint(folder, backbone=pristine).eval()
 
 
 def run_worker(job: dict, commands=None) -> None:
@@ -229,7 +263,8 @@ def run_worker(job: dict, commands=None) -> None:
             elif message["cmd"] == "end":
                 mem.__exit__(None, None, None)
                 reply({"peak_mem_mb": mem.peak_mb, "mem_method": mem.method,
-                       "decode_loop": getattr(runner, "decode_loop", None)})
+                       "decode_loop": getattr(runner, "decode_loop", None),
+                       "embed_loop": getattr(runner, "embed_loop", None)})
             elif message["cmd"] == "quit":
                 return
 
@@ -240,14 +275,18 @@ def run_modes(args, out: Path) -> list[dict]:
     workers: dict[str, Worker] = {}
     meta: dict[str, dict] = {}
     try:
-        for mode in args.modes:
-            print(f"[bench] starting {mode} ({args.backbone} on {args.device})", file=sys.stderr, flush=True)
-            job = {"mode": mode, "backbone": args.backbone, "device": args.device, "dtype": args.dtype,
-                   "threads": args.threads, "embed_layers": args.embed_layers, "decode": args.decode,
-                   "think_rate": args.think_rate}
-            workers[mode] = Worker("unified_tte.tools.bench", job, name=mode, log=out / f"worker_{mode}.log",
-                                   env={"TOKENIZERS_PARALLELISM": "false"})
-            meta[mode] = workers[mode].read()
+        for decode in args.decode:
+            for mode in args.modes:
+                # One worker per (mode, loop); named by the mode alone when one loop runs.
+                name = mode if len(args.decode) == 1 else f"{mode}/{decode}"
+                print(f"[bench] starting {name} ({args.backbone} on {args.device})", file=sys.stderr, flush=True)
+                job = {"mode": mode, "backbone": args.backbone, "device": args.device, "dtype": args.dtype,
+                       "threads": args.threads, "embed_layers": args.embed_layers, "decode": decode,
+                       "think_rate": args.think_rate}
+                workers[name] = Worker("unified_tte.tools.bench", job, name=name,
+                                       log=out / f"worker_{name.replace('/', '_')}.log",
+                                       env={"TOKENIZERS_PARALLELISM": "false"})
+                meta[name] = {**workers[name].read(), "label": name}
         rows = []
         for batch in args.batch_sizes:
             for query_len in args.query_lens:
@@ -272,7 +311,11 @@ def run_modes(args, out: Path) -> list[dict]:
                             values = [v for v in times[mode][phase] if v is not None]
                             spread = summary(values) if values else {"p50": None, "p90": None}
                             row[f"{phase}_p50_ms"], row[f"{phase}_p90_ms"] = spread["p50"], spread["p90"]
-                        rows.append(add_decode_speed(row) if row["decode_p50_ms"] is not None else row)
+                        if row["decode_p50_ms"] is not None:
+                            add_decode_speed(row)
+                            step_ms = row["decode_p50_ms"] / (trace_len - 1) if trace_len > 1 else None
+                            row["embed_decode_steps"] = row["embed_p50_ms"] / step_ms if step_ms else None
+                        rows.append(row)
         return rows
     finally:
         for w in workers.values():
@@ -283,7 +326,7 @@ def run_modes(args, out: Path) -> list[dict]:
 def add_ratios(rows: list[dict]) -> list[dict]:
     """Each row's embed / end-to-end / peak memory as a fraction of two_model on the same case, and
     its end to end as a fraction of always-think unified activated."""
-    key = lambda r: (r["backbone"], r["device"], r["batch"], r["query_len"], r["trace_len"])  # noqa: E731
+    key = lambda r: (r["backbone"], r["device"], r.get("decode"), r["batch"], r["query_len"], r["trace_len"])  # noqa: E731
     base = {key(r): r for r in rows if r["mode"] == "two_model"}
     always = {key(r): r for r in rows if r["mode"] == "activated"}
     ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
@@ -304,18 +347,23 @@ def markdown_table(rows: list[dict]) -> str:
             f"warm-up; peak memory above the process baseline after imports ({r0['mem_method']}); "
             "ratios are p50 (and peak) against two_model on the same case.\n\n")
     auto = any(r["mode"] == "auto" for r in rows)
-    cols = ["mode", "B", "Q", "T", "prefill ms", "decode ms", "embed ms", "end-to-end ms", "peak MB",
-            "embed / 2m", "e2e / 2m", "mem / 2m", "decode tok/s", "vs generate", "of bound"]
+    cols = ["mode", "loop", "B", "Q", "T", "prefill ms", "decode ms", "embed ms", "end-to-end ms", "peak MB",
+            "embed / 2m", "e2e / 2m", "mem / 2m", "embed / step", "decode tok/s", "vs generate", "of bound"]
     cols += ["think rate", "e2e / activated"] if auto else []
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     fmt = lambda r, p: "—" if r[p + "_p50_ms"] is None else f"{r[p + '_p50_ms']:.1f} / {r[p + '_p90_ms']:.1f}"  # noqa: E731
     ratio = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     order = {m: i for i, m in enumerate(MODES)}
-    for r in sorted(rows, key=lambda r: (r["batch"], r["query_len"], r["trace_len"], order.get(r["mode"], 9))):
+    loops = {m: i for i, m in enumerate(DECODE_LOOPS)}
+    key = lambda r: (r["batch"], r["query_len"], r["trace_len"], loops.get(r.get("decode"), 9),  # noqa: E731
+                     order.get(r["mode"], 9))
+    for r in sorted(rows, key=key):
+        loop = r.get("decode_loop") or r.get("decode") or "—"
         lines.append("| " + " | ".join([
-            r["mode"], str(r["batch"]), str(r["query_len"]), str(r["trace_len"]),
+            r["mode"], loop, str(r["batch"]), str(r["query_len"]), str(r["trace_len"]),
             fmt(r, "prefill"), fmt(r, "decode"), fmt(r, "embed"), fmt(r, "e2e"), f"{r['peak_mem_mb']:.0f}",
             ratio(r["embed_vs_two_model"]), ratio(r["e2e_vs_two_model"]), ratio(r["mem_vs_two_model"]),
+            "—" if r.get("embed_decode_steps") is None else f"{r['embed_decode_steps']:.2f}",
             "—" if not r.get("decode_tok_s") else f"{r['decode_tok_s']:.1f}",
             ratio(r.get("decode_vs_generate")), ratio(r.get("decode_vs_bound")),
         ] + ([f"{r['think_rate']:.2f}", ratio(r.get("e2e_vs_activated"))] if auto else [])) + " |")
@@ -328,12 +376,14 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cases = sorted({(r["batch"], r["query_len"], r["trace_len"]) for r in rows})
-    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
-    by = {(r["mode"], r["batch"], r["query_len"], r["trace_len"]): r for r in rows}
+    label = lambda r: r.get("label", r["mode"])  # noqa: E731 - the mode, and its loop when several ran
+    modes = list(dict.fromkeys(label(r) for r in sorted(rows, key=lambda r: MODES.index(r["mode"]))))
+    by = {(label(r), r["batch"], r["query_len"], r["trace_len"]): r for r in rows}
     width = 0.8 / max(1, len(modes))
     fig, (ax_t, ax_m) = plt.subplots(2, 1, figsize=(max(6, 1.3 * len(cases) + 3), 7), sharex=True)
     colors = {"prefill": "#4c72b0", "decode": "#dd8452", "embed": "#55a868", "e2e": "#999999"}
-    hatches = {"activated": "", "top_k": "//", "two_model": "...", "auto": "xx"}
+    hatches = {"activated": "", "top_k": "//", "two_model": "...", "merged": "\\\\", "auto": "xx"}
+    hatches.update({name: hatches.get(name.split("/")[0], "") for name in modes})
     for j, mode in enumerate(modes):
         xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(cases))]
         got = [by.get((mode, *c)) for c in cases]
@@ -378,8 +428,8 @@ def parse_args(argv):
     p.add_argument("--batch-sizes", type=_ints, default=GRID["batch_sizes"], help="e.g. 1,8")
     p.add_argument("--repeats", type=int, default=5,
                    help="timed runs per case after one warm-up (p50/p90 over them; 3 is noisy on a shared machine)")
-    p.add_argument("--modes", default=None, help="comma list of activated, top_k, two_model, auto "
-                   "(default: the first three, and auto with --think-rate)")
+    p.add_argument("--modes", default=None, help="comma list of activated, top_k, two_model, merged, auto "
+                   "(default: all but auto, and auto with --think-rate)")
     p.add_argument("--think-rate", type=float, default=None,
                    help="also bench unified activated under the think gate with this fraction of queries "
                         "thinking (the `auto` mode), e.g. the gate's measured compute-point rate")
@@ -390,9 +440,11 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's). On a shared machine use 1: with more threads "
                         "than free cores every parallel region waits on a descheduled thread")
-    p.add_argument("--decode", choices=("auto", "eager", "static", "graph"), default="auto",
-                   help="think's decode loop: eager (a growing cache), static (preallocated cache), graph "
-                        "(static + CUDA-graph replay, CUDA only), auto (graph on CUDA, else eager)")
+    p.add_argument("--decode", default="auto",
+                   help="think's decode loop, or a comma list of them (each mode runs once per loop, in one "
+                        "run): eager (a growing cache), static (preallocated cache), compiled (static + "
+                        "torch.compile; the warm-up compiles), graph (static + CUDA-graph replay, CUDA only), "
+                        "auto (graph on CUDA, else eager)")
     p.add_argument("--no-generate", dest="generate", action="store_false",
                    help="skip timing Hugging Face generate (the decode tok/s comparison)")
     p.add_argument("--out", default="bench_out", help="folder for results.jsonl, table.md, bench.png")
@@ -407,13 +459,17 @@ def parse_args(argv):
                 setattr(args, name, value)
     if args.think_rate is not None and not 0.0 <= args.think_rate <= 1.0:
         p.error(f"--think-rate is a fraction of queries in [0, 1], got {args.think_rate}")
-    default = MODES if args.think_rate is not None else MODES[:3]
+    default = MODES if args.think_rate is not None else [m for m in MODES if m != "auto"]
     args.modes = [m.strip() for m in (args.modes or ",".join(default)).split(",") if m.strip()]
     if "auto" in args.modes and args.think_rate is None:
         p.error("mode auto needs --think-rate R (the fraction of queries that think)")
     bad = sorted(set(args.modes) - set(MODES))
     if bad:
         p.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+    args.decode = [d.strip() for d in args.decode.split(",") if d.strip()]
+    bad = [d for d in args.decode if d not in DECODE_LOOPS] or ([] if args.decode else ["(none)"])
+    if bad:
+        p.error(f"unknown decode loop(s) {bad}; choose from {', '.join(DECODE_LOOPS)}")
     for name in ("query_lens", "trace_lens", "batch_sizes"):
         if not getattr(args, name) or min(getattr(args, name)) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive integers, got {getattr(args, name)}")

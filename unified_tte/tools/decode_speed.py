@@ -108,7 +108,8 @@ def add_decode_speed(row: dict) -> dict:
 def decode_note(r0: dict) -> str:
     """The line under the bench table that says what its decode columns are."""
     generate = r0.get("generate_tok_s")
-    return (f"\nDecode: the `{r0.get('decode_loop') or r0.get('decode')}` loop. tok/s = B x (T - 1) one-token "
+    return (f"\nDecode: `loop` is the decode loop that ran (the embed step runs as that loop runs a step). "
+            f"`embed / step`: the embed time in decode steps of the same row. tok/s = B x (T - 1) one-token "
             f"steps per second of decode; `vs generate`: against Hugging Face generate on the same reasoner "
             f"({'—' if not generate else f'{generate:.1f}'} tok/s in the first case); `of bound`: against "
             f"B x {r0['copy_bandwidth_gb_s']:.1f} GB/s copy bandwidth / {r0['decode_weights_bytes'] / 2**20:.0f} MB "
