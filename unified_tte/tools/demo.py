@@ -85,6 +85,7 @@ class DemoSettings:
     no_trace_fraction: float = 0.5    # unified activated: queries trained without their trace too
     gate_token_budget: float = 0.6    # the gate's compute point: this fraction of always-think's tokens
     gate_folds: int = 5
+    gate_answer_key: str | None = "answer"   # digits: the digit; knowledge: the answer text (content)
 
     @property
     def eval_queries(self) -> int | None:
@@ -101,7 +102,7 @@ SMOLLM2 = DemoSettings(
     think_steps=60, think_batch_size=8, think_lr=2e-3, embed_steps=40, batch_size=16, embed_lr=1e-3,
     lora_r=16, lora_alpha=32, temperature=0.05, threads=None, top_k_layers=8,
     max_new_tokens=64, eval_batch_size=32,
-    peft_check_queries=32, holdout_by="entities",
+    peft_check_queries=32, holdout_by="entities", gate_answer_key=None,
     bench=["--backbone", "smollm2", "--query-lens", "256", "--trace-lens", "32", "--batch-sizes", "1",
            "--repeats", "3", "--threads", "1"])
 SMOLLM2_QUICK = replace(
@@ -129,7 +130,7 @@ def demo_phases(settings: DemoSettings, bench: bool) -> console.Phases:
 
 def _machine() -> str:
     """What the figures were measured on (the benchmarks' shared name, tte_kernels.measure)."""
-    from tte_kernels.measure import machine_name
+    from .measure import machine_name
     return machine_name()
 
 
@@ -200,7 +201,8 @@ def run_specs(settings: DemoSettings, out: Path, seed: int) -> tuple[str, dict]:
             stages=["embed", "gate"], model={"mode": "activated", **unified, **lora},
             embed={**embed, "no_trace_fraction": s.no_trace_fraction},
             gate={"token_budget": s.gate_token_budget, "max_new_tokens": s.max_new_tokens,
-                  "batch_size": s.eval_batch_size, "folds": s.gate_folds}, **start)),
+                  "batch_size": s.eval_batch_size, "folds": s.gate_folds, "answer_key": s.gate_answer_key},
+            **start)),
         "unified TTE (top_k)": (out / RUN_DIRS["unified TTE (top_k)"], base, dict(
             stages=["embed"], model={"mode": "top_k", "embed_layers": s.top_k_layers, **unified, **lora},
             embed=embed, **start)),

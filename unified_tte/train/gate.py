@@ -4,8 +4,10 @@ out of think and embed training (`data.holdout`), never on eval rows.
     gate_report = fit_gate_stage(recipe, run_dir, held_out_rows, dtype, device)   # -> RUN_DIR/gate/
 
 1. Every held-out query is embedded both ways from one prefill (`UnifiedTTE.embed_both`): direct,
-   and after the think adapter's greedy trace. Its candidates are its task's held-out positives
-   and hard negatives (distinct contents, embedded once, no trace).
+   and after the think adapter's greedy trace. Its candidates are its positive, its hard negative
+   and the positives of its task's other held-out rows with another answer (distinct contents,
+   embedded once, no trace; `gate.answer_key` says what "the same answer" is where the content
+   does not, e.g. two images of one digit).
 2. Label: the trace helped when it raised the positive's rank (ties ranked against it), or, at
    the same rank, its margin over the best other candidate. Weight: 1 for a rank change, else
    the margin change relative to the median one (at most 1): a tie that barely moved counts little.
@@ -40,7 +42,7 @@ L2_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 
 # ----------------------------------------------------------------------------- measurements
 def heldout_measurements(tte: UnifiedTTE, rows: list, batch_size: int, max_new_tokens: int,
-                         progress=None) -> dict:
+                         progress=None, answer_key: str | None = None) -> dict:
     """Per held-out row: gate features, rank / margin / hit of the direct and the TTE embedding
     among its task's held-out candidates, decoded tokens and the answer's log-probability."""
     features, direct, after, traces = [], [], [], []
@@ -53,25 +55,34 @@ def heldout_measurements(tte: UnifiedTTE, rows: list, batch_size: int, max_new_t
         if progress is not None:
             progress.update(len(both.traces))
     features, direct, after = torch.cat(features), torch.cat(direct), torch.cat(after)
-    # Candidates: per task, every distinct held-out positive and hard negative, embedded once.
+    # Candidates of a row: its positive, its hard negative and the positives of its task's other
+    # held-out rows with another answer (`answer_key`: a meta key naming what counts as the same
+    # answer, e.g. the digit an image shows; default: the positive's content). Other rows'
+    # negatives are left out: nothing says whether one of them shows this row's answer.
     memo: dict = {}
-    pools: dict[str, dict] = {}
+    answer = (lambda r: ("content", content_key(r.pos, memo))) if answer_key is None \
+        else (lambda r: ("meta", repr(r.meta.get(answer_key))))
+    items: dict[tuple, object] = {}
     for r in rows:
-        pool = pools.setdefault(r.task, {})
         for item in (r.pos, r.neg):
             if item is not None:
-                pool.setdefault(content_key(item, memo), item)
-    embedded: dict[tuple, torch.Tensor] = {}
-    for task, pool in pools.items():
-        keys, items = list(pool), list(pool.values())
-        for a in range(0, len(items), batch_size):
-            for k, e in zip(keys[a:a + batch_size], tte.embed(items[a:a + batch_size]).cpu()):
-                embedded[(task, k)] = e
+                items.setdefault(content_key(item, memo), item)
+    keys = list(items)
+    embedded = {}
+    for a in range(0, len(keys), batch_size):
+        for k, e in zip(keys[a:a + batch_size], tte.embed([items[k] for k in keys[a:a + batch_size]]).cpu()):
+            embedded[k] = e
+    by_task: dict[str, list] = {}
+    for r in rows:
+        by_task.setdefault(r.task, []).append(r)
     out = {key: [] for key in ("rank_direct", "rank_tte", "margin_direct", "margin_tte")}
     for i, r in enumerate(rows):
-        keys = list(pools[r.task])
-        matrix = torch.stack([embedded[(r.task, k)] for k in keys])
-        positive = keys.index(content_key(r.pos, memo))
+        mine = answer(r)
+        pool = [content_key(r.pos, memo)] + ([content_key(r.neg, memo)] if r.neg is not None else [])
+        pool += [content_key(s.pos, memo) for s in by_task[r.task] if answer(s) != mine]
+        pool = list(dict.fromkeys(pool))           # each content once; the positive first
+        matrix = torch.stack([embedded[k] for k in pool])
+        positive = 0
         for name, query in (("direct", direct[i]), ("tte", after[i])):
             sims = matrix @ query
             others = torch.cat([sims[:positive], sims[positive + 1:]])
@@ -256,7 +267,12 @@ def fit_gate_stage(recipe: Recipe, run_dir: Path, rows: list, dtype: torch.dtype
         order = np.random.default_rng([recipe.seed, 17]).permutation(len(rows))[:g.max_rows]
         rows = [rows[i] for i in sorted(order)]
     tte = gate_model(recipe, run_dir, dtype).to(device)
-    measured = heldout_measurements(tte, rows, g.batch_size, g.max_new_tokens)
+    if g.answer_key is not None:
+        missing = [r.id for r in rows if g.answer_key not in r.meta]
+        if missing:
+            raise TrainError(f"gate.answer_key={g.answer_key!r}: {len(missing)} held-out rows have no such meta key "
+                             f"(first: {missing[:3]}); name a key every row has, or leave it null")
+    measured = heldout_measurements(tte, rows, g.batch_size, g.max_new_tokens, answer_key=g.answer_key)
     gate, summary = fit_gate(measured, g, recipe.seed)
     gate.info["fingerprint"] = tte.fingerprint()
     final, tmp = run_dir / "gate", run_dir / "gate.tmp"

@@ -187,6 +187,10 @@ class GateConfig:
     """Cross-fitting: thresholds are picked on out-of-fold scores."""
     max_rows: int | None = None
     """Fit on at most this many held-out rows (null: all)."""
+    answer_key: str | None = None
+    """A row meta key whose equal values are the same answer (digits: `answer`, the digit an image
+    shows), so another held-out row's positive with this row's answer is no negative for it;
+    null: equal content is the same answer (enough for text targets)."""
 
 
 @dataclass
