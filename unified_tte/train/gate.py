@@ -11,7 +11,9 @@ out of think and embed training (`data.holdout`), never on eval rows.
 2. Label: the trace helped when it raised the positive's rank (ties ranked against it), or, at
    the same rank, its margin over the best other candidate. Weight: 1 for a rank change, else
    the margin change relative to the median one (at most 1): a tie that barely moved counts little.
-3. A logistic regression on the standardised gate features, its L2 strength picked by K-fold
+3. Every task weighs the same (rows are weighted by 1 / their task's size), in the fit and in the
+   held-out Hit@1 the thresholds are picked on, as results average over tasks.
+   A logistic regression on the standardised gate features, its L2 strength picked by K-fold
    cross-validated log-loss; thresholds are picked on the out-of-fold scores (the rows a fold's
    model never saw): `quality` (best held-out Hit@1), `compute` (best Hit@1 within
    gate.token_budget of the decoded tokens), or the recipe's target think rate / threshold.
@@ -101,6 +103,15 @@ def heldout_measurements(tte: UnifiedTTE, rows: list, batch_size: int, max_new_t
     return out
 
 
+def task_weights(tasks) -> np.ndarray:
+    """Per row, the weight that makes a mean over rows the mean over tasks (as results average):
+    a task with many held-out rows (a comparison has one per pair) counts as much as a small one."""
+    tasks = np.asarray(tasks)
+    names, counts = np.unique(tasks, return_counts=True)
+    size = dict(zip(names, counts))
+    return np.asarray([len(tasks) / (size[t] * len(names)) for t in tasks], dtype=np.float64)
+
+
 def labels(m: dict) -> tuple[np.ndarray, np.ndarray]:
     """(1 where the trace helped, the weight of each row) - see the module docstring, step 2."""
     rank_gain = m["rank_direct"] - m["rank_tte"]
@@ -185,6 +196,8 @@ def fit_gate(m: dict, g: GateConfig, seed: int) -> tuple[ThinkGate, dict]:
     """The gate, its operating points and a held-out summary, from `heldout_measurements`."""
     x = m["features"]
     y, w = labels(m)
+    balance = task_weights(m["tasks"])
+    w = w * balance
     n = len(y)
     if n < 2 * g.folds:
         raise TrainError(f"gate: {n} held-out rows; the gate needs at least {2 * g.folds} (2 x gate.folds): "
@@ -193,7 +206,7 @@ def fit_gate(m: dict, g: GateConfig, seed: int) -> tuple[ThinkGate, dict]:
         warnings.warn(f"gate: on all {n} held-out rows the trace {'helped' if y[0] else 'did not help'}; "
                       "the gate is constant (it thinks on every query or on none)")
     oof, l2 = cross_fit(x, y, w, g.folds, seed)
-    hd, ht, tokens = m["hit_direct"], m["hit_tte"], m["tokens"]
+    hd, ht, tokens = m["hit_direct"] * balance, m["hit_tte"] * balance, m["tokens"]   # task-averaged Hit@1
     curve = policy_curve(oof, hd, ht, tokens)
     points = {"quality": _point(pick_quality(curve)), "compute": _point(pick_compute(curve, g.token_budget),
                                                                         token_budget=g.token_budget)}
