@@ -172,3 +172,20 @@ def test_tte_kernels_never_imports_unified_tte():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
             assert not any(n.split(".")[0] == "unified_tte" for n in names), f"{path.name} imports unified_tte"
+
+
+def test_unified_tte_takes_kernels_from_tte_kernels_and_no_benchmark_harness():
+    """The package's benchmarks measure with tools/measure.py; tte_kernels' op benchmark is its own."""
+    users = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            if any(n == "tte_kernels.bench" or n.startswith("tte_kernels.bench.") for n in names):
+                users.append(name)
+    assert not users, f"{sorted(users)} import tte_kernels.bench; measure with unified_tte.tools.measure"
+    assert not (ROOT / "kernels" / "tte_kernels" / "measure.py").exists()

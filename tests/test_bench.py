@@ -81,7 +81,7 @@ def test_two_decode_loops_run_in_one_bench_each_against_its_own_two_model_row(tm
     assert "| activated | static | 1 | 64 | 16 |" in table and "| two_model | eager | 1 | 64 | 16 |" in table
 
 
-# The memory probe (PeakMemory) is tte_kernels.measure's, held in tests/test_measure.py.
+# The memory probe (PeakMemory) is unified_tte.tools.measure's, held in tests/test_measure.py.
 
 
 def test_on_a_gpu_machine_the_bench_defaults_to_cuda_in_bf16(monkeypatch):

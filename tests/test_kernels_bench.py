@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from tte_kernels import bench
-from tte_kernels.bench import build_parser, markdown, memory_method, resolve
-from tte_kernels.measure import WorkerError
+from tte_kernels.bench import CaseError, build_parser, markdown, memory_method, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +69,7 @@ def test_a_failed_case_becomes_an_error_row_and_the_child_pins_the_mmap_threshol
 
     def fail(module, spec, timeout=None, **options):
         seen.update(module=module, timeout=timeout, **options)
-        raise WorkerError(options["name"], "was killed (exit -9, out of memory?)", "MemoryError\n")
+        raise CaseError(options["name"], "was killed (exit -9, out of memory?)", "MemoryError\n")
 
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     monkeypatch.setattr(bench, "run_in_fresh_process", fail)
@@ -80,3 +79,29 @@ def test_a_failed_case_becomes_an_error_row_and_the_child_pins_the_mmap_threshol
                    "error": "was killed (exit -9, out of memory?): MemoryError"}
     assert seen == {"module": "tte_kernels.bench", "timeout": 5.0, "name": "ref",
                     "env": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+
+
+CASE_PROCESS = '''import json, os, sys, time
+job = json.loads(sys.argv[sys.argv.index("--worker") + 1])
+print("noise before the answer", flush=True)
+print("case stderr line", file=sys.stderr, flush=True)
+time.sleep(job.get("sleep", 0))
+if job.get("answer"):
+    print({tag!r} + json.dumps({{"env": os.environ.get("TTE_CASE")}}), flush=True)
+if job.get("kill"):
+    os.kill(os.getpid(), 9)
+sys.exit(job.get("exit", 0))
+'''
+
+
+@pytest.mark.parametrize("job, why", [({"answer": True, "exit": 3}, "exited with code 3"),
+                                      ({}, "exited without an answer"),
+                                      ({"kill": True}, "was killed (exit -9, out of memory?)"),
+                                      ({"sleep": 60}, "timed out after 2 s")])
+def test_a_case_process_answers_once_or_fails_with_why_and_its_stderr(tmp_path, job, why):
+    (tmp_path / "case_process.py").write_text(CASE_PROCESS.format(tag=bench.ANSWER_TAG))
+    env = {"PYTHONPATH": str(tmp_path), "TTE_CASE": "set"}
+    assert bench.run_in_fresh_process("case_process", {"answer": True}, name="ref", env=env) == {"env": "set"}
+    with pytest.raises(CaseError) as err:
+        bench.run_in_fresh_process("case_process", job, timeout=2, name="ref", env=env)
+    assert err.value.why == why and "case stderr line" in err.value.tail

@@ -1,7 +1,7 @@
-"""tte_kernels.measure, the one measurement module of every benchmark: percentiles, peak memory,
-the machine's name and fresh-process workers; and the CUDA-only branches the CLIs reach (GPU
-name, CUDA peak memory, synchronisation, the kernels' launch guard), held on a CPU machine by
-standing in for torch.cuda.
+"""unified_tte.tools.measure, the measurement module of the package's benchmarks: percentiles,
+peak memory, the machine's name and fresh-process workers; and the CUDA-only branches the CLIs
+reach (GPU name, CUDA peak memory, synchronisation, the kernels' launch guard), held on a CPU
+machine by standing in for torch.cuda.
 
     pytest tests/test_measure.py -q
 """
@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from tte_kernels import measure
 from tte_kernels.constants import device_guard
-from tte_kernels.measure import (PeakMemory, Worker, WorkerError, current_memory_mb, machine_name, percentile,
-                                 read_commands, reply, run_in_fresh_process, summary, sync, trim)
+from unified_tte.tools import measure
+from unified_tte.tools.measure import (PeakMemory, Worker, WorkerError, current_memory_mb, machine_name, percentile,
+                                       read_commands, reply, run_in_fresh_process, summary, sync, trim)
 
-KERNELS = Path(__file__).resolve().parents[1] / "kernels" / "tte_kernels"
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = ROOT / "kernels" / "tte_kernels"
 
 
 def _no_cuda_call(*args, **kwargs):
@@ -210,7 +211,7 @@ def test_reply_and_read_commands_speak_the_protocol(capsys):
 
 
 def test_measure_imports_nothing_but_the_stdlib_and_torch():
-    tree = ast.parse((KERNELS / "measure.py").read_text())
+    tree = ast.parse((ROOT / "unified_tte" / "tools" / "measure.py").read_text())
     names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert all(name == "torch" or name in sys.stdlib_module_names for name in names), names

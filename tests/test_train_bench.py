@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from tte_kernels.measure import PeakMemory, WorkerError, current_memory_mb
+from unified_tte.tools.measure import PeakMemory, WorkerError, current_memory_mb
 from unified_tte.tools import train_bench
 
 

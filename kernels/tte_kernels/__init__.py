@@ -7,9 +7,9 @@
 Backends (backend= argument, else $TTE_KERNEL_BACKEND, else Triton on CUDA / chunked elsewhere):
 "triton" (kernels in pooling_triton.py, infonce_triton.py), "chunked" (pure PyTorch, bounded
 memory, any device), "ref" (the plain PyTorch definition). See README.md in this folder.
-Tests: `pytest tests/test_kernels*.py -q`. Bench: `python -m tte_kernels.bench --help`; its
-measurement (peak memory, percentiles, fresh-process workers) is `tte_kernels.measure`, which the
-package's benchmarks share.
+Tests: `pytest tests/test_kernels*.py -q`. Bench: `python -m tte_kernels.bench --help` (it times
+itself; the package's benchmarks share unified_tte/tools/measure.py, which this package never
+imports).
 The package is kernels/tte_kernels/; kernels/ is not a package, so it never shadows Hugging Face's
 `kernels` (which transformers imports) when the repo root is on sys.path.
 """

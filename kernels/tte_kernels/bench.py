@@ -5,14 +5,14 @@
     python -m tte_kernels.bench --sizes 32768 --backends chunked   # skip the slow / 13 GiB reference
     python -m tte_kernels.bench --device cuda                   # ref vs triton, 1024 ... 32768, bf16
 
-Every measurement runs in a fresh subprocess (measure.run_in_fresh_process), so one case's
-allocator state and peak cannot leak into the next. `--repeats` rounds per size; each round
+Every measurement runs in a fresh subprocess (run_in_fresh_process), so one case's allocator
+state and peak cannot leak into the next. `--repeats` rounds per size; each round
 runs every backend once, in turn (ref, chunked, ref, chunked, ...), so a change in machine load
 (a shared 2-core box) hits all backends alike. Time: wall clock of loss = info_nce(q, t);
 loss.backward(), after `--warmup` untimed runs in the same process; median, p20, p80 over the
 rounds. The process CPU time of the same run is reported beside it: on a machine shared with
-other jobs it moves far less than the wall clock. Peak memory (measure.PeakMemory): the
-largest over the rounds, above what the process held once q and t existed (so it counts the
+other jobs it moves far less than the wall clock. Peak memory (peak_memory): the largest over
+the rounds, above what the process held once q and t existed (so it counts the
 gradients of q and t plus the loss' own working set):
   * CPU: peak resident set size (VmHWM, reset through /proc/self/clear_refs; where that is not
     writable, the RSS sampled every millisecond) minus the resident set before the first run.
@@ -21,29 +21,135 @@ gradients of q and t plus the loss' own working set):
   * CUDA: torch.cuda.max_memory_allocated() minus memory_allocated() before the first run.
 Output: one JSON line per case (stdout and OUT/infonce.jsonl) and a markdown table with the
 backend / reference ratios (OUT/infonce.md). OUT defaults to bench_out/kernels.
+
+It measures with what it needs and no more: tte_kernels imports nothing of unified_tte, so the
+package's benchmark harness (unified_tte/tools/measure.py) is not used here.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import gc
 import json
 import os
+import platform
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from .measure import (PeakMemory, WorkerError, current_memory_mb, default_device, is_cuda, machine_name,
-                      percentile, reply, run_in_fresh_process, sync, trim)
-
 MMAP_THRESHOLD = 65536
 MODULE = "tte_kernels.bench"
+ANSWER_TAG = "@@case "  # starts a case process's answer line; anything else it prints is ignored
+STDERR_TAIL = 3000      # how much of a failed case's stderr its error carries
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+def percentile(xs, p: float) -> float:
+    """The p-th percentile of xs, linear between the closest ranks (numpy's default)."""
+    import torch
+
+    return float(torch.quantile(torch.tensor(list(xs), dtype=torch.float64), p / 100))
+
+
+def machine(device: str) -> str:
+    """What a row was measured on: the GPU's name, or "N-core <CPU model>"."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if models:
+            return f"{os.cpu_count()}-core {models[0]}"
+    return f"{os.cpu_count()}-core {platform.processor() or 'CPU'}"
+
+
+def _status_bytes(field: str) -> int:
+    """VmRSS or VmHWM of this process, from /proc/self/status (kB there)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+@contextlib.contextmanager
+def peak_memory(device: str):
+    """Yields a dict that holds, once the block is done, its peak memory in bytes above what the
+    process held as it began ("bytes") and how that was measured ("method"): CUDA's
+    max_memory_allocated; on CPU the resident high-water mark (VmHWM) reset through
+    /proc/self/clear_refs, or where that is not writable the RSS sampled every millisecond. Freed
+    heap is handed back first (gc, malloc_trim), so the start is what is live."""
+    import torch
+
+    out = {}
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):   # glibc keeps freed heap mapped until asked
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        yield out
+        out.update(bytes=torch.cuda.max_memory_allocated() - start, method="cuda.max_memory_allocated")
+        return
+    start = _status_bytes("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        highest, done = [start], threading.Event()
+
+        def sample():
+            while not done.wait(0.001):
+                highest[0] = max(highest[0], _status_bytes("VmRSS"))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        yield out
+        done.set()
+        sampler.join()
+        out.update(bytes=max(highest[0], _status_bytes("VmRSS")) - start, method="RSS sampled every 1 ms")
+        return
+    yield out
+    out.update(bytes=_status_bytes("VmHWM") - start, method="VmHWM after clear_refs")
+
+
+class CaseError(RuntimeError):
+    """A case's process failed before it answered: `why` says how, `tail` is the end of its stderr."""
+
+    def __init__(self, name: str, why: str, tail: str):
+        self.name, self.why, self.tail = name, why, tail
+        super().__init__(f"the {name} case {why}; the end of its stderr:\n{tail}")
+
+
+def run_in_fresh_process(module: str, spec: dict, timeout: float | None = None, *, name: str,
+                         env: dict) -> dict:
+    """Run `python -m MODULE --worker JSON` (with `env` added to this environment) to its end and
+    return its answer; CaseError if it fails, runs past `timeout` seconds or does not answer."""
+    command = [sys.executable, "-m", module, "--worker", json.dumps(spec)]
+    try:
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **env})
+    except subprocess.TimeoutExpired as exc:
+        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        raise CaseError(name, f"timed out after {timeout:g} s", stderr[-STDERR_TAIL:]) from None
+    answers = [line[len(ANSWER_TAG):] for line in done.stdout.splitlines() if line.startswith(ANSWER_TAG)]
+    if done.returncode == 0 and answers:
+        return json.loads(answers[-1])
+    code = done.returncode
+    why = (f"was killed (exit {code}, out of memory?)" if code in (-9, 137) else
+           f"exited with code {code}" if code else "exited without an answer")
+    raise CaseError(name, why, done.stderr[-STDERR_TAIL:])
 
 
 # --- the worker: one case, one process ---------------------------------------------------------
 
 def memory_method(device: str, method: str) -> str:
     """The sentence under the table that says how peak memory was measured."""
-    if is_cuda(device):
+    if device == "cuda":
         return f"torch.{method} above memory_allocated after inputs were built, fresh process per case"
     return (f"peak RSS ({method}) above the RSS after inputs were built, fresh process per case, "
             "glibc mmap threshold pinned at 64 KiB")
@@ -57,6 +163,7 @@ def run_case(spec: dict) -> dict:
 
     device = spec["device"]
     dtype = getattr(torch, spec["dtype"])
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     B, D, backend = spec["size"], spec["dim"], spec["backend"]
 
     def step(q, t):
@@ -74,28 +181,27 @@ def run_case(spec: dict) -> dict:
     g = torch.Generator(device="cpu").manual_seed(0)
     q = F.normalize(torch.randn(B, D, generator=g), dim=-1).to(device=device, dtype=dtype).requires_grad_()
     t = F.normalize(torch.randn(B, D, generator=g), dim=-1).to(device=device, dtype=dtype).requires_grad_()
-    sync(device)
-    trim()
+    sync()
     times, cpu_times = [], []
     loss = None
-    with PeakMemory(device, current_memory_mb(device)) as mem:
+    with peak_memory(device) as mem:
         for i in range(spec["warmup"] + spec["repeats"]):
-            sync(device)
+            sync()
             t0, c0 = time.perf_counter(), time.process_time()
             loss = step(q, t)
-            sync(device)
+            sync()
             if i >= spec["warmup"]:
                 times.append(time.perf_counter() - t0)
                 cpu_times.append(time.process_time() - c0)
-    peak = mem.peak_mb * 2**20
+    peak = mem["bytes"]
     return {
         "op": "info_nce_fwd_bwd", "backend": backend, "B": B, "N": B, "D": D, "dtype": spec["dtype"],
-        "device": machine_name(device), "threads": torch.get_num_threads(), "symmetric": spec["symmetric"],
+        "device": machine(device), "threads": torch.get_num_threads(), "symmetric": spec["symmetric"],
         "chunk_size": spec.get("chunk_size"), "repeats": len(times), "warmup": spec["warmup"],
         "time_median_s": statistics.median(times), "time_p20_s": percentile(times, 20),
         "time_p80_s": percentile(times, 80), "cpu_time_median_s": statistics.median(cpu_times),
         "peak_mem_bytes": int(peak), "peak_mem_mib": round(peak / 2**20, 1),
-        "memory_method": memory_method(device, mem.method), "loss": float(loss), "torch": torch.__version__,
+        "memory_method": memory_method(device, mem["method"]), "loss": float(loss), "torch": torch.__version__,
     }
 
 
@@ -108,7 +214,7 @@ def _spawn(spec: dict, timeout: float | None) -> dict:
     env = {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))}
     try:
         return run_in_fresh_process(MODULE, spec, timeout=timeout, name=spec["backend"], env=env)
-    except WorkerError as exc:
+    except CaseError as exc:
         return {**_ids(spec), "error": f"{exc.why}: {exc.tail.strip()[-800:]}"}
 
 
@@ -192,7 +298,7 @@ def resolve(args) -> tuple[str, list[int], list[str], str]:
     chunked, in float32. ValueError for --device cuda without a GPU."""
     import torch
 
-    device = default_device() if args.device == "auto" else args.device
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but torch sees no GPU")
     cuda = device == "cuda"
@@ -205,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     if args.worker is not None:
-        reply(run_case(json.loads(args.worker)))
+        print(ANSWER_TAG + json.dumps(run_case(json.loads(args.worker))), flush=True)
         return 0
     try:
         device, sizes, backends, dtype = resolve(args)

@@ -36,7 +36,7 @@ How it is measured:
   think + embed under one timer. One warm-up run per case, then `--repeats` timed runs: p50/p90.
   On CUDA every timer edge calls `torch.cuda.synchronize()`.
 - The measuring tools (fresh-process workers, peak memory, percentiles, the machine's name) are
-  tte_kernels.measure, shared with train_bench and the kernel benchmark.
+  tools/measure.py, shared with train_bench, plan and doctor.
 - Each mode runs in its own fresh subprocess (all alive at once, idle while another runs); per case
   every mode warms up, then the timed repeats alternate between modes, so drifts in machine load
   (a shared machine) hit every mode alike. Worker stderr goes to OUT/worker_<mode>.log.
@@ -67,11 +67,10 @@ import sys
 import time
 from pathlib import Path
 
-from tte_kernels.measure import (PeakMemory, Worker, current_memory_mb, default_device, is_cuda, machine_name,
-                                 read_commands, reply, summary, sync, trim)
-
 from ..errors import RunError, command, require
 from ..model.zoo import check_spec
+from .measure import (PeakMemory, Worker, current_memory_mb, default_device, is_cuda, machine_name, read_commands,
+                      reply, summary, sync, trim)
 from .report import command_line, provenance
 from .decode_speed import (add_decode_speed, copy_bandwidth_gb_s, decode_note, decode_weight_bytes, generate_decode_ms,
                            generate_times_ms)

@@ -128,7 +128,7 @@ def devices() -> dict:
                 memory[key] = round(int(value.split()[0]) / 2**20, 1)
     except (OSError, ValueError):
         pass
-    from tte_kernels.measure import machine_name
+    from .measure import machine_name
     out["cpu"] = {"name": machine_name("cpu"), "usable_cores": len(os.sched_getaffinity(0)),
                   "memory_gib": memory.get("MemTotal"), "available_gib": memory.get("MemAvailable"),
                   "bf16_instructions": [f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()]}

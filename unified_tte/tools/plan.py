@@ -53,9 +53,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tte_kernels.measure import WorkerError, reply, run_in_fresh_process
-
 from ..errors import RecipeError, RunError, command
+from .measure import WorkerError, reply, run_in_fresh_process
 
 GIB = 2 ** 30
 USABLE = 0.9                 # of --gpu-mem; the rest for the CUDA context and fragmentation
@@ -587,7 +586,7 @@ def _one_step(recipe, stage: str, lengths: Lengths, world: int, measure_from: fl
 
     from ..train import build_model, embed_backward, make_engine, stage_shape, think_backward
     from ..train.recipe import load_deepspeed_json
-    from tte_kernels.measure import PeakMemory
+    from .measure import PeakMemory
 
     tte = build_model(recipe, torch.float32)
     engine = make_engine(recipe, stage, tte, load_deepspeed_json(recipe.deepspeed), world, bf16=False)
@@ -620,7 +619,7 @@ def measure_worker(job: dict) -> None:
 
     from ..train import init_distributed
     from ..train.recipe import load_recipe
-    from tte_kernels.measure import current_memory_mb, trim
+    from .measure import current_memory_mb, trim
 
     torch.manual_seed(0)
     recipe = load_recipe(job["recipe"], job["overrides"])

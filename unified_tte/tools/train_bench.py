@@ -14,10 +14,10 @@ recipes/deepspeed/zero2.json), exactly the embed stage of `tte train`:
 * two-model: `UnifiedTTE.separate_embedder`, the baseline's embedder: one LoRA over every layer
   and position re-encodes query + trace with grad.
 
-Each variant runs in its own fresh process (tte_kernels.measure.run_in_fresh_process, without
+Each variant runs in its own fresh process (tools/measure.py run_in_fresh_process, without
 the launcher's RANK / WORLD_SIZE / ... so it is one rank of its own), variants interleaved round
 by round, the best round kept (the machine may be shared). Samples/s counts query rows per second
-(each with its positive and hard negative). Peak memory (tte_kernels.measure.PeakMemory) is taken
+(each with its positive and hard negative). Peak memory (tools/measure.py PeakMemory) is taken
 over the timed and warm-up steps: on CPU the peak RSS over the RSS once model and engine are built
 ("training peak"), on GPU CUDA's max allocated, weights included.
 """
@@ -29,8 +29,8 @@ import os
 import sys
 import time
 
-from tte_kernels.measure import (PeakMemory, WorkerError, current_memory_mb, default_device, is_cuda, machine_name,
-                                 reply, run_in_fresh_process, sync, trim)
+from .measure import (PeakMemory, WorkerError, current_memory_mb, default_device, is_cuda, machine_name, reply,
+                      run_in_fresh_process, sync, trim)
 
 VARIANTS = ("activated", "top_k", "two-model")
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # kept from the child
@@ -93,8 +93,8 @@ def worker(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     T.init_distributed()
-    device, dtype = train_device()
-    d = T.Dist(0, 1, 0, torch.device(device))
+    name, dtype = train_device()
+    device = torch.device(name)
     ds_path = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "deepspeed", "zero2.json")
     recipe = recipe_from_dict({
         "backbone": job["backbone"], "deepspeed": ds_path,
@@ -115,12 +115,12 @@ def worker(job: dict) -> dict:
     batches = [rows[i * batch:(i + 1) * batch] for i in range(steps + warmup)]
     trim()
     times, tokens = [], 0
-    with PeakMemory(d.device, memory_baseline_mb(d.device)) as mem:
+    with PeakMemory(device, memory_baseline_mb(device)) as mem:
         for k, rows_k in enumerate(batches):
             t0 = time.perf_counter()
             _, n_tokens, _ = T.embed_backward(engine, rows_k, job["chunk"], 0.02)
             engine.step()
-            sync(d.device)
+            sync(device)
             if k >= warmup:
                 times.append(time.perf_counter() - t0)
                 tokens += n_tokens
@@ -129,7 +129,7 @@ def worker(job: dict) -> dict:
            "trainable_params": sum(p.numel() for p in tte.peft_model.parameters() if p.requires_grad),
            "batch": batch, "chunk": job["chunk"], "steps": steps,
            "samples_per_s": batch * len(times) / total, "tokens_per_s": tokens / total,
-           "step_s": total / len(times), "device": str(d.device), "threads": job["threads"],
+           "step_s": total / len(times), "device": str(device), "threads": job["threads"],
            **memory_report(mem)}
     engine.destroy()
     return out

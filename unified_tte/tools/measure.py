@@ -1,13 +1,10 @@
-"""Measurement shared by every benchmark: peak memory, percentiles, the machine's name, and
-workers in fresh processes.
+"""Measurement shared by the package's benchmarks and tools (`tte bench`, `python -m
+unified_tte.tools.train_bench`, `tte plan --measure`, `tte doctor`, the demo's bench): peak memory,
+percentiles, the machine's name, and workers in fresh processes. It imports only the standard
+library, and torch inside the functions that need it. (The kernels' own op benchmark,
+`python -m tte_kernels.bench`, times itself: tte_kernels imports nothing of unified_tte.)
 
-It lives in tte_kernels because that is the project's lowest layer: `unified_tte` imports
-`tte_kernels`, never the other way, so the kernel benchmark (`python -m tte_kernels.bench`) and
-the package's benchmarks (`tte bench`, `python -m unified_tte.tools.train_bench`, the demo's
-bench) can all stand on this one module. It imports only the standard library, and torch inside
-the functions that need it.
-
-    from tte_kernels.measure import PeakMemory, current_memory_mb, machine_name, summary, trim
+    from unified_tte.tools.measure import PeakMemory, current_memory_mb, machine_name, summary, trim
 
     trim()                                   # gc + malloc_trim, so the RSS shows what is live
     base = current_memory_mb(device)         # MB: resident set (CPU) or allocated (CUDA)
