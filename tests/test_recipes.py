@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from unified_tte import train as T
-from unified_tte.train.recipe import (Recipe, RecipeError, check_inputs, deepspeed_config, dump_yaml,
-                                load_deepspeed_json, load_recipe, recipe_from_dict)
+from unified_tte.train.engine import stage_shape
+from unified_tte.train.recipe import (Recipe, RecipeError, absolute_paths, check_inputs, deepspeed_config, dump_yaml,
+                                      load_deepspeed_json, load_recipe, recipe_from_dict)
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
@@ -39,8 +40,8 @@ def test_every_recipe_loads_validates_and_opens_with_its_launch_command(path, mo
     recipe = load_recipe(path)
     ds = load_deepspeed_json(recipe.deepspeed)
     world = launch_ranks(header)
-    for stage in recipe.stages:
-        local, micro, accumulation = T.stage_shape(recipe, stage, world)
+    for stage in recipe.training_stages:   # the DeepSpeed stages (a gate stage has no engine)
+        local, micro, accumulation = stage_shape(recipe, stage, world)
         cfg = deepspeed_config(ds, recipe.stage(stage), micro, accumulation, world, bf16=False)
         assert cfg["train_batch_size"] >= recipe.stage(stage).batch_size
     assert recipe_from_dict(recipe.to_dict(), "round trip") == recipe
@@ -150,7 +151,7 @@ def test_the_command_line_reports_recipe_errors_without_a_traceback(tmp_path, ca
 
 def test_the_resolved_recipe_round_trips_through_yaml(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    r = T.absolute_paths(load_recipe("recipes/tiny_cpu.yaml"))
+    r = absolute_paths(load_recipe("recipes/tiny_cpu.yaml"))
     path = tmp_path / "recipe.yaml"
     path.write_text(dump_yaml(r))
     again = load_recipe(path)

@@ -232,9 +232,10 @@ def train_runs(settings: DemoSettings, out: Path, seed: int, phases: console.Pha
         finished = [run_dir / stage / weights] + ([run_dir / "gate" / "gate_config.json"] if "gate" in recipe.stages else [])
         with phases.phase(f"training {name}", total=recipe.total_steps, unit="steps") as bar:
             if all(p.is_file() for p in finished):
-                bar.note = f"reused {run_dir}"
+                bar.total, bar.note = None, f"reused {run_dir}"
             else:
                 shutil.rmtree(run_dir, ignore_errors=True)
+                (out / EVALUATION_FILE).unlink(missing_ok=True)   # it evaluated the run this replaces
                 losses = [loss for _, loss in train(recipe, progress=bar)["losses"][stage]]
                 bar.note = f"{stage} loss {losses[0]:.3f} -> {losses[-1]:.3f}, in {run_dir}"
         reasoner = out / "reasoner"
@@ -334,6 +335,25 @@ def evaluate_systems(settings: DemoSettings, dirs: dict[str, Path], out: Path, t
             "answers right": right, "frontier": frontier,
             "same traces": written["unified TTE (top_k)"] == reasoner,
             "examples": examples}
+
+
+EVALUATION_FILE = "evaluation.json"
+
+
+def evaluation(settings: DemoSettings, dirs: dict[str, Path], out: Path, tasks, phases: console.Phases) -> dict:
+    """evaluate_systems, kept in OUT/evaluation.json: a rerun of a demo whose runs were all reused
+    (a later step failed, say) reads it instead of evaluating again; retraining a run deletes it."""
+    path = out / EVALUATION_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        phases.index += len(SYSTEMS)   # its evaluation phases, skipped
+        phases.say(f"evaluations reused from {path}")
+        return saved
+    results = evaluate_systems(settings, dirs, out, tasks, phases)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, default=str))
+    tmp.replace(path)
+    return results
 
 
 GATE_ROWS = {"unified TTE (direct)": "never", "unified TTE (auto, quality)": "quality",
@@ -625,7 +645,7 @@ def run_demo(args, settings: DemoSettings, out: Path, checkpoint: Path, argv) ->
                f"{len(tasks[0].rows[0].candidates)} candidates)")
     with zoo.reuse_built():   # the base is built once, then copied for every run and system
         dirs = train_runs(settings, out, args.seed, phases)
-        results = evaluate_systems(settings, dirs, out, tasks, phases)
+        results = evaluation(settings, dirs, out, tasks, phases)
         with phases.phase(f"exporting unified TTE (activated) to {checkpoint}") as bar:
             export = export_and_check(dirs, settings, out, tasks, checkpoint)
             bar.note = f"reloaded embeddings differ by {export['round_trip_max_diff']:.1e}"
