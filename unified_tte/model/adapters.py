@@ -218,10 +218,11 @@ class AdapterSwitch:
 
     def _stacked_weights(self, layer: nn.Module, present: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapters' A stacked ([R, in]) and their scaled B side by side ([out, R]). Kept
-        between calls while no weight changed (data pointer and in-place version); rebuilt, with
-        grad, where a weight is being trained."""
+        between calls while no weight changed (data pointer and in-place version) and none is
+        trainable; rebuilt every call (with grad where enabled) for a weight being trained: an
+        optimizer may update it through `.data`, which its version counter does not see."""
         weights = [(layer.lora_A[n].weight, layer.lora_B[n].weight, layer.scaling[n]) for n in present]
-        if torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b, _ in weights):
+        if any(a.requires_grad or b.requires_grad for a, b, _ in weights):
             return (torch.cat([a for a, _, _ in weights]), torch.cat([b * s for _, b, s in weights], 1))
         key = tuple((a.data_ptr(), a._version, b.data_ptr(), b._version, s) for a, b, s in weights)
         kept = self._stacked.get(id(layer))
