@@ -129,6 +129,7 @@ class AdapterSwitch:
         # Kept for as long as the switch: a CUDA graph captured through `fused` reads these tensors.
         self._stacked: dict[int, tuple] = {}   # id(layer) -> (weights' versions, A stacked, B side by side)
         self._masks: dict[tuple, torch.Tensor] = {}   # the tail masks, one per shape
+        self.fused_path: str | None = None   # inside `fused`: "fused", or "peft" where it falls back
         self._gate = _Gate()
         for layer in self._layers:
             if embed in layer.lora_B:
@@ -163,9 +164,13 @@ class AdapterSwitch:
         self._refuse_merged()
         plain = any(_dropout_active(layer, name) or name in getattr(layer, "lora_variant", {})
                     for layer in self._layers for name in names if name in layer.lora_A)
+        self.fused_path = "peft" if plain else "fused"   # which forward the context runs (a graph's key)
         if plain:
-            with self.use(names, gate=tail if tail is not None and self.embed_name in names else None):
-                yield
+            try:
+                with self.use(names, gate=tail if tail is not None and self.embed_name in names else None):
+                    yield
+            finally:
+                self.fused_path = None
             return
         self._set_active(names)
         for layer in self._layers:
@@ -178,6 +183,7 @@ class AdapterSwitch:
             for layer in self._layers:
                 layer.__dict__.pop("forward", None)
             self._set_active(self.think_adapters)
+            self.fused_path = None
 
     def _fused_forward(self, layer: nn.Module, present: list[str], tail: int | None, masks: dict):
         """The forward `fused` gives one LoRA layer, its stacked weights taken once per context."""

@@ -318,12 +318,16 @@ class Engine:
         width = ids.shape[1]
         capacity = -(-(length + width) // INVOCATION_ROUND_TO) * INVOCATION_ROUND_TO
         key = (mode, tuple(ids.shape), tuple(positions.shape), capacity, tuple(tag))
-        if graph:  # a graph reads the weights' memory as it was at capture: any change, a new graph
-            key += (tuple((t.data_ptr(), t._version) for t in self._weights_and_buffers()),)
+        if mode != "static":
+            # A graph reads the weights' memory as it was at capture, and a compiled step skips
+            # its guards when it runs again (InvocationStep): any change to a weight (another
+            # tensor, dtype or device, or an in-place update), a new key.
+            key += (tuple((t.data_ptr(), t.dtype, t._version) for t in self._weights_and_buffers()),)
         step = self._invocation_steps.pop(key, None)
         if step is None:
             step = InvocationStep(self.stack, state.cache, ids, positions, capacity,
-                                  self.step_function(mode, invocation=True), graph)
+                                  self.step_function(mode, invocation=True), graph,
+                                  skip_guards_on_repeat=mode == "compiled")
             while len(self._invocation_steps) >= INVOCATION_STEPS_KEPT:
                 self._invocation_steps.popitem(last=False)
         self._invocation_steps[key] = step
@@ -369,6 +373,9 @@ class StaticDecoder:
             self.residuals = torch.zeros(batch, steps, width, dtype=state.residuals[-1].dtype, device=device)
         self.steps_done = 0
         self.graph = self.out = None
+        # compiled: torch.compile's guards (thousands, a few ms per call) are checked on the first
+        # step; the later steps of this decode run the same model, adapters and shapes.
+        self.skip_guards_after_first = step_function is not None and step_function is not stack.static_step
         if graph:
             self._capture()
 
@@ -393,7 +400,8 @@ class StaticDecoder:
             self.graph.replay()
             hidden = self.out
         else:
-            hidden = self._forward()
+            with skipped_guards() if self.skip_guards_after_first and self.steps_done else contextlib.nullcontext():
+                hidden = self._forward()
         state.attention_mask = torch.cat([state.attention_mask, chunk_mask], 1)
         residual = None
         if self.capture_at is not None:
@@ -405,6 +413,16 @@ class StaticDecoder:
     def finish(self, state: ThinkState) -> None:
         """Hand the decoded keys and values to the state's DynamicCache."""
         self.stack.write_back(self.static, state.cache, self.start + self.steps_done)
+
+
+def skipped_guards():
+    """A context in which torch.compile'd functions skip their guard checks (all but those that
+    tell their own compiled graphs apart). Only where the caller knows nothing the guards check
+    has changed since a checked call: the rest of one decode, a repeat of one invocation step."""
+    try:
+        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+    except (AttributeError, TypeError):   # a torch without the option: the guards run
+        return contextlib.nullcontext()
 
 
 def capture_graph(forward) -> tuple:
@@ -424,13 +442,15 @@ def capture_graph(forward) -> tuple:
 
 class InvocationStep:
     """The embed step's fixed-shape forward, kept by the engine per shape (batch, width, rounded
-    cache length, adapter setup): static key/value buffers the state's DynamicCache is copied
-    into, the step's inputs in fixed buffers, and with `graph` a CUDA graph of the step captured
-    on first use. The state's own cache is only read."""
+    cache length, adapter setup; with graph or compile also the weights): static key/value buffers
+    the state's DynamicCache is copied into, the step's inputs in fixed buffers, and with `graph` a
+    CUDA graph of the step captured on first use (compiled: the guards checked on first use). The
+    state's own cache is only read."""
 
     def __init__(self, stack: DecoderStack, cache, ids: torch.Tensor, positions: torch.Tensor, capacity: int,
-                 step_function, graph: bool):
+                 step_function, graph: bool, skip_guards_on_repeat: bool = False):
         self.stack, self.step_function = stack, step_function
+        self.skip_guards_on_repeat, self.runs = skip_guards_on_repeat, 0
         batch, width = ids.shape
         keys, values = [], []
         for layer in cache.layers:
@@ -459,7 +479,9 @@ class InvocationStep:
         self.mask[:, :, :length] = state.attention_mask.bool()[:, None, :]
         self.mask[:, :, length:length + width] = self.causal & chunk_mask.bool()[:, None, :]
         if not self.use_graph:
-            return self._forward()
+            self.runs += 1
+            with skipped_guards() if self.skip_guards_on_repeat and self.runs > 1 else contextlib.nullcontext():
+                return self._forward()
         if self.graph is None:
             self.graph, self.out = capture_graph(self._forward)
         self.graph.replay()

@@ -363,7 +363,7 @@ class UnifiedTTE(nn.Module):
             # The engine runs it as its decode mode runs a step (a CUDA graph on CUDA).
             with self.switch.fused(self.embed_adapters, tail=n_inv):
                 hidden = self.engine.invocation_step(state, chunks, self.num_layers,
-                                                     tag=("fused", *self.embed_adapters, n_inv))
+                                                     tag=(self.switch.fused_path, *self.embed_adapters, n_inv))
         else:
             with self.engine.preserved(state):
                 with self.switch.fused(self.think_adapters):
