@@ -116,7 +116,7 @@ def test_the_registry_resolves_knowledge_and_its_sub_tasks():
 
 
 def test_a_recipe_trains_on_knowledge_by_name_with_its_options():
-    from unified_tte.train import load_rows
+    from unified_tte.train.batches import load_rows
     from unified_tte.train.recipe import RecipeError, recipe_from_dict
 
     recipe = recipe_from_dict({"data": {"train": "knowledge", "options": {"max_train_per_task": 3, "seed": 2}}})

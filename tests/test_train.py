@@ -12,7 +12,10 @@ import pytest
 import torch
 
 from unified_tte import train as T
+from unified_tte.train.batches import batch_indices
+from unified_tte.train.engine import StageModule, init_distributed, lr_lambda, make_engine, select_trainable
 from unified_tte.train.recipe import load_deepspeed_json, recipe_from_dict
+from unified_tte.train.steps import embed_backward
 from unified_tte.testing import randomize_adapters
 
 ZERO2 = str(Path(__file__).resolve().parents[1] / "recipes" / "deepspeed" / "zero2.json")
@@ -63,15 +66,15 @@ def embed_grads(recipe, rows, chunk, seed=0, dropout=None, keep_prefix=True):
     """Gradients of the embed adapter after one embed step's backward (before the update)."""
     from deepspeed.utils import safe_get_full_grad
 
-    T.init_distributed()
+    init_distributed()
     if dropout is not None:
         recipe.model.lora_dropout = dropout
     tte = T.build_model(recipe, torch.float32)
     randomize_adapters(tte, std=0.05, seed=seed)  # non-zero think and embed deltas
     recipe.embed.gradcache_chunk = chunk
-    engine = T.make_engine(recipe, "embed", tte, load_deepspeed_json(ZERO2), world=1, bf16=False)
+    engine = make_engine(recipe, "embed", tte, load_deepspeed_json(ZERO2), world=1, bf16=False)
     e = recipe.embed
-    loss, tokens, finite = T.embed_backward(engine, rows, chunk, e.temperature, e.use_traces,
+    loss, tokens, finite = embed_backward(engine, rows, chunk, e.temperature, e.use_traces,
                                             e.hard_negatives, e.gather_negatives, keep_prefix)
     grads = {n: safe_get_full_grad(p).clone() for n, p in tte.adapter_params("embed").items()}
     engine.destroy()
@@ -100,7 +103,7 @@ def test_gradcache_rerun_reproduces_dropout_masks(tmp_path, rows, monkeypatch):
     """With LoRA dropout on, each chunk's re-run with grad sees the same dropout masks as its
     pass without grad, so the cached gradients belong to the embeddings being backpropagated."""
     outputs, dropout_on = [], []
-    forward = T.StageModule.forward
+    forward = StageModule.forward
 
     def recording(self, kind, *args, **kwargs):
         out = forward(self, kind, *args, **kwargs)
@@ -111,7 +114,7 @@ def test_gradcache_rerun_reproduces_dropout_masks(tmp_path, rows, monkeypatch):
                                   if n.endswith("lora_dropout.embed")))
         return out
 
-    monkeypatch.setattr(T.StageModule, "forward", recording)
+    monkeypatch.setattr(StageModule, "forward", recording)
     recipe = tiny_recipe(tmp_path, embed={"batch_size": 6})
     _, grads, ok = embed_grads(recipe, rows[:6], chunk=3, dropout=0.3)
     assert ok
@@ -123,7 +126,7 @@ def test_gradcache_rerun_reproduces_dropout_masks(tmp_path, rows, monkeypatch):
     outputs.clear()
     tte = T.build_model(recipe, torch.float32)
     randomize_adapters(tte, std=0.05)
-    T.select_trainable(tte, recipe, "embed")
+    select_trainable(tte, recipe, "embed")
     x, tr = [r.qry for r in rows[:3]], [r.trace for r in rows[:3]]
     assert not torch.equal(tte.embed_with_grad(x, tr), tte.embed_with_grad(x, tr))
 
@@ -172,7 +175,7 @@ def test_resume_is_exact_and_the_run_folder_has_the_export_layout(tmp_path):
         assert r["tokens_per_s"] > 0 and r["grad_norm"] is not None
     # each stage: one warmup step, then cosine from its own lr
     assert [r["lr"] for r in records] == pytest.approx(
-        [2e-3 * T.lr_lambda(1, 2, 0.0)(s) for s in range(2)] + [1e-3 * T.lr_lambda(1, 4, 0.0)(s) for s in range(4)])
+        [2e-3 * lr_lambda(1, 2, 0.0)(s) for s in range(2)] + [1e-3 * lr_lambda(1, 4, 0.0)(s) for s in range(4)])
 
     from unified_tte.model.checkpoint import read_run
     cfg, spec = read_run(run)  # export's reader accepts the run folder as written
@@ -207,7 +210,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert [s for s, _ in result["losses"]["think"]] == [2, 3, 4]
     lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path)}
     assert sorted(lrs) == [1, 2, 3, 4]
-    assert lrs[2] == pytest.approx(5e-4 * T.lr_lambda(1, 4, 0.0)(1))
+    assert lrs[2] == pytest.approx(5e-4 * lr_lambda(1, 4, 0.0)(1))
     assert (tmp_path / "think" / "adapter_model.safetensors").is_file()
 
 
@@ -244,7 +247,7 @@ def test_full_fine_tuning_trains_the_language_model_and_keeps_the_vision_tower(t
     recipe = tiny_recipe(tmp_path, stages=["think"], think={"steps": 1, "method": "full", "lr": 1e-3},
                          model={"think": "none"})
     tte = T.build_model(recipe, torch.float32)
-    params = T.select_trainable(tte, recipe, "think")
+    params = select_trainable(tte, recipe, "think")
     names = {n for n, p in tte.peft_model.named_parameters() if p.requires_grad}
     assert len(params) == len(names) > 0
     assert not any(".visual." in n or "lora_" in n for n in names)
@@ -256,17 +259,17 @@ def test_full_fine_tuning_trains_the_language_model_and_keeps_the_vision_tower(t
 
 
 def test_warmup_then_cosine_schedule():
-    f = T.lr_lambda(warmup=4, total=14, min_ratio=0.1)
+    f = lr_lambda(warmup=4, total=14, min_ratio=0.1)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     values = [f(s) for s in range(4, 14)]
     assert values == sorted(values, reverse=True) and values[0] == 1.0
     assert f(14) == pytest.approx(0.1) and f(9) == pytest.approx(0.55)
-    assert T.lr_lambda(0, 10, 0.0)(0) == 1.0
+    assert lr_lambda(0, 10, 0.0)(0) == 1.0
 
 
 def test_batches_depend_on_the_step_only_and_cover_each_epoch_once():
     n, batch = 50, 8  # 6 full batches an epoch, 2 rows dropped
-    epoch = [i for s in range(6) for i in T.batch_indices(n, batch, seed=3, stage_index=1, step=s)]
+    epoch = [i for s in range(6) for i in batch_indices(n, batch, seed=3, stage_index=1, step=s)]
     assert len(set(epoch)) == 48
     # The same step again as a fresh process (a resumed run) computes it: no cache, other global RNG states.
     again = []
@@ -275,9 +278,9 @@ def test_batches_depend_on_the_step_only_and_cover_each_epoch_once():
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-        again.append(T.batch_indices(n, batch, 3, 1, 4))
+        again.append(batch_indices(n, batch, 3, 1, 4))
     assert again[0] == again[1] == epoch[32:40]
-    assert T.batch_indices(n, batch, 3, 1, 6) != T.batch_indices(n, batch, 3, 1, 0)  # a new epoch order
+    assert batch_indices(n, batch, 3, 1, 6) != batch_indices(n, batch, 3, 1, 0)  # a new epoch order
 
 
 def test_bad_batch_shapes_and_data_fail_before_any_work(tmp_path, monkeypatch):

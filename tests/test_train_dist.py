@@ -46,21 +46,24 @@ def _embed_grads(rows):
     from deepspeed.utils import safe_get_full_grad
 
     from unified_tte import train as T
-    from unified_tte.train.recipe import load_deepspeed_json
+    from unified_tte.distributed import all_reduce
     from unified_tte.testing import randomize_adapters
+    from unified_tte.train.engine import init_distributed, make_engine
+    from unified_tte.train.recipe import load_deepspeed_json
+    from unified_tte.train.steps import embed_backward
 
-    d = T.init_distributed()
+    d = init_distributed()
     recipe = _recipe(Path("unused"))
     tte = T.build_model(recipe, torch.float32)
     randomize_adapters(tte, std=0.05, seed=0)
-    engine = T.make_engine(recipe, "embed", tte, load_deepspeed_json(ZERO2), world=d.world, bf16=False)
+    engine = make_engine(recipe, "embed", tte, load_deepspeed_json(ZERO2), world=d.world, bf16=False)
     e = recipe.embed
     local = GLOBAL_BATCH // d.world
     mine = rows[d.rank * local:(d.rank + 1) * local]
-    loss, _, finite = T.embed_backward(engine, mine, e.gradcache_chunk, e.temperature, e.use_traces,
+    loss, _, finite = embed_backward(engine, mine, e.gradcache_chunk, e.temperature, e.use_traces,
                                        e.hard_negatives, e.gather_negatives)
     assert finite
-    mean_loss = T.all_reduce([loss])[0] / d.world
+    mean_loss = all_reduce([loss])[0] / d.world
     grads = {n: safe_get_full_grad(p).clone() for n, p in tte.adapter_params("embed").items()}
     engine.destroy()
     return mean_loss, grads

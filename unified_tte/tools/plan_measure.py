@@ -60,7 +60,9 @@ def _one_step(recipe, stage: str, lengths: Lengths, world: int, measure_from: fl
     With `measure_from` (MB), returns the PeakMemory of the step above it."""
     import torch
 
-    from ..train import build_model, embed_backward, make_engine, stage_shape, think_backward
+    from ..train import build_model
+    from ..train.engine import make_engine, stage_shape
+    from ..train.steps import embed_backward, think_backward
     from ..train.recipe import load_deepspeed_json
 
     tte = build_model(recipe, torch.float32)
@@ -92,7 +94,7 @@ def measure_worker(job: dict) -> None:
 
     import torch
 
-    from ..train import init_distributed
+    from ..train.engine import init_distributed
     from ..train.recipe import load_recipe
 
     torch.manual_seed(0)

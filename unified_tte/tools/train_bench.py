@@ -87,12 +87,14 @@ def worker(job: dict) -> dict:
     """One variant in this process: build, warm up, time `steps` embed-stage steps."""
     import torch
 
-    from .. import train as T
     from ..model import UnifiedTTE
+    from ..train.engine import init_distributed, make_engine
+    from ..train.loop import load_backbone
     from ..train.recipe import load_deepspeed_json, recipe_from_dict
+    from ..train.steps import embed_backward
 
     torch.set_num_threads(job["threads"])
-    T.init_distributed()
+    init_distributed()
     name, dtype = train_device()
     device = torch.device(name)
     ds_path = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "deepspeed", "zero2.json")
@@ -102,13 +104,13 @@ def worker(job: dict) -> dict:
         "embed": {"batch_size": job["batch"], "gradcache_chunk": job["chunk"], "lr": 1e-5,
                   "hard_negatives": True, "use_traces": True},
     }, "bench")
-    backbone = T.load_backbone(job["backbone"], dtype)
+    backbone = load_backbone(job["backbone"], dtype)
     if job["variant"] == "two-model":
         tte = UnifiedTTE.separate_embedder(backbone, lora_r=16, lora_alpha=64)
     else:
         tte = UnifiedTTE(backbone, mode=job["variant"], lora_r=16, lora_alpha=64)
     recipe.model = tte.config
-    engine = T.make_engine(recipe, "embed", tte, load_deepspeed_json(ds_path), world=1,
+    engine = make_engine(recipe, "embed", tte, load_deepspeed_json(ds_path), world=1,
                            bf16=dtype == torch.bfloat16)
     batch, steps, warmup = job["batch"], job["steps"], job["warmup"]
     rows = bench_rows(batch * (steps + warmup), job["query_words"])
@@ -118,7 +120,7 @@ def worker(job: dict) -> dict:
     with PeakMemory(device, memory_baseline_mb(device)) as mem:
         for k, rows_k in enumerate(batches):
             t0 = time.perf_counter()
-            _, n_tokens, _ = T.embed_backward(engine, rows_k, job["chunk"], 0.02)
+            _, n_tokens, _ = embed_backward(engine, rows_k, job["chunk"], 0.02)
             engine.step()
             sync(device)
             if k >= warmup:
