@@ -134,3 +134,54 @@ def test_with_lora_dropout_in_train_mode_the_embed_step_is_peft_with_the_gate():
     tte.peft_model.eval()
     with torch.no_grad():
         assert (tte.embed_from_state(out.state) - fused).abs().max() > 1e-3   # dropout was applied
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_grouped_sdpa_equals_transformers_sdpa_with_repeated_heads(width):
+    """The decode and invocation steps' attention (no copy of the cache per query-head group)
+    against transformers' own: 9 query heads on 3 key/value heads, two rows, masks with holes."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from unified_tte.model.backbones import grouped_sdpa_attention
+
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(2, width, 9, 16, generator=gen).transpose(1, 2)   # as the layers hand it over
+    key, value = torch.randn(2, 3, 40, 16, generator=gen), torch.randn(2, 3, 40, 16, generator=gen)
+    mask = torch.rand(2, 1, width, 40, generator=gen) > 0.3
+    mask[..., -1] = True
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True)
+    ours, _ = grouped_sdpa_attention(module, query, key, value, mask, scaling=0.25)
+    theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    assert ours.shape == theirs.shape == (2, width, 9, 16)
+    assert (ours - theirs).abs().max() <= 1e-6
+
+
+def test_the_invocation_step_runs_grouped_attention_and_restores_sdpa(monkeypatch):
+    from unified_tte.model import backbones
+
+    calls = []
+    real = backbones.grouped_sdpa_attention
+    monkeypatch.setattr(backbones, "grouped_sdpa_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tte, inputs, out = decoded(tiny_llama)
+    assert tte.stack.config.num_key_value_heads < tte.stack.config.num_attention_heads   # grouped-query
+    for mode in ("eager", "static"):
+        tte.engine.decode_mode = mode
+        calls.clear()
+        with torch.no_grad():
+            emb = tte.embed_from_state(out.state)
+        assert len(calls) == tte.num_layers
+        assert (emb - tte.embed_recompute(inputs, out.traces)).abs().max() <= 1e-5
+        assert tte.stack.attn_implementation == "sdpa"
+
+
+def test_a_peft_lora_variant_is_refused_by_the_switch():
+    """The fused product is plain LoRA; an adapter PEFT runs as a variant (aLoRA here) is refused."""
+    from peft import LoraConfig, get_peft_model
+
+    backbone = tiny_llama()
+    peft_model = get_peft_model(backbone.model, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM",
+                                                           alora_invocation_tokens=[5]), adapter_name="embed")
+    with pytest.raises(adapters.AdapterError, match="PEFT LoRA variant"):
+        adapters.AdapterSwitch(peft_model, [])

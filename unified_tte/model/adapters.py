@@ -114,6 +114,12 @@ def check_gateable(peft_model: nn.Module) -> None:
             raise AdapterError(f"{name}: {type(layer).__name__} is not a plain PEFT LoRA layer; "
                                f"only LoRA on linear layers is supported (checked with PEFT "
                                f"{', '.join(PEFT_VERSIONS_CHECKED)}).")
+        variants = getattr(layer, "lora_variant", {})
+        if variants:
+            raise AdapterError(f"{name}: adapter(s) {sorted(variants)} are a PEFT LoRA variant "
+                               f"({', '.join(sorted({type(v).__name__ for v in variants.values()}))}); the "
+                               "think/embed switch gates plain LoRA only (an aLoRA's activation is the "
+                               "switch's own job: mode='activated').")
 
 
 class AdapterSwitch:
@@ -126,6 +132,7 @@ class AdapterSwitch:
         self.embed_adapters = self.think_adapters + [embed]
         self.embed_name = embed
         self._layers = [layer for _, layer in lora_layers(peft_model)]
+        self._fused_forwards: dict[tuple, list] = {}   # (names, tail) -> [(layer, its fused forward)]
         # Kept for as long as the switch: a CUDA graph captured through `fused` reads these tensors.
         self._stacked: dict[int, tuple] = {}   # id(layer) -> (weights' versions, A stacked, B side by side)
         self._masks: dict[tuple, torch.Tensor] = {}   # the tail masks, one per shape
@@ -138,8 +145,9 @@ class AdapterSwitch:
 
     def _set_active(self, names: list[str]) -> None:
         # Set the flag directly: PEFT's set_adapter also flips requires_grad, which training owns.
+        # (Through __dict__: a plain attribute, and nn.Module.__setattr__ costs microseconds a layer.)
         for layer in self._layers:
-            layer._active_adapter = list(names)
+            layer.__dict__["_active_adapter"] = list(names)
 
     @contextlib.contextmanager
     def use(self, names: list[str], gate: torch.Tensor | None = None):
@@ -162,8 +170,8 @@ class AdapterSwitch:
         would differ from PEFT's own forward (an adapter's dropout in train mode, a PEFT LoRA
         variant such as aLoRA), this is that `use`, gate included."""
         self._refuse_merged()
-        plain = any(_dropout_active(layer, name) or name in getattr(layer, "lora_variant", {})
-                    for layer in self._layers for name in names if name in layer.lora_A)
+        plain = any(_dropout_active(layer, name) for layer in self._layers for name in names
+                    if name in layer.lora_dropout)
         self.fused_path = "peft" if plain else "fused"   # which forward the context runs (a graph's key)
         if plain:
             try:
@@ -173,24 +181,28 @@ class AdapterSwitch:
                 self.fused_path = None
             return
         self._set_active(names)
-        for layer in self._layers:
-            present = [name for name in names if name in layer.lora_A]
-            if present:
-                layer.forward = self._fused_forward(layer, present, tail, self._masks)
+        # The forwards are made once per setup and kept: the stacked weights they use are
+        # checked against the adapters' weights at every call (_stacked_weights).
+        forwards = self._fused_forwards.get((tuple(names), tail))
+        if forwards is None:
+            forwards = [(layer, self._fused_forward(layer, present, tail, self._masks))
+                        for layer in self._layers
+                        for present in [[name for name in names if name in layer.lora_A]] if present]
+            self._fused_forwards[(tuple(names), tail)] = forwards
+        for layer, forward in forwards:
+            layer.__dict__["forward"] = forward
         try:
             yield
         finally:
-            for layer in self._layers:
+            for layer, _ in forwards:
                 layer.__dict__.pop("forward", None)
             self._set_active(self.think_adapters)
             self.fused_path = None
 
     def _fused_forward(self, layer: nn.Module, present: list[str], tail: int | None, masks: dict):
-        """The forward `fused` gives one LoRA layer, its stacked weights taken once per context."""
+        """The forward `fused` gives one LoRA layer for one setup (its adapters, its tail)."""
         base = layer.get_base_layer()
         plain_linear = type(base) is nn.Linear
-        a, b = self._stacked_weights(layer, present)
-        cast = a.dtype != base.weight.dtype
         # Columns of the stacked rank that belong to the gated (embed) adapter.
         gated = None
         if tail is not None and self.embed_name in present:
@@ -204,6 +216,8 @@ class AdapterSwitch:
                 # Compiled, there is no per-call overhead to save: each adapter on its own, the
                 # gated one masked (nothing taken outside the compiled graph).
                 return result + self._separate(layer, present, x, tail).to(result.dtype)
+            a, b = self._stacked_weights(layer, present)
+            cast = a.dtype != x.dtype
             h = F.linear(x.to(a.dtype) if cast else x, a)                # [B, t, R]
             if gated is not None:
                 h = h * _tail_mask(masks, h, gated, tail)
@@ -249,6 +263,7 @@ class AdapterSwitch:
         """Delete an adapter's weights (e.g. a reasoner that never embeds)."""
         self.peft_model.base_model.delete_adapter(adapter)
         self._layers = [layer for _, layer in lora_layers(self.peft_model)]
+        self._fused_forwards.clear()
         if adapter in self.embed_adapters:
             self.embed_adapters.remove(adapter)
         self._set_active(self.think_adapters)

@@ -111,6 +111,7 @@ class Engine:
         self._graph_failed = False    # auto: a capture failed once; decode eagerly from then on
         self._compiled: dict = {}     # torch.compile of the decode / invocation step, made on first use
         self._invocation_steps: OrderedDict[tuple, InvocationStep] = OrderedDict()
+        self._tensors: list | None = None   # the model's parameters and buffers (_weights_and_buffers)
 
     @property
     def device(self) -> torch.device:
@@ -311,7 +312,7 @@ class Engine:
         if (mode == "eager" or stop != self.stack.num_layers or self.capture_at is not None
                 or torch.is_grad_enabled() or length is None):
             self.last_invocation_mode = "eager"
-            with self.preserved(state):
+            with self.preserved(state), self.stack.grouped_attention():
                 return self.feed(state, chunks, stop)
         ids, chunk_mask, positions = self._chunk_inputs(state, chunks)
         graph = mode == "graph" or (mode == "compiled" and self.device.type == "cuda")
@@ -334,10 +335,19 @@ class Engine:
         self.last_invocation_mode = mode
         return step.run(state, ids, chunk_mask, positions, length)
 
-    def _weights_and_buffers(self):
-        model = self.stack.hf_model
-        yield from model.parameters()
-        yield from model.buffers()
+    def _weights_and_buffers(self) -> list:
+        """Every parameter and buffer of the model, listed once (walking PEFT's module tree costs
+        milliseconds per call): adapters added or removed later need `reset_steps()`."""
+        if self._tensors is None:
+            model = self.stack.hf_model
+            self._tensors = [*model.parameters(), *model.buffers()]
+        return self._tensors
+
+    def reset_steps(self) -> None:
+        """Forget the kept invocation steps (buffers, graphs) and the model's tensor list: after
+        adding or removing an adapter."""
+        self._invocation_steps.clear()
+        self._tensors = None
 
 
 def _advance(state: ThinkState, chunk_mask, positions, residual) -> None:
@@ -380,8 +390,9 @@ class StaticDecoder:
             self._capture()
 
     def _forward(self):
-        return self.step_function(self.ids, self.positions, self.mask, self.static, self.capture_at,
-                                  self.residuals, self.residual_index)
+        with self.stack.grouped_attention():
+            return self.step_function(self.ids, self.positions, self.mask, self.static, self.capture_at,
+                                      self.residuals, self.residual_index)
 
     def _capture(self) -> None:
         # The warm-up writes into the first decode slot, which the first real step overwrites.
@@ -466,7 +477,8 @@ class InvocationStep:
         self.use_graph = graph
 
     def _forward(self):
-        return self.step_function(self.ids, self.positions, self.mask, self.static)
+        with self.stack.grouped_attention():
+            return self.step_function(self.ids, self.positions, self.mask, self.static)
 
     def run(self, state: ThinkState, ids, chunk_mask, positions, length: int) -> torch.Tensor:
         width = ids.shape[1]

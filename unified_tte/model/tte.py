@@ -147,6 +147,7 @@ class UnifiedTTE(nn.Module):
         decodes; `embed` on it is an error)."""
         tte = cls(backbone, **overrides)
         tte.switch.remove("embed")
+        tte.engine.reset_steps()
         return tte
 
     @classmethod
