@@ -129,7 +129,7 @@ def demo_phases(settings: DemoSettings, bench: bool) -> console.Phases:
 
 
 def _machine() -> str:
-    """What the figures were measured on (the benchmarks' shared name, tte_kernels.measure)."""
+    """What the figures were measured on (the benchmarks' shared name, tools/measure.py)."""
     from .measure import machine_name
     return machine_name()
 
