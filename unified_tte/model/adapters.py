@@ -132,9 +132,8 @@ class AdapterSwitch:
         self.embed_adapters = self.think_adapters + [embed]
         self.embed_name = embed
         self._layers = [layer for _, layer in lora_layers(peft_model)]
-        self._fused_forwards: dict[tuple, list] = {}   # (names, tail) -> [(layer, its fused forward)]
+        self._fused_setups: dict[tuple, _FusedSetup] = {}   # (names, tail) -> its forwards and weights
         # Kept for as long as the switch: a CUDA graph captured through `fused` reads these tensors.
-        self._stacked: dict[int, tuple] = {}   # id(layer) -> (weights' versions, A stacked, B side by side)
         self._masks: dict[tuple, torch.Tensor] = {}   # the tail masks, one per shape
         self.fused_path: str | None = None   # inside `fused`: "fused", or "peft" where it falls back
         self._gate = _Gate()
@@ -167,11 +166,13 @@ class AdapterSwitch:
         """`use(names)` with each LoRA layer's active adapters run as one low-rank product (the
         module docstring); with `tail`, the embed adapter reaches only the last `tail` columns of
         the coming forward, exactly as `use(names, gate)` with the gate 1 there. Where the product
-        would differ from PEFT's own forward (an adapter's dropout in train mode, a PEFT LoRA
-        variant such as aLoRA), this is that `use`, gate included."""
+        would differ from PEFT's own forward (an adapter's dropout in train mode), this is that
+        `use`, gate included."""
         self._refuse_merged()
-        plain = any(_dropout_active(layer, name) for layer in self._layers for name in names
-                    if name in layer.lora_dropout)
+        setup = self._fused_setups.get((tuple(names), tail))
+        if setup is None:
+            setup = self._fused_setups[(tuple(names), tail)] = _FusedSetup(self, names, tail)
+        plain = any(_dropout_active(dropout) for dropout in setup.dropouts)
         self.fused_path = "peft" if plain else "fused"   # which forward the context runs (a graph's key)
         if plain:
             try:
@@ -181,76 +182,16 @@ class AdapterSwitch:
                 self.fused_path = None
             return
         self._set_active(names)
-        # The forwards are made once per setup and kept: the stacked weights they use are
-        # checked against the adapters' weights at every call (_stacked_weights).
-        forwards = self._fused_forwards.get((tuple(names), tail))
-        if forwards is None:
-            forwards = [(layer, self._fused_forward(layer, present, tail, self._masks))
-                        for layer in self._layers
-                        for present in [[name for name in names if name in layer.lora_A]] if present]
-            self._fused_forwards[(tuple(names), tail)] = forwards
-        for layer, forward in forwards:
+        setup.refresh()
+        for layer, forward in setup.forwards:
             layer.__dict__["forward"] = forward
         try:
             yield
         finally:
-            for layer, _ in forwards:
+            for layer, _ in setup.forwards:
                 layer.__dict__.pop("forward", None)
             self._set_active(self.think_adapters)
             self.fused_path = None
-
-    def _fused_forward(self, layer: nn.Module, present: list[str], tail: int | None, masks: dict):
-        """The forward `fused` gives one LoRA layer for one setup (its adapters, its tail)."""
-        base = layer.get_base_layer()
-        plain_linear = type(base) is nn.Linear
-        # Columns of the stacked rank that belong to the gated (embed) adapter.
-        gated = None
-        if tail is not None and self.embed_name in present:
-            start = sum(layer.r[name] for name in present[:present.index(self.embed_name)])
-            gated = (start, start + layer.r[self.embed_name])
-
-        def forward(x, *args, **kwargs):
-            result = F.linear(x, base.weight, base.bias) if plain_linear and not args and not kwargs \
-                else base(x, *args, **kwargs)
-            if torch.compiler.is_compiling():
-                # Compiled, there is no per-call overhead to save: each adapter on its own, the
-                # gated one masked (nothing taken outside the compiled graph).
-                return result + self._separate(layer, present, x, tail).to(result.dtype)
-            a, b = self._stacked_weights(layer, present)
-            cast = a.dtype != x.dtype
-            h = F.linear(x.to(a.dtype) if cast else x, a)                # [B, t, R]
-            if gated is not None:
-                h = h * _tail_mask(masks, h, gated, tail)
-            delta = F.linear(h, b)
-            return result + (delta.to(result.dtype) if cast else delta)
-        return forward
-
-    def _separate(self, layer: nn.Module, present: list[str], x: torch.Tensor, tail: int | None) -> torch.Tensor:
-        delta = 0
-        for name in present:
-            weight_a = layer.lora_A[name].weight
-            part = F.linear(F.linear(x.to(weight_a.dtype), weight_a), layer.lora_B[name].weight) * layer.scaling[name]
-            if tail is not None and name == self.embed_name:
-                width = x.shape[-2]
-                part = part * (torch.arange(width, device=x.device) >= width - tail).to(part.dtype)[:, None]
-            delta = delta + part
-        return delta
-
-    def _stacked_weights(self, layer: nn.Module, present: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The adapters' A stacked ([R, in]) and their scaled B side by side ([out, R]). Kept
-        between calls while no weight changed (data pointer and in-place version) and none is
-        trainable; rebuilt every call (with grad where enabled) for a weight being trained: an
-        optimizer may update it through `.data`, which its version counter does not see."""
-        weights = [(layer.lora_A[n].weight, layer.lora_B[n].weight, layer.scaling[n]) for n in present]
-        if any(a.requires_grad or b.requires_grad for a, b, _ in weights):
-            return (torch.cat([a for a, _, _ in weights]), torch.cat([b * s for _, b, s in weights], 1))
-        key = tuple((a.data_ptr(), a._version, b.data_ptr(), b._version, s) for a, b, s in weights)
-        kept = self._stacked.get(id(layer))
-        if kept is None or kept[0] != key:
-            with torch.no_grad():
-                kept = (key, torch.cat([a for a, _, _ in weights]), torch.cat([b * s for _, b, s in weights], 1))
-            self._stacked[id(layer)] = kept
-        return kept[1], kept[2]
 
     def _refuse_merged(self) -> None:
         # Cheap (one attribute per layer) and needed at every switch: a user can merge an
@@ -263,15 +204,93 @@ class AdapterSwitch:
         """Delete an adapter's weights (e.g. a reasoner that never embeds)."""
         self.peft_model.base_model.delete_adapter(adapter)
         self._layers = [layer for _, layer in lora_layers(self.peft_model)]
-        self._fused_forwards.clear()
+        self._fused_setups.clear()
         if adapter in self.embed_adapters:
             self.embed_adapters.remove(adapter)
         self._set_active(self.think_adapters)
 
 
-def _dropout_active(layer: nn.Module, name: str) -> bool:
-    dropout = layer.lora_dropout[name]
+def _dropout_active(dropout: nn.Module) -> bool:
     return dropout.training and not isinstance(dropout, nn.Identity) and getattr(dropout, "p", 0) > 0
+
+
+class _FusedSetup:
+    """One `fused` setup (which adapters, which tail): each LoRA layer's forward, made once, and
+    the stacked weights they use: A stacked ([R, in]) and the scaled B side by side ([out, R]) per
+    layer. Those are checked once per context against every adapter weight of the setup (data
+    pointer and in-place version, one pass over a flat list) and rebuilt when any changed; while
+    a weight is trainable they are stacked afresh at every call instead (with grad where it is
+    enabled): an optimizer may update a weight through `.data`, which its version does not see.
+    Kept for as long as the switch: a CUDA graph captured through `fused` reads these tensors."""
+
+    def __init__(self, switch: "AdapterSwitch", names: list[str], tail: int | None):
+        self.switch, self.tail = switch, tail
+        self.layers = []      # (layer, the adapters of `names` it holds)
+        for layer in switch._layers:
+            present = [name for name in names if name in layer.lora_A]
+            if present:
+                self.layers.append((layer, present))
+        self.weights = [t for layer, present in self.layers for n in present
+                        for t in (layer.lora_A[n].weight, layer.lora_B[n].weight)]
+        self.dropouts = [layer.lora_dropout[n] for layer, present in self.layers for n in present]
+        self.stacked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.key = None
+        self.trainable = False
+        self.forwards = [(layer, self._forward(layer, present)) for layer, present in self.layers]
+
+    def refresh(self) -> None:
+        self.trainable = any(t.requires_grad for t in self.weights)
+        if self.trainable:
+            return
+        key = (tuple((t.data_ptr(), t._version) for t in self.weights),
+               tuple(layer.scaling[n] for layer, present in self.layers for n in present))
+        if key != self.key:
+            with torch.no_grad():
+                self.stacked = {id(layer): self._stack(layer, present) for layer, present in self.layers}
+            self.key = key
+
+    @staticmethod
+    def _stack(layer: nn.Module, present: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.cat([layer.lora_A[n].weight for n in present]),
+                torch.cat([layer.lora_B[n].weight * layer.scaling[n] for n in present], 1))
+
+    def _forward(self, layer: nn.Module, present: list[str]):
+        base = layer.get_base_layer()
+        plain_linear = type(base) is nn.Linear
+        tail, embed, masks = self.tail, self.switch.embed_name, self.switch._masks
+        # Columns of the stacked rank that belong to the gated (embed) adapter.
+        gated = None
+        if tail is not None and embed in present:
+            start = sum(layer.r[name] for name in present[:present.index(embed)])
+            gated = (start, start + layer.r[embed])
+
+        def forward(x, *args, **kwargs):
+            result = F.linear(x, base.weight, base.bias) if plain_linear and not args and not kwargs \
+                else base(x, *args, **kwargs)
+            if torch.compiler.is_compiling():
+                # Compiled, there is no per-call overhead to save: each adapter on its own, the
+                # gated one masked (nothing taken from outside the compiled graph).
+                return result + _separate(layer, present, x, tail, embed).to(result.dtype)
+            a, b = self._stack(layer, present) if self.trainable else self.stacked[id(layer)]
+            cast = a.dtype != x.dtype
+            h = F.linear(x.to(a.dtype) if cast else x, a)                # [B, t, R]
+            if gated is not None:
+                h = h * _tail_mask(masks, h, gated, tail)
+            delta = F.linear(h, b)
+            return result + (delta.to(result.dtype) if cast else delta)
+        return forward
+
+
+def _separate(layer: nn.Module, present: list[str], x: torch.Tensor, tail: int | None, embed: str) -> torch.Tensor:
+    delta = 0
+    for name in present:
+        weight_a = layer.lora_A[name].weight
+        part = F.linear(F.linear(x.to(weight_a.dtype), weight_a), layer.lora_B[name].weight) * layer.scaling[name]
+        if tail is not None and name == embed:
+            width = x.shape[-2]
+            part = part * (torch.arange(width, device=x.device) >= width - tail).to(part.dtype)[:, None]
+        delta = delta + part
+    return delta
 
 
 def _tail_mask(masks: dict, h: torch.Tensor, gated: tuple[int, int], tail: int) -> torch.Tensor:
