@@ -33,7 +33,12 @@ def test_gpu_check_cpu_smoke_runs_every_section(tmp_path):
     assert "skipped" in summary["pytest"] and "error" not in summary["pytest"]  # the gpu tests collect
     assert {r["backend"] for r in summary["kernels"]} == {"ref", "chunked"}
     loops = {(r["mode"], r["decode_loop"]) for r in summary["bench"]}
-    assert loops == {("activated", "static"), ("two_model", "static"), ("activated", "eager")}
+    # the fast loop for every mode (static is the CPU twin of the graph loop), the compiled loop beside
+    # it in one run, and the eager loop
+    assert loops == {("activated", "static"), ("merged", "static"), ("two_model", "static"),
+                     ("activated", "compiled"), ("activated", "eager")}
     assert all(r["decode_tok_s"] > 0 for r in summary["bench"])
     bench = (out / "tte_bench.md").read_text()
-    assert "## every mode, the fast decode loop" in bench and "## activated, the eager loop" in bench
+    for title in ("activated, merged and two_model: the fast loop", "activated: the graph and the compiled loop, one run",
+                  "activated, the eager loop"):
+        assert f"## {title}" in bench and "(did not finish)" not in bench, title

@@ -625,20 +625,29 @@ def test_a_second_tte_train_into_a_run_in_use_exits_2_at_once_and_the_first_is_u
 @pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_is_bit_identical_to_a_solo_run(tmp_path, solo):
     """The whole process group is killed with SIGKILL at seeded random moments (a stale lock, a
-    pending checkpoint, a cut metrics line are what it leaves); each restart is `--resume`."""
+    pending checkpoint, a cut metrics line are what it leaves); each restart is `--resume`. The
+    moments follow the run's progress, not the clock (a fast machine finishes a clock-timed run
+    before the kill): once during start-up, then after seeded step counts of the 20 logged steps
+    (think 4 + embed 16), each plus a seeded fraction of a second into the next step."""
     run = tmp_path / "run"
     recipe_path = write_recipe(tmp_path, run)
     rng = random.Random(23)
+    targets = [0] + sorted(rng.sample(range(2, 19), 4))   # metrics lines written before the kill
+    metrics = run / "metrics.jsonl"
     killed = 0
-    for delay in [rng.uniform(4.0, 14.0) for _ in range(5)]:   # a solo run: ~5 s to start, ~15 s in all
+    for target in targets:
         proc = tte_train(recipe_path, "--resume", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
+        deadline = time.time() + 300
+        started = run / "recipe.yaml"
+        while proc.poll() is None and time.time() < deadline and not (
+                started.exists() and (metrics.read_bytes().count(b"\n") if metrics.exists() else 0) >= target):
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.6))
+        if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             killed += 1
-    assert killed >= 3, f"only {killed} of the runs were still running when the kill came"
+    assert killed >= 4, f"only {killed} of the {len(targets)} runs were still running when the kill came"
     final = tte_train(recipe_path, "--resume", stderr=subprocess.PIPE, text=True)
     _, err = final.communicate(timeout=600)
     assert final.returncode == 0, err[-3000:]

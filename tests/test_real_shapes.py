@@ -4,7 +4,8 @@ and Qwen2.5-VL-3B (every width as published, its vision tower with 112 px window
 text stack cut to 4 of its 36 layers for CI's time and memory, TTE_FULL_SHAPES=1 runs all 36), with
 the project's local tokenizer. fp32: fast path == recompute to 1e-5 in both modes on a 448x448
 image, a small odd-sized image and a text-only row; think == HF generate token for token. bf16 on
-both shapes: cosine(fast, recompute) >= 0.999 per row and the flash-attention error budget.
+both shapes: per row the fast path is as close to the fp32 reference as the plain bf16 path
+(cosine), and within the flash-attention error budget.
 
     pytest tests/test_real_shapes.py -q -m slow        # ~12 min and ~10 GB on 2 shared cores
 
@@ -130,8 +131,15 @@ def test_bf16_fast_path_within_the_error_budget(backbone):
         tte.to(torch.float32)
         reference = tte.embed_recompute(inputs, traces)
     assert fast.dtype == recompute.dtype == torch.float32
+    # Held to the fp32 reference, not to the bf16 recompute: the fast path's fused embed step
+    # (one low-rank product per LoRA layer) rounds differently from PEFT's forward, so the two bf16
+    # results differ by both their errors. Measured on the 2B shape (2026-12-07): cosine to the
+    # reference per row, fast 0.99965/0.99904/0.99934, plain bf16 recompute 0.99961/0.99884/0.99933.
+    to_reference = F.cosine_similarity(fast, reference, dim=-1)
+    plain_to_reference = F.cosine_similarity(recompute, reference, dim=-1)
+    assert (to_reference >= plain_to_reference - 1e-4).all(), (to_reference.tolist(), plain_to_reference.tolist())
     cosine = F.cosine_similarity(fast, recompute, dim=-1)
-    assert cosine.min() >= 0.999, f"cosine(fast, recompute) per row: {cosine.tolist()}"
+    assert cosine.min() >= 0.998, f"cosine(fast, recompute) per row: {cosine.tolist()}"
     fast_err = float((fast - reference).abs().max())
     recompute_err = float((recompute - reference).abs().max())
     assert 0 < recompute_err and fast_err <= 2 * recompute_err + 1e-6, (fast_err, recompute_err)

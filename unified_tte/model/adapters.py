@@ -39,7 +39,7 @@ from ..errors import UnsupportedBackbone
 LORA_TARGETS = r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 # PEFT releases whose LoRA layer internals (`_active_adapter`, `lora_B`, `merged_adapters`,
 # `use_dora`) this module was checked against.
-PEFT_VERSIONS_CHECKED = ("0.18", "0.19", "0.20", "0.21")
+PEFT_VERSIONS_CHECKED = ("0.18", "0.19", "0.20", "0.21", "0.22")
 
 
 class AdapterError(UnsupportedBackbone):

@@ -322,12 +322,17 @@ def evaluate_systems(settings: DemoSettings, dirs: dict[str, Path], out: Path, t
                 model_traces[name] = result
                 teacher_traces[name] = evaluate_model(model, tasks, traces=teacher, **common)
             del model
+    if frontier is not None:   # the activated row is always-think; the gate's rows beside it
+        rows = gate_rows(frontier, tasks)
+        activated = model_traces["unified TTE (activated)"]
+        # its own groups/overall followed the gate's default point: only the always-think tasks stay
+        model_traces["unified TTE (activated)"] = {"settings": activated.get("settings"),
+                                                   **rows.pop("unified TTE (activated)")}
+        model_traces.update(rows)
     reasoner = written["unified TTE (activated)"]
     right = answers_right(reasoner, tasks)
     for name in TTE_SYSTEMS:   # the same reasoner serves all three
         model_traces[name]["answer_accuracy"] = averages(right, tasks)[1]
-    if frontier is not None:   # the activated row is always-think; the gate's rows beside it
-        model_traces.update(gate_rows(frontier, tasks))
     examples = {t.name: [{"query": r.query.text, "trace": reasoner[r.id], "answer": r.meta["answer_text"]}
                          for r in t.rows[:3]] for t in tasks}   # what the reasoner wrote, to eyeball
     return {"model traces": {n: model_traces[n] for n in SYSTEMS + tuple(GATE_ROWS) if n in model_traces},
@@ -655,9 +660,13 @@ def run_demo(args, settings: DemoSettings, out: Path, checkpoint: Path, argv) ->
 
     bench_table = ""
     if not args.no_bench:
-        with phases.phase(f"bench: tte bench {' '.join(settings.bench)}") as bar:
+        bench_args = list(settings.bench)
+        compute = (results.get("frontier") or {}).get("points", {}).get("compute")
+        if compute is not None:   # the gate's compute point, at the think rate it had on the eval queries
+            bench_args += ["--think-rate", f"{compute['overall']['think_rate']:.2f}"]
+        with phases.phase(f"bench: tte bench {' '.join(bench_args)}") as bar:
             with contextlib.redirect_stdout(io.StringIO()):   # its table is printed below, once
-                code = _bench([*settings.bench, "--out", str(out / "bench")])
+                code = _bench([*bench_args, "--out", str(out / "bench")])
             if code:
                 raise RunError(f"the bench failed (exit {code}; its error is above); rerun with "
                                "--no-bench to skip it, or `tte --debug demo` for the traceback")
