@@ -71,7 +71,7 @@ from ..errors import RunError, command, require
 from ..model.zoo import check_spec
 from .measure import (PeakMemory, Worker, current_memory_mb, default_device, is_cuda, machine_name, read_commands,
                       reply, summary, sync, trim)
-from .report import command_line, provenance
+from .report import command_line, git_state, provenance
 from .decode_speed import (add_decode_speed, copy_bandwidth_gb_s, decode_note, decode_weight_bytes, generate_decode_ms,
                            generate_times_ms)
 
@@ -496,6 +496,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     resolve_device(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    started = git_state()
     try:
         rows = run_modes(args, out)
     except RuntimeError as exc:  # a worker died: its log's tail is in the message
@@ -508,7 +509,7 @@ def bench_main(argv: list[str] | None = None) -> int:
     (out / "table.md").write_text(table)
     (out / "provenance.json").write_text(json.dumps(provenance(
         command_line("tte bench", argv if argv is not None else sys.argv[1:]),
-        rows[0]["device_name"] if rows else machine_name(args.device), args.threads), indent=2) + "\n")
+        rows[0]["device_name"] if rows else machine_name(args.device), args.threads, started), indent=2) + "\n")
     plot(rows, out / "bench.png")
     print(table)
     print(f"wrote {out / 'results.jsonl'}, {out / 'table.md'}, {out / 'bench.png'}")

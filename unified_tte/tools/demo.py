@@ -49,7 +49,7 @@ import torch
 
 from .. import console
 from ..errors import InputError, RunError, command
-from .report import command_line, provenance
+from .report import command_line, git_state, provenance
 
 SYSTEMS = ("no-think embedder", "two-model TTE", "unified TTE (activated)", "unified TTE (top_k)")
 TTE_SYSTEMS = SYSTEMS[1:]
@@ -637,7 +637,7 @@ def run_demo(args, settings: DemoSettings, out: Path, checkpoint: Path, argv) ->
     """Steps 1-6 of the module docstring."""
     tiny = settings.backbone == "tiny"
     torch.manual_seed(args.seed)
-    start = time.time()
+    start, started = time.time(), git_state()
 
     from ..data.registry import build_builtin
     from ..model import zoo
@@ -704,7 +704,7 @@ def run_demo(args, settings: DemoSettings, out: Path, checkpoint: Path, argv) ->
                "export_round_trip_max_diff": export["round_trip_max_diff"],
                "elapsed_s": elapsed, "machine": machine, "threads": args.threads,
                "command": "tte demo " + " ".join(argv or []),
-               "provenance": provenance(command_line("tte demo", argv or []), machine, args.threads),
+               "provenance": provenance(command_line("tte demo", argv or []), machine, args.threads, started),
                "headline_md": f"Hit@1 (%) on {what}, traces written by the reasoner\n\n"
                               + hit_table(results["model traces"], tasks, results["answers right"]),
                "tables_md": tables, "bench_md": bench_table}

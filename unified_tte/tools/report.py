@@ -38,28 +38,42 @@ def command_line(program: str, argv, drop: tuple[str, ...] = ("--out", "--checkp
     return " ".join([program, *kept])
 
 
-def provenance(command_line: str, machine: str, threads: int | None = None) -> dict:
-    """Where a measurement came from: the command, the machine, the commit (with a flag for
-    uncommitted changes in the checkout the package runs from), the date and the versions."""
-    import torch
-    import transformers
-
+def git_state() -> tuple[str, bool | None]:
+    """(short commit, uncommitted changes?) of the checkout the package runs from."""
     root = Path(__file__).resolve().parents[2]
-    commit, dirty = "not a git checkout", None
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()
         dirty = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                     capture_output=True, text=True, timeout=10).stdout.strip())
+        return commit, dirty
     except (OSError, subprocess.SubprocessError):
-        pass
-    return {"command": command_line, "machine": machine, "threads": threads, "commit": commit, "dirty": dirty,
-            "date": time.strftime("%Y-%m-%d %H:%M %Z"), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__}
+        return "not a git checkout", None
+
+
+def provenance(command_line: str, machine: str, threads: int | None = None,
+               started: tuple[str, bool | None] | None = None) -> dict:
+    """Where a measurement came from: the command, the machine, the commit (with a flag for
+    uncommitted changes in the checkout the package runs from), the date and the versions.
+    `started`: git_state() when a long run began; recorded when the checkout changed meanwhile
+    (a page then names both commits)."""
+    import torch
+    import transformers
+
+    commit, dirty = git_state()
+    p = {"command": command_line, "machine": machine, "threads": threads, "commit": commit, "dirty": dirty,
+         "date": time.strftime("%Y-%m-%d %H:%M %Z"), "python": platform.python_version(),
+         "torch": torch.__version__, "transformers": transformers.__version__}
+    if started is not None and tuple(started) != (commit, dirty):
+        p["started_at_commit"], p["started_dirty"] = started
+    return p
 
 
 def _header(title: str, p: dict, extra: str = "") -> str:
     commit = p.get("commit", "not recorded") + (" (with uncommitted changes)" if p.get("dirty") else "")
+    if p.get("started_at_commit"):
+        commit = (f"{p['started_at_commit']}" + (" (with uncommitted changes)" if p.get("started_dirty") else "")
+                  + f" at the start, {commit} at the end (the checkout changed during the run)")
     return (f"# {title}\n\n"
             f"- command: `{p.get('command', 'not recorded')}`\n"
             f"- machine: {p.get('machine', 'not recorded')}"
