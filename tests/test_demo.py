@@ -1,6 +1,6 @@
 """`tte demo --quick` end to end (the README's main job, small) and `tte demo --backbone smollm2
 --quick` (the two-adapter design on real weights): every stage runs and writes its outputs. The
-numbers of a quick run are not meaningful; the full demos' are in the README."""
+numbers of a quick run are not meaningful; the full demos' are in docs/results/."""
 import json
 import re
 

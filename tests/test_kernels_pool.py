@@ -69,6 +69,25 @@ def test_non_finite_values_in_padding_do_not_reach_the_embedding():
         assert torch.isfinite(pool(hidden, mask=sel["mask"], backend=backend)).all()
 
 
+@pytest.mark.parametrize("kind", ["last", "mean"])
+@pytest.mark.parametrize("backend", ["chunked", "ref"])
+def test_unchecked_pooling_equals_checked_and_still_refuses_a_non_finite_pooled_value(kind, backend):
+    hidden, sel = pool_inputs(4, 9, 8, kind)
+    if kind == "mean":
+        hidden[~sel["mask"]] = float("nan")   # padding may hold anything, checked or not
+    else:
+        sel = {"positions": sel["positions"] % hidden.shape[1]}   # the unchecked path takes [0, T)
+    assert torch.equal(pool(hidden, backend=backend, checked=False, **sel), pool(hidden, backend=backend, **sel))
+    row = 1
+    bad = hidden.clone()
+    if kind == "mean":
+        bad[row, sel["mask"][row].nonzero()[0, 0]] = float("inf")
+    else:
+        bad[row, sel["positions"][row]] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf at a (pooled position|position where mask is set)"):
+        pool(bad, backend=backend, checked=False, **sel)
+
+
 def test_pool_chunk_size_comes_from_the_environment(monkeypatch):
     import tte_kernels.pooling as mod
     calls = []

@@ -1,7 +1,8 @@
 """`tte plan`: a per-stage memory table for a recipe from the model's config alone (meta device),
 DeepSpeed's own estimators for the trained parameters, the knob that makes a stage fit, and (slow)
 the plan within 25% of the peak memory measured on this CPU for the tiny model. The 2B shape's
-measurement is a benchmark (README, GPUs section): `tte plan recipes/qwen2vl_2b.yaml --measure ...`.
+measurement is a benchmark (docs/guide.md, "GPUs"; figures in docs/results/log.md):
+`tte plan recipes/qwen2vl_2b.yaml --measure ...`.
 """
 import json
 

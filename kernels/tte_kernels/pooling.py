@@ -94,7 +94,7 @@ def pool_chunked(hidden, positions=None, mask=None, chunk_size: int | None = Non
 
 
 def pool(hidden: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-         backend: str | None = None, *, chunk_size: int | None = None) -> torch.Tensor:
+         backend: str | None = None, *, chunk_size: int | None = None, checked: bool = True) -> torch.Tensor:
     """Pool and L2-normalise final-layer hidden states into embeddings.
 
     Args:
@@ -103,18 +103,29 @@ def pool(hidden: torch.Tensor, positions: torch.Tensor | None = None, mask: torc
         mask: [B, T] bool or 0/1; mean over the set positions. Exactly one of positions / mask.
         backend: "triton", "chunked", "ref" or None (= $TTE_KERNEL_BACKEND, else by device).
         chunk_size: positions of T per step of the chunked path (default $TTE_POOL_CHUNK or 256).
+        checked: False skips the validation of shapes, dtypes and indices, for a caller that
+            built them itself (the model's embed step, where the checks cost about as much as a
+            decode step's attention on a small model); positions must then lie in [0, T) and a
+            mask be bool. Finiteness is still checked, on the result: the same error for a NaN
+            or Inf at a pooled position.
 
     Returns:
         fp32 [B, D], unit L2 norm per row (zero for a row with nothing pooled); differentiable
         with respect to hidden.
     """
-    positions, mask = check_pool(hidden, positions, mask)
+    if checked:
+        positions, mask = check_pool(hidden, positions, mask)
     chunk = chunk_from_env(ENV_POOL_CHUNK, chunk_size)
     name = resolve_backend(backend, hidden.device)
     if name == "ref":
-        return pool_ref(hidden, positions, mask)
-    if name == "chunked":
-        return pool_chunked(hidden, positions, mask, chunk)
-    from .pooling_triton import pool_triton  # lazy: the other paths must work without triton
+        out = pool_ref(hidden, positions, mask)
+    elif name == "chunked":
+        out = pool_chunked(hidden, positions, mask, chunk)
+    else:
+        from .pooling_triton import pool_triton  # lazy: the other paths must work without triton
 
-    return pool_triton(hidden, positions, mask)
+        out = pool_triton(hidden, positions, mask)
+    if not checked and not bool(torch.isfinite(out).all()):
+        where = "a pooled position" if positions is not None else "a position where mask is set"
+        raise ValueError(f"hidden has NaN or Inf at {where}")
+    return out

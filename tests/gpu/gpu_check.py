@@ -5,7 +5,7 @@ the project first:
     bash tests/gpu/run_gpu_check.sh --out "$OUT"               # on the GPU machine
     bash tests/gpu/run_gpu_check.sh --cpu-smoke --out DIR      # every section, tiny sizes, on CPU
 
-Sections, in order (the kernels last: their figures are in the README already), each in its own
+Sections, in order (the kernels last: their figures are in docs/results/log.md already), each in its own
 process with its own time box; a section that fails or runs out of time is recorded and the next
 one runs. Output (at most 8 files, flat):
 

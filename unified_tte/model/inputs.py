@@ -116,7 +116,7 @@ def chat_messages(content, system_prompt: str | None = None) -> list[dict]:
 class PromptEncoder:
     """Turns `TTEInput`s into `EncodedPrompt`s for one backbone.
 
-    Truncation rule (stated in the README): when a prompt plus the room reserved after it
+    Truncation rule (stated in docs/guide.md): when a prompt plus the room reserved after it
     (trace, end-of-turn, invocation) exceeds `max_length`, the *end of the user text* is cut,
     never the images, the chat markup, the trace budget or the invocation, and a warning
     names the item and how many tokens were dropped.

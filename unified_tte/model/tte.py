@@ -534,11 +534,13 @@ class UnifiedTTE(nn.Module):
 
     # ------------------------------------------------------------------ pooling
     def _pool(self, hidden: torch.Tensor, n_inv: int) -> torch.Tensor:
-        """Pool the invocation tokens (always the last n_inv columns) and L2-normalise, fp32."""
+        """Pool the invocation tokens (always the last n_inv columns) and L2-normalise, fp32.
+        The positions and mask are built here, valid by construction: `pool` skips its input
+        checks (a NaN or Inf in what is pooled is still an error)."""
         batch, width = hidden.shape[:2]
         if self.config.pooling == "last":
             positions = torch.full((batch,), width - 1, dtype=torch.long, device=hidden.device)
-            return pool(hidden, positions=positions)
+            return pool(hidden, positions=positions, checked=False)
         mask = torch.zeros(batch, width, dtype=torch.bool, device=hidden.device)
         mask[:, width - n_inv:] = True
-        return pool(hidden, mask=mask)
+        return pool(hidden, mask=mask, checked=False)

@@ -5,7 +5,7 @@
     tte demo --backbone smollm2           # real SmolLM2-135M-Instruct, think + embed LoRA
     tte demo --backbone smollm2 --quick   # the wiring of the above (slow tier), not the claim
 
-(Run times and tables: the README.)
+(Run times and tables: docs/results/, rendered from the runs.)
 
 Every step is the product's own code: each training is a `tte train` recipe run (DeepSpeed),
 evaluation is `tte eval`'s, the export `tte export`'s, the bench `tte bench`'s.
