@@ -89,7 +89,7 @@ def write_frontier(frontier: dict, folder: str | Path, title: str = "") -> tuple
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(8, 4.2))
     curve = frontier["curve"]
     ax.plot([p["think_rate"] for p in curve], [100 * p["metric"] for p in curve], "-", color="tab:blue",
             label="gate, every threshold")
@@ -106,7 +106,7 @@ def write_frontier(frontier: dict, folder: str | Path, title: str = "") -> tuple
     ax.set_ylabel(f"{'/'.join(frontier['metric'])} (%), mean over tasks")
     ax.set_title(title or "think gate: accuracy against compute")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)  # outside: never over a point
     fig.tight_layout()
     path_png = folder / "frontier.png"
     fig.savefig(path_png, dpi=120)

@@ -8,13 +8,17 @@ A demo folder is read from its summary.json (`tte demo` writes it), a bench fold
 results.jsonl, table.md and provenance.json. Every page opens with the command, the machine, the
 commit and the date that produced it, then the tables as the run printed them. A demo page's
 headline table sits between `<!-- headline -->` and `<!-- /headline -->`; README.md repeats it
-between the same markers, and tests/test_results_docs.py fails when the two differ.
+between the same markers, and tests/test_results_docs.py fails when the two differ. With `--out`,
+a demo's frontier plot (frontier.png) is copied beside the page as NAME-frontier.png and the page
+links that copy instead of the run folder.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -93,7 +97,8 @@ def _read_json(path: Path) -> dict:
         raise DataError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno}); rerun the command") from None
 
 
-def render_demo(folder: Path) -> str:
+def render_demo(folder: Path, frontier: str | None = None) -> str:
+    """The demo's page; `frontier` (a file name beside the page) replaces the run's frontier path."""
     s = _read_json(folder / "summary.json")
     for key in ("tables_md", "headline_md", "provenance"):
         if key not in s:
@@ -104,6 +109,8 @@ def render_demo(folder: Path) -> str:
     page += f"{HEADLINE_START}\n{s['headline_md'].strip()}\n{HEADLINE_END}\n\n{s['tables_md'].strip()}\n"
     if s.get("bench_md"):
         page += f"\n## Bench (same run)\n\n{s['bench_md'].strip()}\n"
+    if frontier is not None:
+        page = re.sub(r"frontier: \S*frontier\.png", f"frontier: [{frontier}]({frontier})", page)
     return page
 
 
@@ -114,10 +121,10 @@ def render_bench(folder: Path) -> str:
     return _header("tte bench", p) + (folder / "table.md").read_text().strip() + "\n"
 
 
-def render(folder: str | Path) -> str:
+def render(folder: str | Path, frontier: str | None = None) -> str:
     folder = Path(folder)
     if (folder / "summary.json").is_file():
-        return render_demo(folder)
+        return render_demo(folder, frontier)
     if (folder / "results.jsonl").is_file():
         return render_bench(folder)
     raise DataError(f"{folder} holds neither summary.json (a `tte demo --out` folder) nor results.jsonl "
@@ -143,6 +150,12 @@ def report_main(argv=None) -> int:
         return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    plot = Path(args.run) / "frontier.png"
+    if (Path(args.run) / "summary.json").is_file() and plot.is_file():
+        copy = out.with_name(f"{out.stem}-frontier.png")
+        shutil.copyfile(plot, copy)
+        page = render(args.run, frontier=copy.name)
+        print(f"wrote {copy}")
     out.write_text(page)
     print(f"wrote {out}")
     return 0
