@@ -144,17 +144,16 @@ def report_main(argv=None) -> int:
     p.add_argument("run", help="a `tte demo --out` or `tte bench --out` folder")
     p.add_argument("--out", default=None, help="the page to write (default: print it)")
     args = p.parse_args(argv)
-    page = render(args.run)
     if args.out is None:
-        print(page, end="")
+        print(render(args.run), end="")
         return 0
-    out = Path(args.out)
+    out, plot = Path(args.out), Path(args.run) / "frontier.png"
+    demo_plot = (Path(args.run) / "summary.json").is_file() and plot.is_file()
+    copy = out.with_name(f"{out.stem}-frontier.png") if demo_plot else None
+    page = render(args.run, frontier=copy.name if copy else None)   # raises before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot = Path(args.run) / "frontier.png"
-    if (Path(args.run) / "summary.json").is_file() and plot.is_file():
-        copy = out.with_name(f"{out.stem}-frontier.png")
+    if copy:
         shutil.copyfile(plot, copy)
-        page = render(args.run, frontier=copy.name)
         print(f"wrote {copy}")
     out.write_text(page)
     print(f"wrote {out}")
